@@ -1,0 +1,45 @@
+"""prunespec: declarative, schema-validated pruning for PyTorch models.
+
+Write a YAML spec, see the plan, apply it with one engine that installs exactly what
+``torch.nn.utils.prune`` installs::
+
+    import prunespec
+    report = prunespec.apply(model, "prune.yaml")
+    print(report)
+"""
+
+from .api import apply, finalize, plan
+from .errors import ApplyError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
+from .hookspecs import hookimpl
+from .loader import load_spec, loads_spec
+from .methods.base import PruningMethod
+from .planner import Plan, Step
+from .plugins import MethodRegistry, load_methods
+from .report import Report, sparsity
+from .spec import Spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyError",
+    "CheckpointError",
+    "MethodRegistry",
+    "Plan",
+    "PlanError",
+    "PluginError",
+    "PrunespecError",
+    "PruningMethod",
+    "Report",
+    "Spec",
+    "SpecError",
+    "Step",
+    "__version__",
+    "apply",
+    "finalize",
+    "hookimpl",
+    "load_methods",
+    "load_spec",
+    "loads_spec",
+    "plan",
+    "sparsity",
+]

@@ -1,0 +1,61 @@
+"""The Python API: ``load_spec`` -> ``plan`` -> ``apply`` -> ``Report``, and ``finalize``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.nn.utils import prune
+
+from . import engine
+from .loader import load_spec
+from .planner import Plan, make_plan
+from .plugins import MethodRegistry, load_methods
+from .report import Report, collect
+from .spec import Spec
+
+SpecLike = Spec | str | os.PathLike[str] | Mapping[str, Any]
+
+
+def plan(model: nn.Module, spec: SpecLike, *, methods: MethodRegistry | None = None) -> Plan:
+    """Resolve ``spec`` (a Spec, a YAML path or a mapping) against ``model`` without changing it.
+
+    Raises SpecError for an invalid spec and PlanError when it does not fit the model.
+    """
+    methods = load_methods() if methods is None else methods
+    return make_plan(model, load_spec(spec, methods=methods), methods)
+
+
+def apply(
+    model: nn.Module,
+    spec: SpecLike | Plan,
+    *,
+    methods: MethodRegistry | None = None,
+    finalize: bool | None = None,
+) -> Report:
+    """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
+
+    ``finalize`` overrides the spec's ``finalize``. On any error the model is left exactly as it was.
+    """
+    the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
+    if finalize is not None and finalize != the_plan.spec.finalize:
+        the_plan.spec = the_plan.spec.model_copy(update={"finalize": finalize})
+    names = engine.execute(model, the_plan)
+    predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
+    return collect(model, names, predicted)
+
+
+def finalize(model: nn.Module) -> list[str]:
+    """Make all pruning on ``model`` permanent (torch's ``prune.remove`` on every pruned tensor, whoever
+    pruned it); returns the names of the tensors finalized."""
+    done = []
+    for module_name, module in model.named_modules():
+        names = [
+            h._tensor_name for h in list(module._forward_pre_hooks.values()) if isinstance(h, prune.BasePruningMethod)
+        ]
+        for pname in names:
+            prune.remove(module, pname)
+            done.append(f"{module_name}.{pname}" if module_name else pname)
+    return done

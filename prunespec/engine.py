@@ -1,0 +1,280 @@
+"""The mask engine: run a :class:`~prunespec.planner.Plan` on a model, all or nothing.
+
+Every mask is computed first, on the side, composing with earlier masks exactly as torch's
+``PruningContainer`` does (by calling it). Only when every mask is computed and checked is anything
+installed, and the install is rolled back if it fails, so a failed apply leaves parameters, buffers and
+hooks exactly as they were. What gets installed is what ``torch.nn.utils.prune`` installs:
+``<name>_orig`` (the same Parameter object), a ``<name>_mask`` buffer, the ``<name>`` attribute and a
+forward pre-hook that is the method object (or a ``PruningContainer`` of them). Two deliberate
+differences: a re-prune replaces the hook in place instead of moving it to the end
+(pytorch/pytorch#37138), and the ``<name>`` attribute is computed without autograd history at apply
+time, so ``copy.deepcopy`` works right after apply (the hook recomputes it on every forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .errors import ApplyError
+from .methods.base import MethodInfo
+from .planner import Plan, Step
+
+
+class GlobalMask(prune.BasePruningMethod):
+    """The hook left by a ``scope: global`` step: a record of what ran.
+
+    The mask it produced is the module's ``<name>_mask`` buffer; unlike torch's ``CustomFromMask`` it
+    keeps no reference to the group's flat mask (pytorch/pytorch#49332).
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, method: str, amount: float | int, group_size: int) -> None:
+        self.method = method
+        self.amount = amount
+        self.group_size = group_size
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask
+
+
+@dataclass
+class _Tensor:
+    """One Parameter being pruned: its owners, its mask so far and the hooks to add."""
+
+    name: str
+    owners: list[tuple[nn.Module, str]]
+    orig: torch.Tensor
+    mask: torch.Tensor | None
+    new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
+
+    def importance(self) -> torch.Tensor:
+        """What torch ranks: the masked weight (fresh from ``<name>_orig``, never a stale attribute)."""
+        orig = self.orig.detach()
+        return orig if self.mask is None else self.mask.to(dtype=orig.dtype) * orig
+
+
+def execute(model: nn.Module, plan: Plan) -> list[str]:
+    """Apply ``plan`` to ``model``; returns the names of the pruned tensors. Raises ApplyError."""
+    tensors: dict[int, _Tensor] = {}
+    with torch.no_grad(), _seeded(plan.spec.seed, model):
+        for unit in plan.units():
+            staged = [_stage(model, tensors, step) for step in unit]
+            if unit[0].scope == "global":
+                _run_global(unit, staged, plan.methods[unit[0].method])
+            else:
+                _run_local(unit[0], staged[0], plan.methods[unit[0].method])
+    _install(list(tensors.values()))
+    if plan.spec.finalize:
+        for tensor in tensors.values():
+            for module, pname in tensor.owners:
+                prune.remove(module, pname)
+    return [t.name for t in tensors.values()]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
+    """Seed torch's generators for the apply, restoring the caller's RNG state afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _stage(model: nn.Module, tensors: dict[int, _Tensor], step: Step) -> _Tensor:
+    owners = [(model.get_submodule(module), pname) for module, pname in step.tensor.owners]
+    module, pname = owners[0]
+    pruned = _pruned(module, pname)
+    orig = module._parameters[pname + "_orig" if pruned else pname]
+    assert orig is not None
+    key = id(orig)
+    if key not in tensors:
+        mask = module._buffers[pname + "_mask"] if pruned else None
+        tensors[key] = _Tensor(step.tensor.name, owners, orig, mask)
+    return tensors[key]
+
+
+def _pruned(module: nn.Module, pname: str) -> bool:
+    return pname + "_orig" in module._parameters and pname + "_mask" in module._buffers
+
+
+def _fail(step: Step, tensor: str, message: str) -> ApplyError:
+    return ApplyError(step.rule, tensor, message)
+
+
+def _amount(step: Step, info: MethodInfo, masks: list[torch.Tensor | None], sizes: list[int]) -> Any:
+    """The amount to hand the method: the rule's, or a count reaching the rule's ``sparsity``."""
+    if step.sparsity is None:
+        return step.amount
+    if info.pruning_type == "structured":
+        dim = int(step.options["dim"])
+        mask = masks[0]
+        channels = step.tensor.shape[dim]
+        done = (
+            0
+            if mask is None
+            else int((mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim % mask.dim()]).sum())
+        )
+        return max(0, round(step.sparsity * channels) - done)
+    done = sum(0 if m is None else int((m == 0).sum()) for m in masks)
+    return max(0, round(step.sparsity * sum(sizes)) - done)
+
+
+def _build(step: Step, info: MethodInfo, amount: Any, tensor: str, pname: str) -> prune.BasePruningMethod:
+    try:
+        hook = info.build(amount, step.options)
+    except Exception as exc:
+        raise _fail(step, tensor, f"{info.name} could not be created: {type(exc).__name__}: {exc}") from exc
+    hook._tensor_name = pname
+    return hook
+
+
+def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
+    pname = tensor.owners[0][1]
+    amount = _amount(step, info, [tensor.mask], [tensor.orig.numel()])
+    hook = _build(step, info, amount, tensor.name, pname)
+    # The first prune calls the method itself; later ones go through torch's own composition rules.
+    method = hook if tensor.mask is None else prune.PruningContainer(hook)
+    if tensor.mask is None:
+        default = torch.ones_like(tensor.orig)
+    else:
+        default = tensor.mask.detach().clone(memory_format=torch.contiguous_format)
+    try:
+        mask = method.compute_mask(tensor.importance(), default_mask=default)
+    except Exception as exc:
+        raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
+    tensor.mask = _checked(step, tensor, mask, default)
+    tensor.new_hooks.append(hook)
+
+
+def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> None:
+    """One budget across the group, selected exactly as ``prune.global_unstructured`` selects it."""
+    step = unit[0]
+    group = f"global group of {len(tensors)} tensors"
+    amount = _amount(step, info, [t.mask for t in tensors], [t.orig.numel() for t in tensors])
+    method = _build(step, info, amount, group, "temp")
+    container = prune.PruningContainer(method)
+    scores = torch.cat([t.importance().reshape(-1) for t in tensors])
+    default = torch.cat([(t.mask if t.mask is not None else torch.ones_like(t.orig)).reshape(-1) for t in tensors])
+    try:
+        flat = container.compute_mask(scores, default_mask=default)
+    except Exception as exc:
+        raise _fail(step, group, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
+    del scores
+    offset = 0
+    for tensor in tensors:
+        numel = tensor.orig.numel()
+        own_default = tensor.mask if tensor.mask is not None else torch.ones_like(tensor.orig)
+        piece = flat[offset : offset + numel].reshape(tensor.orig.shape).to(tensor.orig.dtype, copy=True)
+        offset += numel
+        tensor.mask = _checked(step, tensor, piece, own_default)
+        tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
+
+
+def _checked(step: Step, tensor: _Tensor, mask: Any, default: torch.Tensor) -> torch.Tensor:
+    """The method's mask, if it is one: right shape, device and dtype, binary, keeping earlier zeros."""
+    orig = tensor.orig
+    if not isinstance(mask, torch.Tensor):
+        raise _fail(step, tensor.name, f"the method returned {type(mask).__name__}, not a tensor")
+    if mask.shape != orig.shape:
+        raise _fail(step, tensor.name, f"the mask has shape {list(mask.shape)}, expected {list(orig.shape)}")
+    if mask.device != orig.device:
+        raise _fail(step, tensor.name, f"the mask is on {mask.device}, expected {orig.device}")
+    if mask.dtype == torch.bool:
+        mask = mask.to(default.dtype)
+    elif not (mask.is_floating_point() or mask.dtype == default.dtype):
+        raise _fail(step, tensor.name, f"the mask has dtype {mask.dtype}, expected {orig.dtype} or torch.bool")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise _fail(step, tensor.name, "the mask has values other than 0 and 1")
+    if not bool((mask[default == 0] == 0).all()):
+        raise _fail(step, tensor.name, "the mask un-prunes entries that earlier pruning removed")
+    checked: torch.Tensor = mask.detach()
+    return checked
+
+
+# --- install, all or nothing -------------------------------------------------------------------
+
+
+def _install(tensors: list[_Tensor]) -> None:
+    snapshots = [_snapshot(module, pname) for t in tensors for module, pname in t.owners]
+    current = ""
+    try:
+        for tensor in tensors:
+            current = tensor.name
+            for module, pname in tensor.owners:
+                _install_one(module, pname, tensor)
+    except Exception as exc:
+        for restore in snapshots:
+            restore()
+        raise ApplyError("install", current, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _snapshot(module: nn.Module, pname: str) -> Any:
+    params, buffers = dict(module._parameters), dict(module._buffers)
+    hooks = OrderedDict(module._forward_pre_hooks)
+    attr = module.__dict__.get(pname, _MISSING)
+
+    def restore() -> None:
+        module._parameters.clear()
+        module._parameters.update(params)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks.update(hooks)
+        module.__dict__.pop(pname, None)
+        if attr is not _MISSING:
+            module.__dict__[pname] = attr
+
+    return restore
+
+
+_MISSING = object()
+
+
+def _install_one(module: nn.Module, pname: str, tensor: _Tensor) -> None:
+    hooks = [copy.copy(h) for h in tensor.new_hooks]
+    for new in hooks:
+        new._tensor_name = pname
+    old_key = next(
+        (
+            key
+            for key, old in module._forward_pre_hooks.items()
+            if isinstance(old, prune.BasePruningMethod) and getattr(old, "_tensor_name", None) == pname
+        ),
+        None,
+    )
+    if not _pruned(module, pname):
+        orig = module._parameters[pname]
+        module.register_parameter(pname + "_orig", orig)
+        del module._parameters[pname]
+    module.register_buffer(pname + "_mask", tensor.mask)
+    if old_key is not None:
+        old = module._forward_pre_hooks[old_key]
+        hook: prune.BasePruningMethod = _container(
+            [*(old if isinstance(old, prune.PruningContainer) else [old]), *hooks]
+        )
+        module._forward_pre_hooks[old_key] = hook  # same key: the hook keeps its place (pytorch#37138)
+    else:
+        hook = hooks[0] if len(hooks) == 1 else _container(hooks)
+        module.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        setattr(module, pname, hook.apply_mask(module))
+
+
+def _container(methods: list[prune.BasePruningMethod]) -> prune.PruningContainer:
+    container = prune.PruningContainer(methods[0])
+    for method in methods[1:]:
+        container.add_pruning_method(method)
+    return container

@@ -1,0 +1,97 @@
+"""Every error prunespec raises, under one base class.
+
+A spec or plan error collects *all* the problems found, each with where it is (file:line:column and
+document path for specs; rule and tensor for plans) and what would be right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PrunespecError(Exception):
+    """Base class of every error prunespec raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem: what is wrong, where, and (optionally) how to fix it."""
+
+    message: str
+    path: str = ""  # document path, e.g. "rules[2].amount"
+    file: str | None = None
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+    hint: str | None = None
+
+    def where(self) -> str:
+        parts = []
+        if self.file is not None:
+            loc = self.file
+            if self.line is not None:
+                loc += f":{self.line}"
+                if self.column is not None:
+                    loc += f":{self.column}"
+            parts.append(loc)
+        if self.path:
+            parts.append(self.path)
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        text = f"{where}: {self.message}" if where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class _IssuesError(PrunespecError):
+    """An error made of one or more :class:`Issue`."""
+
+    title = "error"
+
+    def __init__(self, issues: Sequence[Issue] | Issue | str):
+        if isinstance(issues, str):
+            issues = [Issue(issues)]
+        elif isinstance(issues, Issue):
+            issues = [issues]
+        self.issues: tuple[Issue, ...] = tuple(issues)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if len(self.issues) == 1:
+            return str(self.issues[0])
+        lines = [f"{len(self.issues)} problems:"]
+        lines += [f"  {issue}" for issue in self.issues]
+        return "\n".join(lines)
+
+
+class SpecError(_IssuesError):
+    """The spec is not valid: bad YAML, unknown keys, wrong types, unknown methods, bad options."""
+
+
+class PlanError(_IssuesError):
+    """The spec is valid but does not fit the model: selectors that match nothing, a `dim` out of
+    range, a count larger than what is left."""
+
+
+class ApplyError(PrunespecError):
+    """A method failed while masks were computed or installed; the model was left as it was."""
+
+    def __init__(self, rule: str, tensor: str, message: str):
+        self.rule = rule
+        self.tensor = tensor
+        super().__init__(f"{rule}, tensor {tensor}: {message} (the model was left unchanged)")
+
+
+class PluginError(PrunespecError):
+    """Plugins clash or misbehave (e.g. two providers of one method name)."""
+
+
+class CheckpointError(PrunespecError):
+    """A checkpoint cannot be loaded into the model; the model was left as it was."""
+
+
+class ModelRefError(PrunespecError):
+    """A `path/to/file.py:factory` or `package.module:factory` reference cannot be resolved."""

@@ -1,0 +1,295 @@
+"""YAML text -> validated :class:`~prunespec.spec.Spec`, with every problem located at file:line:column.
+
+Parsing uses ruamel.yaml's round-trip loader, which records positions and builds no Python objects from
+tags; any tag other than YAML's plain data types is rejected. The plain document is then checked
+against the JSON Schema (which covers each installed method's options) and built into pydantic models.
+All problems of a document are reported together in one :class:`~prunespec.errors.SpecError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .errors import Issue, SpecError
+from .plugins import MethodRegistry, load_methods
+from .schema import build_schema
+from .spec import DocPath, SourceMap, Spec
+
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+def load_spec(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Spec, *, methods: MethodRegistry | None = None
+) -> Spec:
+    """Load and validate a spec from a YAML file path or a mapping; a :class:`Spec` passes through.
+
+    Raises :class:`~prunespec.errors.SpecError` listing every problem, each with file:line:column
+    (for files) and document path.
+    """
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, Mapping):
+        return validate_document(source, SourceMap(), methods)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(Issue(f"cannot read the spec: {exc}", file=str(source))) from None
+    return loads_spec(text, filename=str(source), methods=methods)
+
+
+def loads_spec(text: str, *, filename: str = "<string>", methods: MethodRegistry | None = None) -> Spec:
+    """Load and validate a spec from YAML text (``filename`` is used in error locations)."""
+    document, source = parse_yaml(text, filename)
+    return validate_document(document, source, methods)
+
+
+def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
+    """Parse YAML into plain Python data and a map of where each node is."""
+    yaml = YAML(typ="rt", pure=True)
+    try:
+        node = yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        problem = problem.split("\nTo suppress")[0].strip()
+        raise SpecError(
+            Issue(
+                f"invalid YAML: {problem}",
+                file=filename,
+                line=mark.line + 1 if mark else None,
+                column=mark.column + 1 if mark else None,
+            )
+        ) from None
+    except YAMLError as exc:
+        raise SpecError(Issue(f"invalid YAML: {exc}", file=filename)) from None
+    source = SourceMap(file=filename)
+    issues: list[Issue] = []
+    if node is not None and hasattr(node, "lc"):
+        source.values[()] = (node.lc.line + 1, node.lc.col + 1)
+    document = _plain(node, (), source, issues)
+    if issues:
+        raise SpecError(issues)
+    return document, source
+
+
+def _plain(node: Any, path: DocPath, source: SourceMap, issues: list[Issue]) -> Any:
+    """Convert ruamel's round-trip nodes to plain data, recording positions and rejecting tags."""
+    tag = getattr(node, "tag", None)
+    tag_value = getattr(tag, "value", None)
+    if isinstance(node, TaggedScalar) or (tag_value is not None and tag_value not in _PLAIN_TAGS):
+        issues.append(
+            source.issue(
+                path,
+                f"YAML tag {str(tag_value or '?').replace('tag:yaml.org,2002:', '!!')} is not allowed",
+                "a spec holds plain data only: mappings, lists, strings, numbers, booleans",
+            )
+        )
+        return None
+    if isinstance(node, CommentedMap):
+        out: dict[str, Any] = {}
+        for key in node:
+            if not isinstance(key, str):
+                issues.append(source.issue(path, f"mapping keys must be strings, got {key!r}"))
+                continue
+            line, col = node.lc.key(key)
+            source.keys[(*path, key)] = (line + 1, col + 1)
+            vline, vcol = node.lc.value(key)
+            source.values[(*path, key)] = (vline + 1, vcol + 1)
+            out[key] = _plain(node[key], (*path, key), source, issues)
+        return out
+    if isinstance(node, CommentedSeq):
+        items = []
+        for index, item in enumerate(node):
+            line, col = node.lc.item(index)
+            source.values[(*path, index)] = (line + 1, col + 1)
+            items.append(_plain(item, (*path, index), source, issues))
+        return items
+    if isinstance(node, bool) or node is None:
+        return node
+    if isinstance(node, int):
+        return bool(node) if type(node).__name__ == "ScalarBoolean" else int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    issues.append(source.issue(path, f"unsupported YAML value {node!r}"))
+    return None
+
+
+def validate_document(document: Any, source: SourceMap, methods: MethodRegistry | None = None) -> Spec:
+    """Check a plain document against the schema and the models; raise one SpecError with every issue."""
+    methods = load_methods() if methods is None else methods
+    if document is None:
+        raise SpecError(source.issue((), "the spec is empty", "start with `version: 1` and a list of `rules`"))
+    validator = jsonschema.Draft202012Validator(build_schema(methods))
+    issues = []
+    for error in validator.iter_errors(document):
+        issues.extend(_schema_issues(error, source, methods))
+    if not issues:
+        try:
+            spec = Spec.model_validate(document)
+        except ValidationError as exc:
+            issues.extend(pydantic_issues(exc, (), source))
+        else:
+            spec, option_issues = _validate_options(spec, methods)
+            issues.extend(option_issues)
+    if issues:
+        issues = sorted(set(issues), key=lambda i: (i.line or 0, i.column or 0, i.path, i.message))
+        raise SpecError(issues)
+    spec._source = source
+    return spec
+
+
+def _validate_options(spec: Spec, methods: MethodRegistry) -> tuple[Spec, list[Issue]]:
+    """Check each rule's options against its method's model and fill in defaults."""
+    issues: list[Issue] = []
+    rules = []
+    for index, rule in enumerate(spec.rules):
+        info = methods[rule.method]
+        try:
+            options = info.validate_options(rule.options)
+        except ValidationError as exc:
+            issues.extend(pydantic_issues(exc, ("rules", index, "options"), source=spec.source))
+            options = rule.options
+        rules.append(rule.model_copy(update={"options": options}))
+    return spec.model_copy(update={"rules": rules}), issues
+
+
+def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap) -> list[Issue]:
+    """pydantic's errors as located issues."""
+    issues = []
+    for err in exc.errors():
+        loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
+        path = (*base, *loc)
+        if err["type"] == "extra_forbidden":
+            issues.append(source.issue(path, f"unknown key {loc[-1]!r}", key=True))
+        elif err["type"] == "missing":
+            issues.append(source.issue(path[:-1], f"missing required key {loc[-1]!r}"))
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            issues.append(source.issue(path, f"{message} (got {err['input']!r})" if loc else message))
+    return issues
+
+
+# --- JSON Schema errors, in words ----------------------------------------------------------------
+
+
+def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods: MethodRegistry) -> list[Issue]:
+    path: DocPath = tuple(error.absolute_path)
+    kind = error.validator
+    value = error.instance
+    schema = error.schema
+    if kind == "additionalProperties" and isinstance(value, dict):
+        allowed = sorted(schema.get("properties", {}))
+        issues = []
+        for key in value:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed) or 'none'}"
+                issues.append(source.issue((*path, key), f"unknown key {key!r}", hint, key=True))
+        return issues
+    if kind == "required":
+        missing = [key for key in error.validator_value if key not in value]
+        return [source.issue(path, f"missing required key {key!r}") for key in missing]
+    if kind == "enum" and path[-1:] == ("method",):
+        close = methods.suggest(str(value))
+        hint = f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
+        return [source.issue(path, f"unknown method {value!r}", hint)]
+    if kind == "oneOf" and _is_amount_choice(error.validator_value):
+        method = value.get("method")
+        if "amount" in value and "sparsity" in value:
+            return [source.issue(path, "give `amount` or `sparsity`, not both")]
+        return [
+            source.issue(
+                path,
+                f"method {method!r} needs `amount` or `sparsity`",
+                "amount: 0.3 prunes 30% of what is left; sparsity: 0.3 aims at 30% in total",
+            )
+        ]
+    if kind == "not" and isinstance(value, dict) and "method" in value:
+        key = "amount" if "amount" in value else "sparsity"
+        return [source.issue((*path, key), f"method {value['method']!r} takes no `{key}`", "remove it")]
+    if kind == "anyOf" and error.validator_value == [{"required": ["types"]}, {"required": ["names"]}]:
+        return [source.issue(path, "give `types` or `names` (or both) to say which modules the rule selects")]
+    if kind == "enum" and isinstance(value, str):
+        options = [str(v) for v in error.validator_value]
+        close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+        enum_hint = f"did you mean {close[0]!r}?" if close else None
+        return [source.issue(path, f"expected one of {', '.join(map(repr, options))}, got {value!r}", enum_hint)]
+    if kind == "const":
+        return [source.issue(path, f"must be {error.validator_value!r}, got {value!r}")]
+    if kind in ("minItems", "minProperties"):
+        return [source.issue(path, "must not be empty")]
+    expected = _describe(schema)
+    last = str(path[-1]) if path else ""
+    return [source.issue(path, f"expected {expected}, got {_describe_value(value)}", _HINTS.get(last))]
+
+
+def _is_amount_choice(options: Any) -> bool:
+    return bool(options == [{"required": ["amount"]}, {"required": ["sparsity"]}])
+
+
+_HINTS = {  # keyed by the last part of the document path
+    "amount": "a float in [0, 1] is a fraction of what is left; an integer is a count",
+    "sparsity": "the final fraction pruned, a number in [0, 1]",
+    "version": "this prunespec reads spec version 1",
+}
+
+
+def _describe(schema: Any) -> str:
+    """A short English description of what a (sub)schema accepts."""
+    if not isinstance(schema, dict):
+        return "a valid value"
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            parts = [_describe(sub) for sub in schema[key] if sub.get("type") != "null"]
+            return " or ".join(dict.fromkeys(parts))
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(v) for v in schema["enum"])
+    names = {
+        "integer": "an integer",
+        "number": "a number",
+        "string": "a string",
+        "boolean": "true or false",
+        "array": "a list",
+        "object": "a mapping",
+        "null": "null",
+    }
+    text = names.get(schema.get("type", ""), "a valid value")
+    if "items" in schema and isinstance(schema["items"], dict) and schema["items"].get("type") == "string":
+        text = "a list of strings"
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        text += f" in [{low}, {high}]"
+    elif low is not None:
+        text += f" >= {low}"
+    elif high is not None:
+        text += f" <= {high}"
+    return text
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if value is None:
+        return "null"
+    return repr(value)

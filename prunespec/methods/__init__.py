@@ -1,0 +1,1 @@
+"""Pruning methods: the method base (:mod:`.base`) and prunespec's built-in methods (:mod:`.builtin`)."""

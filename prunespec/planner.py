@@ -1,0 +1,409 @@
+"""Resolve a :class:`~prunespec.spec.Spec` against a model into a :class:`Plan`, without changing it.
+
+The plan lists, in order, every (tensor, method) step the engine will run, with the sparsity each tensor
+is predicted to reach. Everything that can be checked before touching the model is checked here:
+selectors that match nothing, parameters that cannot be pruned, options that do not fit a tensor,
+counts larger than what is left. All such problems are raised together as one
+:class:`~prunespec.errors.PlanError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import Issue, PlanError
+from .methods.base import MethodInfo, n_to_prune
+from .selectors import nearest_names, nearest_types, select_modules
+from .spec import Rule, Spec
+
+Owner = tuple[str, str]  # (module name, parameter name)
+
+
+def tensor_name(module: str, param: str) -> str:
+    """``"features.0" + "weight"`` -> ``"features.0.weight"`` (the root module's params have no prefix)."""
+    return f"{module}.{param}" if module else param
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One prunable tensor: the owner a rule selected it through, and any other owners (tied weights)."""
+
+    module: str
+    param: str
+    shape: tuple[int, ...]
+    aliases: tuple[Owner, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return tensor_name(self.module, self.param)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def owners(self) -> tuple[Owner, ...]:
+        return ((self.module, self.param), *self.aliases)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Prune one tensor with one method, as one rule says."""
+
+    rule_index: int
+    rule: str
+    tensor: TensorRef
+    method: str
+    options: Mapping[str, Any]
+    amount: float | int | None
+    sparsity: float | None
+    scope: str
+    selected_by: str
+    before: float | None  # predicted sparsity of the tensor before this step
+    after: float | None  # predicted after; None when the method's effect cannot be predicted
+    exact: bool  # False when ``after`` is an estimate (global split, structured after unstructured)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule_index": self.rule_index,
+            "rule": self.rule,
+            "tensor": self.tensor.name,
+            "shape": list(self.tensor.shape),
+            "tied_with": [tensor_name(*owner) for owner in self.tensor.aliases],
+            "method": self.method,
+            "options": dict(self.options),
+            "amount": self.amount,
+            "sparsity": self.sparsity,
+            "scope": self.scope,
+            "global_group": self.rule_index if self.scope == "global" else None,
+            "selected_by": self.selected_by,
+            "predicted_before": self.before,
+            "predicted_after": self.after,
+            "exact": self.exact,
+        }
+
+
+@dataclass
+class Plan:
+    """What applying a spec to a model will do. ``str(plan)`` is a table; ``to_dict()`` is JSON-able."""
+
+    spec: Spec
+    steps: list[Step]
+    methods: Mapping[str, MethodInfo]
+    warnings: list[str] = field(default_factory=list)
+    # predicted final sparsity per tensor, and its size
+    tensors: dict[str, tuple[int, float | None, bool]] = field(default_factory=dict)
+
+    def units(self) -> list[list[Step]]:
+        """Steps grouped as the engine runs them: a local step alone, a global rule's steps together."""
+        units: list[list[Step]] = []
+        for step in self.steps:
+            if (
+                step.scope == "global"
+                and units
+                and units[-1][0].scope == "global"
+                and (units[-1][0].rule_index == step.rule_index)
+            ):
+                units[-1].append(step)
+            else:
+                units.append([step])
+        return units
+
+    @property
+    def global_sparsity(self) -> float | None:
+        """Predicted fraction of zeros over every tensor the plan touches (None if not predictable)."""
+        total = sum(numel for numel, _, _ in self.tensors.values())
+        if not total or any(after is None for _, after, _ in self.tensors.values()):
+            return None
+        return sum(numel * (after or 0.0) for numel, after, _ in self.tensors.values()) / total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [step.to_dict() for step in self.steps],
+            "tensors": {
+                name: {"numel": numel, "predicted_sparsity": after, "exact": exact}
+                for name, (numel, after, exact) in self.tensors.items()
+            },
+            "predicted_global_sparsity": self.global_sparsity,
+            "warnings": list(self.warnings),
+            "seed": self.spec.seed,
+            "finalize": self.spec.finalize,
+        }
+
+    def __str__(self) -> str:
+        from .report import format_plan
+
+        return format_plan(self)
+
+
+@dataclass
+class _Virtual:
+    """What the planner knows of one tensor as the steps go by."""
+
+    numel: int
+    shape: tuple[int, ...]
+    pruned: float  # entries
+    exact: bool
+    channels: dict[int, int] | None  # pruned channels per dim (None: unknown after unstructured pruning)
+    known: bool = True  # False once a method whose effect cannot be predicted ran
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+def make_plan(model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]) -> Plan:
+    """Resolve ``spec`` against ``model``. Raises PlanError listing every problem found."""
+    planner = _Planner(model, spec, methods)
+    for index, rule in enumerate(spec.rules):
+        planner.add_rule(index, rule)
+    if planner.issues:
+        raise PlanError(planner.issues)
+    tensors = {
+        planner.names[key]: (state.numel, state.sparsity if state.known else None, state.exact)
+        for key, state in planner.state.items()
+    }
+    return Plan(spec, planner.steps, methods, planner.warnings, tensors)
+
+
+class _Planner:
+    def __init__(self, model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]):
+        self.spec = spec
+        self.methods = methods
+        self.modules = list(model.named_modules())
+        self.by_name = dict(self.modules)
+        self.owners: dict[int, list[Owner]] = {}
+        for name, module in self.modules:
+            for pname, param in module._parameters.items():
+                if param is None:
+                    continue
+                logical = pname.removesuffix("_orig") if _is_pruned(module, pname.removesuffix("_orig")) else pname
+                self.owners.setdefault(id(param), []).append((name, logical))
+        self.state: dict[int, _Virtual] = {}
+        self.names: dict[int, str] = {}
+        self.steps: list[Step] = []
+        self.issues: list[Issue] = []
+        self.warnings: list[str] = []
+
+    def issue(self, path: tuple[str | int, ...], message: str, hint: str | None = None) -> None:
+        self.issues.append(self.spec.source.issue(path, message, hint))
+
+    def add_rule(self, index: int, rule: Rule) -> None:
+        label = rule.label(index)
+        info = self.methods.get(rule.method)
+        if info is None:  # a Spec built against another registry
+            self.issue(("rules", index, "method"), f"unknown method {rule.method!r}")
+            return
+        targets = self._targets(index, rule)
+        if targets is None:
+            return
+        if not targets:
+            if not rule.optional:
+                self.issue(
+                    ("rules", index, "select"),
+                    f"{label} selects no tensor: no selected module has a parameter named "
+                    + " or ".join(repr(p) for p in rule.select.params),
+                    "check `params`, or set `optional: true` if the rule may match nothing",
+                )
+            return
+        if rule.amount == 1 and isinstance(rule.amount, int):
+            self.warnings.append(f"{label}: `amount: 1` is a count (one entry or channel); write 1.0 to prune all")
+        if rule.scope == "global":
+            self._global(index, rule, info, targets)
+        else:
+            for ref, param, by in targets:
+                self._local(index, rule, info, ref, param, by)
+
+    # --- selection -----------------------------------------------------------------------------
+
+    def _targets(self, index: int, rule: Rule) -> list[tuple[TensorRef, torch.Tensor, str]] | None:
+        select = rule.select
+        try:
+            selection = select_modules(self.modules, select.types, select.names, select.exclude)
+        except ValueError as exc:
+            self.issue(("rules", index, "select"), str(exc))
+            return None
+        failed = False
+        for key, entry_index, entry in selection.unmatched:
+            path = ("rules", index, "select", key, entry_index)
+            if key == "exclude":
+                self.warnings.append(f"{rule.label(index)}: exclude entry {entry!r} matches no module")
+            elif not rule.optional:
+                failed = True
+                self.issue(path, f"{key} entry {entry!r} matches no module", self._nearest(key, entry))
+        if failed:
+            return None
+        targets: list[tuple[TensorRef, torch.Tensor, str]] = []
+        seen: set[int] = set()
+        for name, module, by in selection.modules:
+            for pname in select.params:
+                param = self._parameter(index, name, module, pname)
+                if param is None:
+                    continue
+                if id(param) in seen:
+                    self.warnings.append(
+                        f"{rule.label(index)}: {tensor_name(name, pname)} is tied to a tensor this rule "
+                        "already prunes; it is pruned once"
+                    )
+                    continue
+                seen.add(id(param))
+                aliases = tuple(o for o in self.owners.get(id(param), []) if o != (name, pname))
+                ref = TensorRef(name, pname, tuple(param.shape), aliases)
+                self.names.setdefault(id(param), ref.name)
+                targets.append((ref, param, by))
+        return targets
+
+    def _nearest(self, key: str, entry: str) -> str:
+        if key == "names" and entry.startswith("module."):
+            return "names are relative to the model given; drop the `module.` prefix"
+        near = nearest_types(entry, self.modules) if key == "types" else nearest_names(entry, self.modules)
+        return f"nearest: {', '.join(near)}" if near else "run `prunespec plan` with `names: ['**']` to list modules"
+
+    def _parameter(self, index: int, name: str, module: nn.Module, pname: str) -> torch.Tensor | None:
+        param = module._parameters.get(pname)
+        if param is not None:
+            return param
+        if _is_pruned(module, pname):
+            return module._parameters[pname + "_orig"]
+        if pname in module._buffers or pname in getattr(module, "parametrizations", {}):
+            kind = "a buffer" if pname in module._buffers else "a parametrized tensor"
+            self.issue(
+                ("rules", index, "select", "params"),
+                f"{tensor_name(name, pname)} is {kind}, not a Parameter; only Parameters can be pruned",
+            )
+        return None
+
+    # --- prediction ----------------------------------------------------------------------------
+
+    def _virtual(self, ref: TensorRef, param: torch.Tensor) -> _Virtual:
+        key = id(param)
+        if key not in self.state:
+            pruned, channels = 0, {}
+            module = self.by_name[ref.module]
+            mask = module._buffers.get(ref.param + "_mask") if _is_pruned(module, ref.param) else None
+            if mask is not None:
+                zero = mask == 0
+                pruned = int(zero.sum())
+                channels = {
+                    d: int(zero.all(dim=[o for o in range(mask.dim()) if o != d]).sum()) for d in range(mask.dim())
+                }
+            self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, channels)
+        return self.state[key]
+
+    def _step(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
+        after = state.sparsity if state.known else None
+        self.steps.append(
+            Step(
+                index,
+                rule.label(index),
+                ref,
+                rule.method,
+                dict(rule.options),
+                rule.amount,
+                rule.sparsity,
+                rule.scope,
+                by,
+                before,
+                after,
+                state.exact,
+            )
+        )
+
+    def _count(
+        self, index: int, rule: Rule, ref: TensorRef, remaining: int, total: int, pruned: float, unit: str
+    ) -> int | None:
+        """Units this rule prunes now, or None after reporting why it cannot."""
+        if rule.sparsity is not None:
+            return max(0, round(rule.sparsity * total) - round(pruned))
+        if rule.amount is None:
+            return None
+        k = n_to_prune(rule.amount, remaining)
+        if k > remaining:
+            self.issue(
+                ("rules", index, "amount"),
+                f"tensor {ref.name}: amount={rule.amount} is more than the {remaining} {unit} left to prune",
+                f"use a count <= {remaining}, or a fraction such as 0.5",
+            )
+            return None
+        return k
+
+    def _local(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef, param: torch.Tensor, by: str) -> None:
+        problem = info.check_tensor(ref.shape, rule.options)
+        if problem:
+            self.issue(("rules", index), f"tensor {ref.name}: {info.name}: {problem}")
+            return
+        state = self._virtual(ref, param)
+        before = state.sparsity if state.known else None
+        if not info.takes_amount:
+            # A method without an amount decides alone how much it prunes: nothing to predict.
+            state.known = state.exact = False
+            state.channels = None
+            self._step(index, rule, ref, by, before, state)
+            return
+        if info.pruning_type == "structured":
+            dim = int(rule.options["dim"]) % len(ref.shape)
+            total = ref.shape[dim]
+            pruned_channels = (state.channels or {}).get(dim, 0)
+            k = self._count(index, rule, ref, total - pruned_channels, total, pruned_channels, "channels")
+            if k is None:
+                return
+            per_channel = state.numel // total
+            only_this_dim = state.channels is not None and all(v == 0 for d, v in state.channels.items() if d != dim)
+            if state.exact and only_this_dim:
+                state.pruned = (pruned_channels + k) * per_channel
+            else:
+                alive = state.numel - state.pruned
+                left = max(total - pruned_channels, 1)
+                state.pruned += k * alive / left
+                state.exact = False
+            if state.channels is not None:
+                state.channels[dim] = pruned_channels + k
+        else:
+            remaining = state.numel - round(state.pruned)
+            k = self._count(index, rule, ref, remaining, state.numel, state.pruned, "entries")
+            if k is None:
+                return
+            state.pruned += k
+            if k:
+                state.channels = None
+        self._step(index, rule, ref, by, before, state)
+
+    def _global(
+        self, index: int, rule: Rule, info: MethodInfo, targets: list[tuple[TensorRef, torch.Tensor, str]]
+    ) -> None:
+        if info.pruning_type != "unstructured" or not info.takes_amount:
+            self.issue(
+                ("rules", index, "scope"),
+                f"scope: global needs an unstructured method with an amount; {info.name!r} is "
+                f"{info.pruning_type}" + ("" if info.takes_amount else " and takes no amount"),
+                "use l1_unstructured or random_unstructured, or scope: local",
+            )
+            return
+        states = [self._virtual(ref, param) for ref, param, _ in targets]
+        total = sum(s.numel for s in states)
+        pruned = sum(s.pruned for s in states)
+        remaining = total - round(pruned)
+        names = ", ".join(ref.name for ref, _, _ in targets[:3]) + (", ..." if len(targets) > 3 else "")
+        group = TensorRef(f"global group of {len(targets)} tensors ({names})", "", (total,))
+        k = self._count(index, rule, group, remaining, total, pruned, "entries")
+        if k is None:
+            return
+        for (ref, _, by), state in zip(targets, states, strict=False):
+            before = state.sparsity if state.known else None
+            alive = state.numel - state.pruned
+            # The split between tensors depends on the values; predict a proportional share.
+            state.pruned += k * alive / remaining if remaining else 0
+            state.exact = False
+            if k:
+                state.channels = None
+            self._step(index, rule, ref, by, before, state)
+
+
+def _is_pruned(module: nn.Module, pname: str) -> bool:
+    return pname + "_orig" in module._parameters and pname + "_mask" in module._buffers

@@ -1,0 +1,161 @@
+"""Matching a rule's ``select`` against a model's modules.
+
+Name patterns are matched against qualified module names (``features.0.conv``), as a whole:
+
+* ``*`` matches any run of characters within one dotted segment (it never crosses a ``.``);
+* ``?`` matches one character within a segment, ``[abc]`` / ``[!abc]`` one of (not of) a set;
+* ``**`` as a whole segment matches zero or more segments: ``**.c_fc`` matches ``c_fc`` and
+  ``transformer.h.0.mlp.c_fc``; ``encoder.**`` matches ``encoder`` and everything below it;
+* ``re:<regex>`` is a Python regular expression that must match the *whole* name (``re:fc[12]``
+  matches ``fc1``, not ``fc10``).
+
+Type entries are class names (``Conv2d``, matching any module whose class or a base class has that
+name) or dotted paths (``torch.nn.Conv2d``), resolved among the modules already imported — a spec
+never imports code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+Matcher = Callable[[str, nn.Module], bool]
+
+
+def compile_name_pattern(pattern: str) -> re.Pattern[str]:
+    """A compiled full-match regex for a ``names``/``exclude`` entry; ValueError if it is malformed."""
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern[3:]!r}: {exc}") from None
+    segments = pattern.split(".")
+    if segments == ["**"]:
+        return re.compile(".*")
+    out = ""
+    for i, segment in enumerate(segments):
+        if segment == "**":
+            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
+            continue
+        if i > 0 and not (i == 1 and segments[0] == "**"):
+            out += r"\."
+        out += _segment_regex(segment, pattern)
+    return re.compile(out)
+
+
+def _segment_regex(segment: str, pattern: str) -> str:
+    out, i = "", 0
+    while i < len(segment):
+        char = segment[i]
+        if char == "*":
+            if segment[i : i + 2] == "**":
+                raise ValueError(f"in {pattern!r}, `**` must be a whole segment (like `a.**.b`)")
+            out += r"[^.]*"
+        elif char == "?":
+            out += r"[^.]"
+        elif char == "[":
+            end = segment.find("]", i + 2)
+            if end < 0:
+                raise ValueError(f"unclosed `[` in {pattern!r}")
+            body = segment[i + 1 : end]
+            out += "[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]"
+            i = end
+        else:
+            out += re.escape(char)
+        i += 1
+    return out
+
+
+def name_matcher(pattern: str) -> Matcher:
+    """A matcher for one ``names``/``exclude`` entry."""
+    regex = compile_name_pattern(pattern)
+    return lambda name, module: regex.fullmatch(name) is not None
+
+
+def type_matcher(entry: str) -> Matcher:
+    """A matcher for one ``types`` entry: a class name or a dotted path (isinstance semantics)."""
+    if "." in entry:
+        cls = _resolve_loaded(entry)
+        if cls is not None:
+            return lambda name, module: isinstance(module, cls)
+        return lambda name, module: any(_qualified(c) == entry for c in type(module).__mro__)
+    return lambda name, module: any(c.__name__ == entry for c in type(module).__mro__)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_loaded(path: str) -> type | None:
+    """The class at ``path`` if its module is already imported (nothing is imported here)."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        obj: object = sys.modules.get(".".join(parts[:cut]))
+        if obj is None:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        return obj if isinstance(obj, type) else None
+    return None
+
+
+@dataclass
+class Selection:
+    """The modules one ``select`` picked, and the entries that matched nothing."""
+
+    modules: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (name, module, selected by)
+    unmatched: list[tuple[str, int, str]] = field(default_factory=list)  # (field, index, entry)
+
+
+def select_modules(
+    modules: Sequence[tuple[str, nn.Module]],
+    types: Sequence[str] | None,
+    names: Sequence[str] | None,
+    exclude: Sequence[str],
+) -> Selection:
+    """Modules matching one of ``types`` (if given), one of ``names`` (if given) and none of ``exclude``.
+
+    Raises ValueError for a malformed pattern.
+    """
+    fields: dict[str, Sequence[str]] = {"types": types or (), "names": names or (), "exclude": exclude}
+    matchers = {
+        key: [(type_matcher if key == "types" else name_matcher)(entry) for entry in entries]
+        for key, entries in fields.items()
+    }
+    hits = {key: [0] * len(entries) for key, entries in fields.items()}
+    selection = Selection()
+    for name, module in modules:
+        picked = {key: next((i for i, m in enumerate(ms) if m(name, module)), None) for key, ms in matchers.items()}
+        for key, index in picked.items():
+            if index is not None:
+                hits[key][index] += 1
+        if (
+            (types is not None and picked["types"] is None)
+            or (names is not None and picked["names"] is None)
+            or picked["exclude"] is not None
+        ):
+            continue
+        by = ", ".join(f"{key}: {fields[key][i]}" for key, i in picked.items() if i is not None)
+        selection.modules.append((name, module, by))
+    for key, counts in hits.items():
+        selection.unmatched += [(key, i, fields[key][i]) for i, n in enumerate(counts) if n == 0]
+    return selection
+
+
+def nearest_names(entry: str, modules: Sequence[tuple[str, nn.Module]], n: int = 3) -> list[str]:
+    """Module names close to a ``names`` entry that matched nothing."""
+    target = entry.removeprefix("re:").replace("*", "").replace("?", "")
+    names = [name for name, _ in modules if name]
+    return difflib.get_close_matches(target, names, n=n, cutoff=0.3)
+
+
+def nearest_types(entry: str, modules: Sequence[tuple[str, nn.Module]], n: int = 3) -> list[str]:
+    """Class names (short or qualified, as ``entry`` is) close to a ``types`` entry that matched nothing."""
+    classes = {c for _, module in modules for c in type(module).__mro__ if c is not object}
+    candidates = sorted({_qualified(c) if "." in entry else c.__name__ for c in classes})
+    return difflib.get_close_matches(entry, candidates, n=n, cutoff=0.4)

@@ -1,0 +1,156 @@
+"""The spec language (version 1) as pydantic models.
+
+These models are the single source of truth for the spec: the JSON Schema in ``schemas/`` is generated
+from them (see :mod:`prunespec.schema`), and the loader builds them from YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+
+from .errors import Issue
+
+PathPart = str | int
+DocPath = tuple[PathPart, ...]
+
+Fraction = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
+def format_path(path: Sequence[PathPart]) -> str:
+    """``("rules", 2, "amount")`` -> ``"rules[2].amount"``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class SourceMap:
+    """Where each node of a spec document came from: file name and 1-based (line, column)."""
+
+    file: str | None = None
+    values: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
+
+    def issue(self, path: DocPath, message: str, hint: str | None = None, *, key: bool = False) -> Issue:
+        """An :class:`Issue` located at ``path`` (at the key itself when ``key``, else at its value)."""
+        pos = None
+        lookup = (self.keys, self.values) if key else (self.values, self.keys)
+        for probe in range(len(path), -1, -1):
+            for table in lookup:
+                pos = table.get(tuple(path[:probe]))
+                if pos:
+                    break
+            if pos:
+                break
+        line, column = pos if pos else (None, None)
+        return Issue(message, format_path(path), self.file, line, column, hint)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Select(_Model):
+    """Which modules and parameters a rule acts on."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["types"]}, {"required": ["names"]}]})
+
+    types: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Module class names (`Conv2d`) or dotted paths (`torch.nn.Conv2d`); isinstance match.",
+    )
+    names: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Globs on qualified module names (`*` within one dotted segment, `**` across any number "
+        "of segments), or `re:<regex>` for a full-match regular expression.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Same syntax as `names`; removes modules from the selection."
+    )
+    params: list[str] = Field(
+        default_factory=lambda: ["weight"],
+        min_length=1,
+        description="Parameter names to prune on each module.",
+    )
+
+    @model_validator(mode="after")
+    def _types_or_names(self) -> Select:
+        if self.types is None and self.names is None:
+            raise ValueError("give `types` or `names` (or both) to say which modules the rule selects")
+        return self
+
+
+class Rule(_Model):
+    """One pruning rule: select tensors, then prune them with one method."""
+
+    name: str | None = Field(default=None, description="Optional label, used in plans and errors.")
+    select: Select
+    method: str = Field(description="A registered pruning method (`prunespec methods` lists them).")
+    amount: Count | Fraction | None = Field(
+        default=None,
+        description="A float in [0, 1] is the fraction of what is still unpruned; an integer is a count "
+        "(entries, or channels for structured methods). Rounding follows torch.nn.utils.prune.",
+    )
+    sparsity: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=False)] | None = Field(
+        default=None,
+        description="Instead of `amount`: the final fraction pruned (entries; channels for structured "
+        "methods), whatever earlier rules already pruned.",
+    )
+    scope: Literal["local", "global"] = Field(
+        default="local",
+        description="`local`: each tensor on its own. `global`: one budget across every tensor the rule selects.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Method options, validated against the method's own options model."
+    )
+    optional: StrictBool = Field(
+        default=False, description="Allow this rule, and its selector entries, to match nothing."
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self) -> Rule:
+        if self.amount is not None and self.sparsity is not None:
+            raise ValueError("give `amount` or `sparsity`, not both")
+        return self
+
+    def label(self, index: int) -> str:
+        """How plans and errors name this rule: ``rules[0] (convs)``."""
+        return f"rules[{index}]" + (f" ({self.name})" if self.name else "")
+
+
+class Spec(_Model):
+    """A whole prunespec document."""
+
+    version: Literal[1] = Field(description="Spec language version; must be 1.")
+    seed: Count | None = Field(default=None, description="Seed for random methods, for reproducible masks.")
+    rules: list[Rule] = Field(min_length=1, description="Applied in order; later rules compose on earlier ones.")
+    finalize: StrictBool = Field(
+        default=False, description="Make pruning permanent after apply (torch's prune.remove everywhere)."
+    )
+
+    _source: SourceMap = PrivateAttr(default_factory=SourceMap)
+
+    @property
+    def source(self) -> SourceMap:
+        """Where the spec's nodes came from (empty for specs built from a mapping)."""
+        return self._source
