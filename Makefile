@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml constraints.txt $(PLUGINS)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/prunespec plan examples/specs/every_layer_type.yaml --model examples/lenet.py:LeNet
 	$(BIN)/prunespec apply examples/specs/every_layer_type.yaml --model examples/lenet.py:LeNet
 
 test: $(STAMP)

@@ -1,0 +1,118 @@
+"""Saving pruned models and loading checkpoints, pruned or not, into fresh models.
+
+A prunespec checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads:
+``{"state_dict": ..., "prunespec": {"format": 1, "spec": <the spec as a mapping or None>}}``. A bare
+state_dict (what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .errors import CheckpointError
+from .spec import Spec
+
+FORMAT = 1
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], spec: Spec | None = None) -> None:
+    """Write ``model``'s state_dict (masks and original weights included) and the spec that pruned it."""
+    meta = {"format": FORMAT, "spec": spec.model_dump(mode="json") if spec is not None else None}
+    torch.save({"state_dict": model.state_dict(), "prunespec": meta}, path)
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The state_dict in a checkpoint file and prunespec's metadata (None for a bare state_dict).
+
+    Loads with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load the checkpoint with weights_only=True: {exc}") from None
+    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        meta = data.get("prunespec")
+        return dict(data["state_dict"]), dict(meta) if isinstance(meta, Mapping) else None
+    if isinstance(data, Mapping) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return dict(data), None
+    raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(data).__name__}")
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load ``state_dict`` into ``model``, pruned keys (``<name>_orig``/``<name>_mask``) included.
+
+    A tensor that is pruned in the checkpoint but dense in the model is first given torch's identity
+    pruning, so that its original weights *and* mask load (torch alone refuses, or with
+    ``strict=False`` silently keeps the random weights). Every key and shape is checked before
+    anything changes: on a mismatch, CheckpointError names the first mismatching keys and the model is
+    left as it was. Returns the names of the tensors that were made pruned to fit.
+    """
+    to_prune = _pruned_in_checkpoint(model, state_dict)
+    expected = _expected_shapes(model, to_prune)
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        problems.append("missing " + _first(missing))
+    if unexpected:
+        problems.append("unexpected " + _first(unexpected))
+    wrong = [
+        f"{k} (checkpoint {list(v.shape)}, model {list(expected[k])})"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if wrong:
+        problems.append("shape mismatch " + _first(wrong))
+    if problems:
+        raise CheckpointError(
+            "the checkpoint does not fit the model: " + "; ".join(problems) + " (the model was left unchanged)"
+        )
+    modules = dict(model.named_modules())
+    for module_name, pname in to_prune:
+        prune.identity(modules[module_name], pname)
+    model.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
+        for module in modules.values():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module))
+    return [f"{m}.{p}" if m else p for m, p in to_prune]
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _pruned_in_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(module, param) pairs pruned in the checkpoint and dense, as a Parameter, in the model."""
+    out = []
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if not key.endswith("_orig"):
+            continue
+        base = key[: -len("_orig")]
+        if base + "_mask" not in state_dict:
+            continue
+        module_name, _, pname = base.rpartition(".")
+        module = modules.get(module_name)
+        if module is not None and isinstance(module._parameters.get(pname), nn.Parameter):
+            out.append((module_name, pname))
+    return out
+
+
+def _expected_shapes(model: nn.Module, to_prune: list[tuple[str, str]]) -> dict[str, tuple[int, ...]]:
+    """The model's state_dict keys and shapes, as they will be once ``to_prune`` is pruned."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for module_name, pname in to_prune:
+        key = f"{module_name}.{pname}" if module_name else pname
+        shape = shapes.pop(key)
+        shapes[key + "_orig"] = shape
+        shapes[key + "_mask"] = shape
+    return shapes

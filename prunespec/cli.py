@@ -1,0 +1,234 @@
+"""The ``prunespec`` command line (also ``python -m prunespec``).
+
+Exit status: 0 when fine, 1 for a spec, plan, apply or checkpoint error (printed without a traceback,
+with file:line:column where it comes from a file), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import api, checkpoint
+from .errors import ModelRefError, PrunespecError, SpecError
+from .loader import load_spec
+from .plugins import MethodRegistry, load_methods
+from .report import sparsity, table
+from .schema import schema_json
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def load_model(ref: str) -> nn.Module:
+    """Build the model named by ``path/to/file.py:factory`` or ``package.module:factory``."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not target or not attr:
+        raise ModelRefError(f"model reference {ref!r} must look like path/to/file.py:Factory or package.module:factory")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise ModelRefError(f"model file {target!r} does not exist")
+            module_name = f"_prunespec_model_{path.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ModelRefError(f"cannot import {target!r} as a Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ModelRefError:
+        raise
+    except Exception as exc:
+        raise ModelRefError(f"importing {target!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelRefError(f"{target!r} has no callable {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _model(args: argparse.Namespace) -> nn.Module:
+    model = load_model(args.model)
+    if getattr(args, "weights", None):
+        state_dict, _ = checkpoint.read(args.weights)
+        checkpoint.load_state_dict(model, state_dict)
+    return model
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_validate(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    failed = 0
+    results = []
+    for path in args.specs:
+        try:
+            load_spec(path, methods=methods)
+            results.append({"spec": path, "valid": True, "issues": []})
+            if not args.json:
+                print(f"{path}: valid")
+        except SpecError as exc:
+            failed += 1
+            results.append({"spec": path, "valid": False, "issues": [str(i) for i in exc.issues]})
+            if not args.json:
+                print(exc, file=sys.stderr)
+    if args.json:
+        _print_json(results)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    sys.stdout.write(schema_json(methods))
+    return EXIT_OK
+
+
+def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    rows = []
+    for name in sorted(methods):
+        info = methods[name]
+        options = {
+            key: ("required" if field.is_required() else field.get_default(call_default_factory=True))
+            for key, field in info.options_model.model_fields.items()
+        }
+        rows.append(
+            {
+                "name": name,
+                "PRUNING_TYPE": info.pruning_type,
+                "takes_amount": info.takes_amount,
+                "provider": info.provider,
+                "package": info.package,
+                "version": info.version,
+                "options": options,
+                "summary": info.summary,
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    headers = ["method", "PRUNING_TYPE", "options", "package", "summary"]
+    cells = [
+        [
+            r["name"],
+            r["PRUNING_TYPE"],
+            ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-",
+            f"{r['package'] or r['provider']} {r['version'] or ''}".strip(),
+            r["summary"],
+        ]
+        for r in rows
+    ]
+    print(table(headers, cells))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    plan = api.plan(_model(args), args.spec, methods=methods)
+    if args.json:
+        _print_json(plan.to_dict())
+    else:
+        print(plan)
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    model = _model(args)
+    plan = api.plan(model, args.spec, methods=methods)
+    report = api.apply(model, plan, finalize=True if args.finalize else None)
+    if args.out:
+        checkpoint.save(model, args.out, spec=plan.spec)
+    if args.json:
+        _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
+        return EXIT_OK
+    print(plan)
+    print()
+    print(report)
+    if args.out:
+        print(f"\nSaved to {args.out}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    model = load_model(args.model)
+    state_dict, _ = checkpoint.read(args.checkpoint)
+    checkpoint.load_state_dict(model, state_dict)
+    report = sparsity(model)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunespec", description="Declarative pruning for PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--builtins-only", action="store_true", help="load no third-party plugins (or PRUNESPEC_BUILTINS_ONLY=1)"
+    )
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    p = add("validate", "check spec files against the schema and the installed methods")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(run=cmd_validate)
+    p = add("schema", "print the JSON Schema of specs, covering every installed method")
+    p.set_defaults(run=cmd_schema)
+    p = add("methods", "list the installed pruning methods")
+    p.set_defaults(run=cmd_methods)
+    model_help = "the model: path/to/file.py:Factory or package.module:factory"
+    p = add("plan", "show what a spec will do to a model, without changing it")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
+    p.set_defaults(run=cmd_plan)
+    p = add("apply", "prune a model as a spec says and report the result")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
+    p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
+    p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
+    p.set_defaults(run=cmd_apply)
+    p = add("report", "show how sparse a checkpoint is")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    p.set_defaults(run=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return int(exc.code or 0)
+    try:
+        methods = load_methods(builtins_only=True if args.builtins_only else None)
+        code: int = args.run(args, methods)
+        return code
+    except ModelRefError as exc:
+        print(f"prunespec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PrunespecError as exc:
+        print(f"prunespec {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
