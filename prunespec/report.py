@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -94,21 +95,26 @@ def collect(
 ) -> Report:
     """A report on the tensors called ``names`` (``"module.param"``), or, when ``names`` is None, on
     every pruned tensor of ``model`` — or every parameter if none is pruned."""
-    found: dict[str, TensorStats] = {}
-    seen: set[int] = set()
+    by_id: dict[int, TensorStats] = {}
+    ids: dict[str, int] = {}  # every name of every tensor, tied ones included
     for module_name, module in model.named_modules():
         for pname, tensor, mask in _tensors(module):
             name = f"{module_name}.{pname}" if module_name else pname
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            zeros = int((mask == 0).sum()) if mask is not None else int((tensor.detach() == 0).sum())
-            found[name] = TensorStats(name, tuple(tensor.shape), zeros, mask is not None, (predicted or {}).get(name))
+            ids[name] = id(tensor)
+            if id(tensor) not in by_id:
+                zeros = int((mask == 0).sum()) if mask is not None else int((tensor.detach() == 0).sum())
+                by_id[id(tensor)] = TensorStats(name, tuple(tensor.shape), zeros, mask is not None)
     if names is not None:
-        wanted = list(names)
-        return Report({name: found[name] for name in wanted if name in found})
-    pruned = {name: s for name, s in found.items() if s.pruned}
-    return Report(pruned or found)
+        wanted = [name for name in names if name in ids]
+    else:
+        first = {s.name for s in by_id.values()}
+        wanted = [name for name in ids if name in first and by_id[ids[name]].pruned] or list(first)
+    return Report(
+        {
+            name: dataclasses.replace(by_id[ids[name]], name=name, predicted=(predicted or {}).get(name))
+            for name in wanted
+        }
+    )
 
 
 def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]:
