@@ -96,7 +96,7 @@ def cmd_schema(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(methods):
         info = methods[name]
         options = {
@@ -121,8 +121,8 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
     headers = ["method", "PRUNING_TYPE", "options", "package", "summary"]
     cells = [
         [
-            r["name"],
-            r["PRUNING_TYPE"],
+            str(r["name"]),
+            str(r["PRUNING_TYPE"]),
             ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-",
             f"{r['package'] or r['provider']} {r['version'] or ''}".strip(),
             r["summary"],

@@ -41,7 +41,7 @@ def test_predictions_match_apply_for_local_rules(lenet: nn.Module, methods: prun
     plan = prunespec.plan(lenet, spec, methods=methods)
     report = prunespec.apply(lenet, plan)
     for name, stats in report.entries.items():
-        numel, predicted, exact = plan.tensors[name]
+        _, predicted, exact = plan.tensors[name]
         assert exact, name
         assert predicted == pytest.approx(stats.sparsity), name
     # 0.3 then 0.5 of what is left compounds; the sparsity target then lifts fc1 to exactly 90%

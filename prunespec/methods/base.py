@@ -74,6 +74,14 @@ class PruningMethod(prune.BasePruningMethod):
             raise ValueError(f"amount={self.amount} is larger than the {size} units left to prune")
         return k
 
+    @classmethod
+    def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
+        """Why this method cannot prune a tensor of ``shape`` with ``options``, or None if it can.
+
+        Called by the planner, before anything is changed; a message here becomes a PlanError.
+        """
+        return None
+
     def importance(self, t: torch.Tensor) -> torch.Tensor | None:
         """Per-entry scores (lower is pruned first) for ``scope: global``, or None if unsupported."""
         return None
@@ -105,15 +113,18 @@ class MethodInfo:
 
     def check_tensor(self, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
         """Why this method cannot prune a tensor of ``shape`` with ``options``, or None if it can."""
-        if self.pruning_type != "structured":
-            return None
-        if len(shape) < 2:
-            return f"structured pruning needs a tensor of 2 or more dims; this one has shape {list(shape)}"
-        dim = options.get("dim")
-        if not isinstance(dim, int):
-            return "a structured method needs an integer `dim` option"
-        if not -len(shape) <= dim < len(shape):
-            return f"dim={dim} is out of range for shape {list(shape)}; use a dim in [{-len(shape)}, {len(shape) - 1}]"
+        if self.pruning_type == "structured":
+            if len(shape) < 2:
+                return f"structured pruning needs a tensor of 2 or more dims; this one has shape {list(shape)}"
+            dim = options.get("dim")
+            if not isinstance(dim, int):
+                return "a structured method needs an integer `dim` option"
+            if not -len(shape) <= dim < len(shape):
+                return (
+                    f"dim={dim} is out of range for shape {list(shape)}; use a dim in [{-len(shape)}, {len(shape) - 1}]"
+                )
+        if issubclass(self.cls, PruningMethod):
+            return self.cls.check_tensor(shape, options)
         return None
 
     @classmethod
