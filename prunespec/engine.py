@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from . import selection
 from .errors import ApplyError
-from .methods.base import MethodInfo
+from .methods.base import MethodInfo, n_to_prune
 from .planner import Plan, Step
 
 
@@ -141,10 +142,34 @@ def _build(step: Step, info: MethodInfo, amount: Any, tensor: str, pname: str) -
     return hook
 
 
+def _select(
+    step: Step, tensors: list[_Tensor], amount: Any, score: selection.Score, name: str
+) -> list[torch.Tensor] | None:
+    """New masks pruning the ``amount`` lowest-scored remaining entries across ``tensors`` (None: the
+    scores have NaNs to prune, which only torch's ranking does)."""
+    entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
+    already = selection.pruned_counts(entries)
+    remaining = sum(t.orig.numel() for t in tensors) - sum(already)
+    k = n_to_prune(amount, remaining)
+    if k > remaining:
+        raise _fail(step, name, f"amount={amount} is more than the {remaining} entries left to prune")
+    threshold = selection.find_threshold(entries, k, score, already)
+    if threshold is None:
+        return None
+    dtype = selection.group_dtype(entries, score)
+    return [selection.apply_threshold(e, threshold, i, score, dtype) for i, e in enumerate(entries)]
+
+
 def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
     pname = tensor.owners[0][1]
     amount = _amount(step, info, [tensor.mask], [tensor.orig.numel()])
     hook = _build(step, info, amount, tensor.name, pname)
+    score = info.scorer(hook)
+    masks = _select(step, [tensor], amount, score, tensor.name) if score is not None else None
+    if masks is not None:
+        tensor.mask = masks[0]
+        tensor.new_hooks.append(hook)
+        return
     # The first prune calls the method itself; later ones go through torch's own composition rules.
     method = hook if tensor.mask is None else prune.PruningContainer(hook)
     if tensor.mask is None:
@@ -165,6 +190,13 @@ def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> N
     group = f"global group of {len(tensors)} tensors"
     amount = _amount(step, info, [t.mask for t in tensors], [t.orig.numel() for t in tensors])
     method = _build(step, info, amount, group, "temp")
+    score = info.scorer(method)
+    masks = _select(step, tensors, amount, score, group) if score is not None else None
+    if masks is not None:
+        for tensor, mask in zip(tensors, masks, strict=True):
+            tensor.mask = mask
+            tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
+        return
     container = prune.PruningContainer(method)
     scores = torch.cat([t.importance().reshape(-1) for t in tensors])
     default = torch.cat([(t.mask if t.mask is not None else torch.ones_like(t.orig)).reshape(-1) for t in tensors])

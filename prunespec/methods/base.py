@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, ClassVar
@@ -83,7 +83,12 @@ class PruningMethod(prune.BasePruningMethod):
         return None
 
     def importance(self, t: torch.Tensor) -> torch.Tensor | None:
-        """Per-entry scores (lower is pruned first) for ``scope: global``, or None if unsupported."""
+        """Per-entry scores, lower pruned first, computed entry by entry (elementwise), or None.
+
+        A method that gives scores can be used with ``scope: global``, and prunespec then selects the
+        entries itself (exact counts, no concatenation; see :mod:`prunespec.selection`) instead of
+        calling ``compute_mask``.
+        """
         return None
 
 
@@ -100,6 +105,17 @@ class MethodInfo:
     provider: str = "prunespec"
     package: str | None = None
     version: str | None = None
+    importance: Callable[[torch.Tensor], torch.Tensor] | None = None  # elementwise scores, lower pruned first
+
+    def scorer(self, method: prune.BasePruningMethod) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The elementwise scoring of an unstructured method (built by :meth:`build`), if it has one."""
+        if self.pruning_type != "unstructured":
+            return None
+        if self.importance is not None:
+            return self.importance
+        if isinstance(method, PruningMethod) and type(method).importance is not PruningMethod.importance:
+            return lambda t: method.importance(t)  # type: ignore[return-value]
+        return None
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Options checked and completed with defaults; raises pydantic's ValidationError."""
@@ -135,6 +151,7 @@ class MethodInfo:
         name: str | None = None,
         options: type[BaseModel] | None = None,
         summary: str | None = None,
+        importance: Callable[[torch.Tensor], torch.Tensor] | None = None,
         provider: str = "prunespec",
         package: str | None = None,
         version: str | None = None,
@@ -169,6 +186,7 @@ class MethodInfo:
             provider=provider,
             package=package,
             version=version,
+            importance=importance,
         )
 
 

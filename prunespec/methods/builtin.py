@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.nn.utils import prune
 
@@ -50,6 +51,7 @@ def prunespec_register_methods(register: Register) -> None:
         prune.L1Unstructured,
         name="l1_unstructured",
         summary="Prune the entries with the smallest absolute value.",
+        importance=torch.abs,  # lets prunespec select exactly, without topk or concatenation
     )
     register(
         prune.RandomStructured,
