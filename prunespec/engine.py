@@ -27,7 +27,7 @@ from torch.nn.utils import prune
 from . import selection
 from .errors import ApplyError
 from .methods.base import MethodInfo, n_to_prune
-from .planner import Plan, Step
+from .planner import Plan, Step, bounds_problem, budget_bounds
 
 
 class GlobalMask(prune.BasePruningMethod):
@@ -145,19 +145,22 @@ def _build(step: Step, info: MethodInfo, amount: Any, tensor: str, pname: str) -
 def _select(
     step: Step, tensors: list[_Tensor], amount: Any, score: selection.Score, name: str
 ) -> list[torch.Tensor] | None:
-    """New masks pruning the ``amount`` lowest-scored remaining entries across ``tensors`` (None: the
-    scores have NaNs to prune, which only torch's ranking does)."""
+    """New masks pruning the ``amount`` lowest-scored remaining entries across ``tensors``, within the
+    rule's per-tensor bounds (None: the scores have NaNs to prune, which only torch's ranking does)."""
     entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
     already = selection.pruned_counts(entries)
     remaining = sum(t.orig.numel() for t in tensors) - sum(already)
     k = n_to_prune(amount, remaining)
     if k > remaining:
         raise _fail(step, name, f"amount={amount} is more than the {remaining} entries left to prune")
-    threshold = selection.find_threshold(entries, k, score, already)
-    if threshold is None:
+    low, high = budget_bounds(step.min_sparsity, step.max_sparsity, [t.orig.numel() for t in tensors], already)
+    if not sum(low) <= sum(already) + k <= sum(high):
+        raise _fail(step, name, bounds_problem(sum(low), sum(already) + k, sum(high)))
+    cuts = selection.find_cuts(entries, k, score, already, low, high)
+    if cuts is None:
         return None
     dtype = selection.group_dtype(entries, score)
-    return [selection.apply_threshold(e, threshold, i, score, dtype) for i, e in enumerate(entries)]
+    return [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
 
 
 def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
@@ -192,6 +195,8 @@ def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> N
     method = _build(step, info, amount, group, "temp")
     score = info.scorer(method)
     masks = _select(step, tensors, amount, score, group) if score is not None else None
+    if masks is None and (step.max_sparsity is not None or step.min_sparsity is not None):
+        raise _fail(step, group, "max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)")
     if masks is not None:
         for tensor, mask in zip(tensors, masks, strict=True):
             tensor.mask = mask

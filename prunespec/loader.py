@@ -178,7 +178,8 @@ def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap) -> l
             issues.append(source.issue(path[:-1], f"missing required key {loc[-1]!r}"))
         else:
             message = err["msg"].removeprefix("Value error, ")
-            issues.append(source.issue(path, f"{message} (got {err['input']!r})" if loc else message))
+            scalar = not isinstance(err["input"], (dict, list))
+            issues.append(source.issue(path, f"{message} (got {err['input']!r})" if scalar else message))
     return issues
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import selection
 from .errors import Issue, PlanError
 from .methods.base import MethodInfo, n_to_prune
 from .selectors import nearest_names, nearest_types, select_modules
@@ -65,6 +66,8 @@ class Step:
     sparsity: float | None
     scope: str
     selected_by: str
+    max_sparsity: float | None
+    min_sparsity: float | None
     before: float | None  # predicted sparsity of the tensor before this step
     after: float | None  # predicted after; None when the method's effect cannot be predicted
     exact: bool  # False when ``after`` is an estimate (global split, structured after unstructured)
@@ -81,6 +84,8 @@ class Step:
             "amount": self.amount,
             "sparsity": self.sparsity,
             "scope": self.scope,
+            "max_sparsity": self.max_sparsity,
+            "min_sparsity": self.min_sparsity,
             "global_group": self.rule_index if self.scope == "global" else None,
             "selected_by": self.selected_by,
             "predicted_before": self.before,
@@ -152,6 +157,8 @@ class _Virtual:
     exact: bool
     channels: dict[int, int] | None  # pruned channels per dim (None: unknown after unstructured pruning)
     known: bool = True  # False once a method whose effect cannot be predicted ran
+    mask: torch.Tensor | None = None  # the model's mask when planning started
+    touched: bool = False  # a step of this plan changed it (so ``mask`` is no longer current)
 
     @property
     def sparsity(self) -> float:
@@ -293,10 +300,11 @@ class _Planner:
                 channels = {
                     d: int(zero.all(dim=[o for o in range(mask.dim()) if o != d]).sum()) for d in range(mask.dim())
                 }
-            self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, channels)
+            self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, channels, mask=mask)
         return self.state[key]
 
     def _step(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
+        state.touched = True
         after = state.sparsity if state.known else None
         self.steps.append(
             Step(
@@ -309,6 +317,8 @@ class _Planner:
                 rule.sparsity,
                 rule.scope,
                 by,
+                rule.max_sparsity,
+                rule.min_sparsity,
                 before,
                 after,
                 state.exact,
@@ -394,15 +404,75 @@ class _Planner:
         k = self._count(index, rule, group, remaining, total, pruned, "entries")
         if k is None:
             return
-        for (ref, _, by), state in zip(targets, states, strict=False):
+        scorer = info.scorer(info.build(k, rule.options))
+        bounded = rule.max_sparsity is not None or rule.min_sparsity is not None
+        if bounded and scorer is None:
+            self.issue(
+                ("rules", index, "method"),
+                f"max_sparsity/min_sparsity need a method that scores entries; {info.name!r} does not",
+                "use l1_unstructured",
+            )
+            return
+        sizes = [s.numel for s in states]
+        already = [round(s.pruned) for s in states]
+        low, high = budget_bounds(rule.min_sparsity, rule.max_sparsity, sizes, already)
+        if not sum(low) <= sum(already) + k <= sum(high):
+            self.issue(("rules", index), f"{group.name}: " + bounds_problem(sum(low), sum(already) + k, sum(high)))
+            return
+        new = self._global_split(targets, states, k, scorer, low, high)
+        for (ref, _, by), state, count in zip(targets, states, new, strict=True):
             before = state.sparsity if state.known else None
-            alive = state.numel - state.pruned
-            # The split between tensors depends on the values; predict a proportional share.
-            state.pruned += k * alive / remaining if remaining else 0
-            state.exact = False
-            if k:
+            state.pruned += count
+            if count:
                 state.channels = None
             self._step(index, rule, ref, by, before, state)
+
+    def _global_split(
+        self,
+        targets: list[tuple[TensorRef, torch.Tensor, str]],
+        states: list[_Virtual],
+        k: int,
+        scorer: selection.Score | None,
+        low: list[int],
+        high: list[int],
+    ) -> list[float]:
+        """How many entries each tensor of a global group loses: exact when its values can be read as
+        they will be at apply (no earlier step of this plan changed them), else a proportional estimate."""
+        if scorer is not None and all(s.exact and not s.touched for s in states):
+            entries = [
+                selection.Entry(param.detach(), s.mask) for (_, param, _), s in zip(targets, states, strict=True)
+            ]
+            already = [round(s.pruned) for s in states]
+            with torch.no_grad():
+                cuts = selection.find_cuts(entries, k, scorer, already, low, high)
+            if cuts is not None:
+                return [float(cut.pruned) for cut in cuts]
+        remaining = sum(s.numel - s.pruned for s in states)
+        for state in states:
+            state.exact = False
+        shares = [k * (s.numel - s.pruned) / remaining if remaining else 0.0 for s in states]
+        return [
+            min(max(share, lo - s.pruned), hi - s.pruned)
+            for share, s, lo, hi in zip(shares, states, low, high, strict=True)
+        ]
+
+
+def budget_bounds(
+    min_sparsity: float | None, max_sparsity: float | None, sizes: list[int], already: list[int]
+) -> tuple[list[int], list[int]]:
+    """Each tensor's least and most pruned entries under a global rule's min/max_sparsity (never below
+    what is already pruned: masks only grow). Bounds round inwards: ceil for the least, floor for the most."""
+    low = [max(done, math.ceil((min_sparsity or 0.0) * n)) for n, done in zip(sizes, already, strict=True)]
+    cap = 1.0 if max_sparsity is None else max_sparsity
+    high = [max(done, math.floor(cap * n)) for n, done in zip(sizes, already, strict=True)]
+    return low, high
+
+
+def bounds_problem(low: int, target: int, high: int) -> str:
+    """Why a global budget cannot meet its per-tensor bounds."""
+    if target < low:
+        return f"min_sparsity needs at least {low} entries pruned, but the budget prunes {target}; lower min_sparsity"
+    return f"max_sparsity allows at most {high} entries pruned, but the budget needs {target}; raise max_sparsity"
 
 
 def _is_pruned(module: nn.Module, pname: str) -> bool:

@@ -35,13 +35,16 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Threshold:
-    """Entries scoring below ``value`` are pruned, and the first ``take[i]`` entries of tensor ``i``
-    scoring exactly ``value``; ``pruned[i]`` is tensor i's total of newly pruned entries."""
+class Cut:
+    """What one tensor prunes: entries scoring below ``value``, plus its first ``take`` entries scoring
+    exactly ``value``; ``pruned`` is how many entries that newly prunes."""
 
-    value: torch.Tensor | None  # None: prune nothing new
-    take: tuple[int, ...]
-    pruned: tuple[int, ...]
+    value: torch.Tensor | None  # None: nothing new
+    take: int = 0
+    pruned: int = 0
+
+
+NOTHING = Cut(None)
 
 
 def _dtype(entries: Sequence[Entry], score: Score) -> torch.dtype:
@@ -69,17 +72,59 @@ def pruned_counts(entries: Sequence[Entry]) -> list[int]:
     return [0 if e.mask is None else int((e.mask != 1).sum()) for e in entries]
 
 
-def find_threshold(
-    entries: Sequence[Entry], k: int, score: Score, already: Sequence[int] | None = None
-) -> Threshold | None:
-    """Where to cut so that exactly ``k`` more entries (of those not yet pruned) are pruned.
+def find_cuts(
+    entries: Sequence[Entry],
+    k: int,
+    score: Score,
+    already: Sequence[int] | None = None,
+    low: Sequence[int] | None = None,
+    high: Sequence[int] | None = None,
+) -> list[Cut] | None:
+    """Per-tensor cuts that prune exactly ``k`` more entries across ``entries``, lowest scores first.
 
-    ``already`` is :func:`pruned_counts` of ``entries``, if known. Returns None when the scores have
-    NaNs that would have to be pruned to reach ``k`` (the caller then falls back to torch's ranking).
+    ``already`` is :func:`pruned_counts` of ``entries`` if known. ``low`` and ``high`` bound each
+    tensor's final pruned count (old and new together); the budget then flows to the other tensors,
+    still lowest scores first (the caller checks that the bounds can hold ``k``). Returns None when
+    NaN scores would have to be pruned (the caller then falls back to torch's ranking).
     """
     already = list(already) if already is not None else pruned_counts(entries)
+    n = len(entries)
+    low = list(low) if low is not None else list(already)
+    high = list(high) if high is not None else [e.values.numel() for e in entries]
+    cuts: list[Cut | None] = [None] * n
+    budget = k
+    while True:
+        free = [i for i in range(n) if cuts[i] is None]
+        shared = _threshold([entries[i] for i in free], budget, score, [already[i] for i in free])
+        if shared is None:
+            return None
+        totals = {i: already[i] + cut.pruned for i, cut in zip(free, shared, strict=True)}
+        over = [i for i in free if totals[i] > high[i]]
+        under = [i for i in free if totals[i] < low[i]]
+        clamped = sum(min(max(totals[i], low[i]), high[i]) - already[i] for i in free)
+        if not over and not under:
+            for i, cut in zip(free, shared, strict=True):
+                cuts[i] = cut
+            return [c if c is not None else NOTHING for c in cuts]
+        # Clamping moves the shared threshold one way; tensors out of bounds on that side stay there.
+        fix = over if clamped < budget else under
+        if clamped == budget:
+            fix = over + under
+        for i in fix:
+            bound = high[i] if i in over else low[i]
+            own = _threshold([entries[i]], bound - already[i], score, [already[i]])
+            if own is None:
+                return None
+            cuts[i] = own[0]
+            budget -= own[0].pruned
+        if all(c is not None for c in cuts):
+            return [c if c is not None else NOTHING for c in cuts]
+
+
+def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence[int]) -> list[Cut] | None:
+    """One shared cut over ``entries`` pruning exactly ``k`` more entries."""
     if k <= 0:
-        return Threshold(None, tuple(0 for _ in entries), tuple(0 for _ in entries))
+        return [NOTHING for _ in entries]
     dtype = _dtype(entries, score)
     sizes = [e.values.numel() for e in entries]
     total = sum(sizes)
@@ -102,14 +147,13 @@ def find_threshold(
     exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
     value = torch.kthvalue(exact, target - sum(below)).values.to(dtype)
     strictly = [b + int((c < value).sum()) for b, c in zip(below, inside, strict=True)]
-    ties = [int((c == value).sum()) for c in inside]
     need = target - sum(strictly)
-    take = []
-    for tied in ties:
-        take.append(min(tied, need))
-        need -= take[-1]
-    pruned = tuple(s + t - a for s, t, a in zip(strictly, take, already, strict=True))
-    return Threshold(value, tuple(take), pruned)
+    cuts = []
+    for count, c, done in zip(strictly, inside, already, strict=True):
+        take = min(int((c == value).sum()), need)
+        need -= take
+        cuts.append(Cut(value, take, count + take - done))
+    return cuts
 
 
 def _bracket(
@@ -137,16 +181,15 @@ def _bracket(
     return lo, hi
 
 
-def apply_threshold(entry: Entry, threshold: Threshold, index: int, score: Score, dtype: torch.dtype) -> torch.Tensor:
-    """Tensor ``index``'s new mask (in its own dtype): its old zeros, plus what the threshold prunes."""
+def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor's new mask, in its own dtype: its old zeros, plus what ``cut`` prunes."""
     values = entry.values
-    if threshold.value is None:
+    if cut.value is None:
         return entry.mask.clone() if entry.mask is not None else torch.ones_like(values)
     scores = _scores(entry, score, dtype)
-    keep = ~(scores < threshold.value)
-    take = threshold.take[index]
-    if take:
-        tied = (scores == threshold.value).nonzero().reshape(-1)[:take]
+    keep = ~(scores < cut.value)
+    if cut.take:
+        tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
         keep[tied] = False
     return keep.reshape(values.shape).to(values.dtype)
 

@@ -120,6 +120,15 @@ class Rule(_Model):
         default="local",
         description="`local`: each tensor on its own. `global`: one budget across every tensor the rule selects.",
     )
+    max_sparsity: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="With scope: global, no tensor of the group ends sparser than this (its share of the budget "
+        "goes to the others).",
+    )
+    min_sparsity: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="With scope: global, every tensor of the group ends at least this sparse.",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Method options, validated against the method's own options model."
     )
@@ -128,9 +137,13 @@ class Rule(_Model):
     )
 
     @model_validator(mode="after")
-    def _not_both(self) -> Rule:
+    def _consistent(self) -> Rule:
         if self.amount is not None and self.sparsity is not None:
             raise ValueError("give `amount` or `sparsity`, not both")
+        if (self.max_sparsity is not None or self.min_sparsity is not None) and self.scope != "global":
+            raise ValueError("`max_sparsity` and `min_sparsity` bound a global budget: use them with scope: global")
+        if self.max_sparsity is not None and self.min_sparsity is not None and self.min_sparsity > self.max_sparsity:
+            raise ValueError("`min_sparsity` must not be larger than `max_sparsity`")
         return self
 
     def label(self, index: int) -> str:

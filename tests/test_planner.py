@@ -56,6 +56,45 @@ def test_global_prediction_is_exact_in_total(lenet: nn.Module, methods: prunespe
     report = prunespec.apply(lenet, plan)
     assert plan.global_sparsity == pytest.approx(report.global_sparsity)
     assert {step.scope for step in plan.steps} == {"global"}
+    # the plan reads the weights, so it knows each tensor's share of the budget before apply
+    for name, stats in report.entries.items():
+        _, predicted, exact = plan.tensors[name]
+        assert exact and predicted == pytest.approx(stats.sparsity), name
+    assert len({round(s, 3) for s in report.tensors.values()}) > 1  # shares differ between layers
+
+
+def test_global_budget_with_per_tensor_caps(lenet: nn.Module, methods: prunespec.MethodRegistry) -> None:
+    spec = rule(
+        select={"types": ["Conv2d", "Linear"]},
+        scope="global",
+        method="l1_unstructured",
+        amount=0.5,
+        max_sparsity=0.55,
+        min_sparsity=0.3,
+    )
+    plan = prunespec.plan(lenet, spec, methods=methods)
+    report = prunespec.apply(lenet, plan)
+    total = sum(s.numel for s in report.entries.values())
+    assert sum(s.zeros for s in report.entries.values()) == round(0.5 * total)  # the budget still holds
+    for name, stats in report.entries.items():
+        assert stats.zeros <= int(0.55 * stats.numel), name
+        assert stats.zeros >= -(-3 * stats.numel // 10), name
+        assert plan.tensors[name][1] == pytest.approx(stats.sparsity), name
+    # without caps, fc1 (the largest layer, with the smallest weights) takes more than 55%
+    free = prunespec.plan(
+        lenet,
+        rule(select={"types": ["Conv2d", "Linear"]}, scope="global", method="l1_unstructured", amount=0.5),
+        methods=methods,
+    )
+    assert free.tensors["fc1.weight"][1] > 0.55
+
+
+def test_infeasible_caps_are_a_plan_error(lenet: nn.Module, methods: prunespec.MethodRegistry) -> None:
+    spec = rule(select={"types": ["Linear"]}, scope="global", method="l1_unstructured", amount=0.5, max_sparsity=0.4)
+    with pytest.raises(prunespec.PlanError, match="max_sparsity allows at most"):
+        prunespec.plan(lenet, spec, methods=methods)
+    with pytest.raises(prunespec.SpecError, match="scope: global"):
+        prunespec.load_spec(rule(select={"types": ["Linear"]}, method="l1_unstructured", amount=0.5, max_sparsity=0.4))
 
 
 def test_sparsity_target_below_current_prunes_nothing(lenet: nn.Module, methods: prunespec.MethodRegistry) -> None:

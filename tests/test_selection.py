@@ -9,15 +9,15 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
-from prunespec.selection import SAMPLE, Entry, apply_threshold, find_threshold, group_dtype
+from prunespec.selection import SAMPLE, Entry, apply_cut, find_cuts, group_dtype
 
 
 def select(tensors: list[torch.Tensor], k: int, masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     entries = [Entry(t, m) for t, m in zip(tensors, masks or [None] * len(tensors), strict=True)]
-    threshold = find_threshold(entries, k, torch.abs)
-    assert threshold is not None
+    cuts = find_cuts(entries, k, torch.abs)
+    assert cuts is not None
     dtype = group_dtype(entries, torch.abs)
-    return [apply_threshold(e, threshold, i, torch.abs, dtype) for i, e in enumerate(entries)]
+    return [apply_cut(e, cut, torch.abs, dtype) for e, cut in zip(entries, cuts, strict=True)]
 
 
 @pytest.mark.parametrize("numel", [7, 1000, SAMPLE + 17, 300_000])
@@ -81,7 +81,7 @@ def test_nan_is_never_pruned_unless_only_nans_are_left() -> None:
     (mask,) = select([t], 3)
     assert mask.tolist()[1] == 1 and mask.tolist()[4] == 1
     assert int((mask == 0).sum()) == 3
-    assert find_threshold([Entry(t)], 4, torch.abs) is None  # reaching 4 needs a NaN: torch's ranking decides
+    assert find_cuts([Entry(t)], 4, torch.abs) is None  # reaching 4 needs a NaN: torch's ranking decides
 
 
 def test_global_l1_through_apply_keeps_exact_count_on_fp16(methods: prunespec.MethodRegistry) -> None:
