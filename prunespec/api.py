@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import engine
+from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
 from .plugins import MethodRegistry, load_methods
@@ -34,15 +35,18 @@ def apply(
     *,
     methods: MethodRegistry | None = None,
     finalize: bool | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
-    ``finalize`` overrides the spec's ``finalize``. On any error the model is left exactly as it was.
+    ``finalize`` overrides the spec's ``finalize``. ``progress(done, total, what)`` is called as steps
+    finish (off by default; the ``prunespec`` logger also logs each step at DEBUG level). On any error
+    the model is left exactly as it was.
     """
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
     if finalize is not None and finalize != the_plan.spec.finalize:
         the_plan.spec = the_plan.spec.model_copy(update={"finalize": finalize})
-    names = engine.execute(model, the_plan)
+    names = engine.execute(model, the_plan, progress)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     return collect(model, names, predicted)
 

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from . import api, checkpoint
+from .engine import Progress
 from .errors import ModelRefError, PrunespecError, SpecError
 from .loader import load_spec
 from .plugins import MethodRegistry, load_methods
@@ -145,7 +146,7 @@ def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
 def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     model = _model(args)
     plan = api.plan(model, args.spec, methods=methods)
-    report = api.apply(model, plan, finalize=True if args.finalize else None)
+    report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args))
     if args.out:
         checkpoint.save(model, args.out, spec=plan.spec)
     if args.json:
@@ -157,6 +158,21 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.out:
         print(f"\nSaved to {args.out}")
     return EXIT_OK
+
+
+def _progress_bar(args: argparse.Namespace) -> Progress | None:
+    """A one-line progress bar on stderr, when stderr is a terminal (or --progress)."""
+    if not (args.progress or (args.progress is None and sys.stderr.isatty())):
+        return None
+
+    def show(done: int, total: int, what: str) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}"[:120].ljust(120)
+        sys.stderr.write(line + ("\n" if done >= total else ""))
+        sys.stderr.flush()
+
+    return show
 
 
 def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
@@ -202,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
     p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
     p.set_defaults(run=cmd_apply)
     p = add("report", "show how sparse a checkpoint is")
     p.add_argument("checkpoint", metavar="CKPT")

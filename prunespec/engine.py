@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from . import selection
 from .errors import ApplyError
 from .methods.base import MethodInfo, n_to_prune
 from .planner import Plan, Step, bounds_problem, budget_bounds
+
+log = logging.getLogger("prunespec")
 
 
 class GlobalMask(prune.BasePruningMethod):
@@ -64,9 +67,17 @@ class _Tensor:
         return orig if self.mask is None else self.mask.to(dtype=orig.dtype) * orig
 
 
-def execute(model: nn.Module, plan: Plan) -> list[str]:
-    """Apply ``plan`` to ``model``; returns the names of the pruned tensors. Raises ApplyError."""
+Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
+
+
+def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> list[str]:
+    """Apply ``plan`` to ``model``; returns the names of the pruned tensors. Raises ApplyError.
+
+    ``progress`` is called after each local step and each global group (masks are computed then; the
+    install that follows is quick).
+    """
     tensors: dict[int, _Tensor] = {}
+    done = 0
     with torch.no_grad(), _seeded(plan.spec.seed, model):
         for unit in plan.units():
             staged = [_stage(model, tensors, step) for step in unit]
@@ -74,6 +85,11 @@ def execute(model: nn.Module, plan: Plan) -> list[str]:
                 _run_global(unit, staged, plan.methods[unit[0].method])
             else:
                 _run_local(unit[0], staged[0], plan.methods[unit[0].method])
+            done += len(unit)
+            what = f"{unit[0].rule}: {unit[0].tensor.name}" + (f" and {len(unit) - 1} more" if len(unit) > 1 else "")
+            log.debug("masks computed for %s (%d/%d steps)", what, done, len(plan.steps))
+            if progress is not None:
+                progress(done, len(plan.steps), what)
     _install(list(tensors.values()))
     if plan.spec.finalize:
         for tensor in tensors.values():

@@ -145,7 +145,8 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
         lo, hi = -math.inf, math.inf  # the sample misled us (rare): take everything
     candidates = torch.cat([c.to(entries[0].values.device) for c in inside])
     exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
-    value = torch.kthvalue(exact, target - sum(below)).values.to(dtype)
+    # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
+    value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
     strictly = [b + int((c < value).sum()) for b, c in zip(below, inside, strict=True)]
     need = target - sum(strictly)
     cuts = []
