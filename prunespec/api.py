@@ -62,4 +62,5 @@ def finalize(model: nn.Module) -> list[str]:
         for pname in names:
             prune.remove(module, pname)
             done.append(f"{module_name}.{pname}" if module_name else pname)
+        engine.drop_detach_hook(module)
     return done

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .engine import ensure_detach_hook
 from .errors import CheckpointError
 from .spec import Spec
 
@@ -76,6 +77,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     modules = dict(model.named_modules())
     for module_name, pname in to_prune:
         prune.identity(modules[module_name], pname)
+        ensure_detach_hook(modules[module_name])
     model.load_state_dict(state_dict, strict=True)
     with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
         for module in modules.values():

@@ -51,6 +51,37 @@ class GlobalMask(prune.BasePruningMethod):
         return default_mask
 
 
+class DetachAfterForward:
+    """Forward hook prunespec adds to each pruned module: after the forward, the masked ``<name>``
+    attribute is replaced by a detached view of itself.
+
+    The forward has used (and autograd has recorded) the attached one, so gradients still reach
+    ``<name>_orig``; what stays behind is a leaf, so ``copy.deepcopy`` of a model works after a forward
+    with grad (torch's own pruning fails there: pytorch/pytorch#37322).
+    """
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                value = module.__dict__.get(hook._tensor_name)
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    module.__dict__[hook._tensor_name] = value.detach()
+
+
+def ensure_detach_hook(module: nn.Module) -> None:
+    """Add :class:`DetachAfterForward` to ``module`` unless it has it."""
+    if not any(isinstance(h, DetachAfterForward) for h in module._forward_hooks.values()):
+        module.register_forward_hook(DetachAfterForward())
+
+
+def drop_detach_hook(module: nn.Module) -> None:
+    """Remove :class:`DetachAfterForward` from a module that has no pruned tensor left."""
+    if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+        return
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, DetachAfterForward)]:
+        del module._forward_hooks[key]
+
+
 @dataclass
 class _Tensor:
     """One Parameter being pruned: its owners, its mask so far and the hooks to add."""
@@ -95,6 +126,7 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> l
         for tensor in tensors.values():
             for module, pname in tensor.owners:
                 prune.remove(module, pname)
+                drop_detach_hook(module)
     return [t.name for t in tensors.values()]
 
 
@@ -276,7 +308,7 @@ def _install(tensors: list[_Tensor]) -> None:
 
 def _snapshot(module: nn.Module, pname: str) -> Any:
     params, buffers = dict(module._parameters), dict(module._buffers)
-    hooks = OrderedDict(module._forward_pre_hooks)
+    hooks, post_hooks = OrderedDict(module._forward_pre_hooks), OrderedDict(module._forward_hooks)
     attr = module.__dict__.get(pname, _MISSING)
 
     def restore() -> None:
@@ -286,6 +318,8 @@ def _snapshot(module: nn.Module, pname: str) -> Any:
         module._buffers.update(buffers)
         module._forward_pre_hooks.clear()
         module._forward_pre_hooks.update(hooks)
+        module._forward_hooks.clear()
+        module._forward_hooks.update(post_hooks)
         module.__dict__.pop(pname, None)
         if attr is not _MISSING:
             module.__dict__[pname] = attr
@@ -322,6 +356,7 @@ def _install_one(module: nn.Module, pname: str, tensor: _Tensor) -> None:
     else:
         hook = hooks[0] if len(hooks) == 1 else _container(hooks)
         module.register_forward_pre_hook(hook)
+    ensure_detach_hook(module)
     with torch.no_grad():
         setattr(module, pname, hook.apply_mask(module))
 

@@ -2,7 +2,10 @@
 
 Built-in methods and third-party plugins go through the same hook
 (:func:`prunespec.hookspecs.prunespec_register_methods`). A plugin that fails to import or to register
-is reported by name as a warning, and the others still load.
+is reported by name (and package) as a :class:`PluginWarning`, and the others still load; two plugins
+registering one method name, or sharing one entry-point name, are a :class:`~prunespec.errors.PluginError`
+naming both packages. :data:`KNOWN_PLUGINS` and :func:`provider_hint` tell a user which package provides a
+method they named but do not have.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import os
+import re
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +30,12 @@ ENTRY_POINT_GROUP = "prunespec"
 BUILTIN = "prunespec.builtin"
 ENV_BUILTINS_ONLY = "PRUNESPEC_BUILTINS_ONLY"
 ENV_ALLOW = "PRUNESPEC_PLUGINS"
+
+KNOWN_PLUGINS: dict[str, str] = {
+    "foobar": "prunespec-foobar",
+    "nm": "prunespec-nm",
+}
+"""Method name -> the distribution (pip package) that provides it, for methods published as plugins."""
 
 
 class PluginWarning(UserWarning):
@@ -47,7 +58,10 @@ def make_plugin_manager(
 
     ``builtins_only`` (default: the ``PRUNESPEC_BUILTINS_ONLY`` environment variable) skips third-party
     plugins; ``allow`` (default: the comma-separated ``PRUNESPEC_PLUGINS`` variable) loads only the
-    named ones. Returns the manager, the source of each registered plugin, and the problems met.
+    named ones (entry-point names such as ``nm``, or package names such as ``prunespec-nm``). Returns the
+    manager, the source of each registered plugin, and the problems met (an allow-list entry that names no
+    installed plugin, a plugin that failed to load). Two installed plugins with one entry-point name raise
+    :class:`~prunespec.errors.PluginError`.
     """
     from .methods import builtin
 
@@ -55,7 +69,7 @@ def make_plugin_manager(
         builtins_only = os.environ.get(ENV_BUILTINS_ONLY, "").strip().lower() not in ("", "0", "false", "no")
     if allow is None and os.environ.get(ENV_ALLOW, "").strip():
         allow = [name.strip() for name in os.environ[ENV_ALLOW].split(",") if name.strip()]
-    allowed = set(allow) if allow is not None else None
+    allowed = {_normalize(name) for name in allow} | set(allow) if allow is not None else None
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -64,16 +78,31 @@ def make_plugin_manager(
     problems: list[str] = []
     if builtins_only:
         return pm, sources, problems
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if allowed is not None and ep.name not in allowed:
-            continue
+    installed = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    if allowed is not None:
+        known = {ep.name for ep in installed} | {_normalize(ep.dist.name) for ep in installed if ep.dist}
+        for name in sorted(allowed):
+            if name not in known and _normalize(name) not in known:
+                problems.append(
+                    f"the allow-list ({ENV_ALLOW} or allow=) names {name!r}, which is no installed plugin; "
+                    f"installed plugins: {', '.join(sorted({ep.name for ep in installed})) or 'none'}"
+                )
+    for ep in installed:
         dist = ep.dist
+        if allowed is not None and not (ep.name in allowed or (dist and _normalize(dist.name) in allowed)):
+            continue
         source = PluginSource(ep.name, dist.name if dist else None, dist.version if dist else None)
+        if ep.name in sources:
+            other = sources[ep.name]
+            raise PluginError(
+                f"two plugins are named {ep.name!r}: {_describe(other)} and {_describe(source)}; "
+                f"uninstall one of the packages"
+            )
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            problems.append(_problem(source, "could not be loaded", exc))
+            problems.append(_problem(source, f"could not be loaded (entry point {ep.value!r})", exc))
             continue
         sources[ep.name] = source
     return pm, sources, problems
@@ -86,9 +115,51 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _normalize(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``Prunespec_NM`` -> ``prunespec-nm``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _describe(source: PluginSource) -> str:
+    """``plugin 'nm' (package prunespec-nm 0.1.0)``."""
+    if source.package:
+        version = f" {source.version}" if source.version else ""
+        return f"plugin {source.name!r} (package {source.package}{version})"
+    return f"plugin {source.name!r}"
+
+
 def _problem(source: PluginSource, what: str, exc: BaseException) -> str:
-    package = f" (package {source.package} {source.version})" if source.package else ""
-    return f"plugin {source.name!r}{package} {what}: {type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    fix = f"uninstall {source.package}, or" if source.package else "uninstall it, or"
+    return (
+        f"{_describe(source)} {what}: {type(exc).__name__}: {exc}{where} "
+        f"(the other plugins still load; {fix} leave it out with {ENV_ALLOW} or --builtins-only)"
+    )
+
+
+def provider_hint(method_name: str, methods: MethodRegistry | None = None) -> str | None:
+    """Which package provides ``method_name``, for a spec naming a method that is not installed.
+
+    ``None`` when the method is not a known plugin's (see :data:`KNOWN_PLUGINS`). When the package is
+    installed but its plugin was not loaded (built-ins only, an allow-list, or an error while loading),
+    the hint says so; pass the registry in use as ``methods`` to name the loading error.
+    """
+    package = KNOWN_PLUGINS.get(method_name)
+    if package is None:
+        return None
+    version = _version(package)
+    if version is None:
+        return f"method {method_name!r} is provided by the package {package}: pip install {package}"
+    hint = f"method {method_name!r} is provided by the package {package}, which is installed ({version}) but "
+    needle = _normalize(f"(package {package} ")
+    failed = [p for p in (methods.problems if methods is not None else []) if needle in _normalize(p)]
+    if failed:
+        return hint + f"failed to load: {failed[0]}"
+    return (
+        hint + f"was not loaded: drop --builtins-only / {ENV_BUILTINS_ONLY}, or add it to {ENV_ALLOW}, "
+        "and see any PluginWarning above"
+    )
 
 
 @dataclass
@@ -115,10 +186,11 @@ class MethodRegistry(Mapping[str, MethodInfo]):
         """Add one method; two providers of one name are an error naming both."""
         if info.name in self.methods:
             other = self.methods[info.name]
+            first = _describe(PluginSource(other.provider, other.package, other.version))
+            second = _describe(PluginSource(info.provider, info.package, info.version))
             raise PluginError(
-                f"method {info.name!r} is registered twice: by plugin {other.provider!r} "
-                f"({other.package}) and by plugin {info.provider!r} ({info.package}); "
-                f"uninstall one, or allow only one with {ENV_ALLOW}"
+                f"method {info.name!r} is registered twice: by {first} and by {second}; "
+                f"uninstall one of the packages, or allow only one plugin with {ENV_ALLOW}"
             )
         self.methods[info.name] = info
 

@@ -1,0 +1,366 @@
+"""Contract checks for pruning methods, to call from a method plugin's own tests.
+
+::
+
+    from prunespec.testing import check_method, registered_methods
+
+    import my_plugin
+    from my_plugin import MyMethod
+
+
+    def test_my_method_keeps_the_contract() -> None:
+        check_method(MyMethod, options={"n": 2, "m": 4})
+
+
+    def test_the_hook_registers_it() -> None:
+        assert registered_methods(my_plugin)["my_method"].cls is MyMethod
+
+:func:`check_method` adapts the class exactly as the registry does (:meth:`MethodInfo.from_class`) and
+runs it on small random tensors in float32, float16 and bfloat16, directly and through torch's
+``PruningContainer`` (which is how prunespec and torch compose a method with earlier pruning). It raises
+one ``AssertionError`` naming the method and every rule it breaks:
+
+* **registers**: the class can be registered (a ``BasePruningMethod`` subclass, a snake_case name, a
+  valid ``PRUNING_TYPE``) and built with the given options;
+* **options schema**: the options model has a JSON Schema (what ``prunespec schema`` publishes) that is
+  JSON-serialisable; for an adapted torch class, the options match the constructor's keyword arguments;
+* **mask shape and dtype**: ``compute_mask`` returns a tensor of the tensor's shape, and of its dtype
+  (or ``torch.bool``);
+* **binary**: every mask value is 0 or 1;
+* **inputs untouched**: ``compute_mask`` changes neither ``t`` nor ``default_mask`` in place;
+* **respects default_mask**: entries that are 0 in ``default_mask`` stay 0, called directly and
+  through ``PruningContainer``;
+* **honours the amount** (methods that take one): an unstructured method prunes exactly
+  ``round(amount * remaining)`` entries (an integer amount is a count), as torch rounds; a structured
+  one prunes that many whole channels along its ``dim``, and every channel is kept or pruned whole;
+* **deterministic under a seed**: ``torch.manual_seed(s)`` before two calls gives the same mask;
+* **pickle-able**: the method object (which becomes the module's forward pre-hook, and is pickled with
+  the model by ``torch.save(model)``) survives ``pickle`` and computes the same mask afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pluggy
+import torch
+from pydantic import BaseModel, ValidationError
+from torch.nn.utils import prune
+
+from . import hookspecs
+from .methods.base import MethodInfo, PruningMethod, n_to_prune
+from .plugins import MethodRegistry, PluginSource, _registrar
+
+__all__ = ["DEFAULT_DTYPES", "DEFAULT_SHAPES", "check_method", "registered_methods"]
+
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((16,), (8, 16), (8, 16, 3, 3))
+"""A bias, a ``Linear`` weight (out, in) and a ``Conv2d`` weight (out, in, kh, kw). Shapes the method's
+``check_tensor`` refuses (a structured method on the 1-D bias, say) are skipped."""
+
+DEFAULT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+_KEPT_FRACTION = 0.7  # of entries left unpruned by the random default masks
+
+
+def registered_methods(plugin: object, *, name: str = "plugin-under-test") -> dict[str, MethodInfo]:
+    """What ``plugin``'s ``prunespec_register_methods`` hook registers, as the registry sees it.
+
+    ``plugin`` is what the plugin's entry point names (usually its module). The hook is validated and
+    called exactly as :func:`prunespec.load_methods` does, without needing the package installed.
+    Errors from the hook propagate; two registrations of one name raise ``PluginError``.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin, name=name)
+    registry = MethodRegistry()
+    for impl in pm.hook.prunespec_register_methods.get_hookimpls():
+        staged: list[MethodInfo] = []
+        impl.function(register=_registrar(PluginSource(name), staged))
+        for info in staged:
+            registry.add(info)
+    return dict(registry.methods)
+
+
+def check_method(
+    method: type | MethodInfo,
+    *,
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    amount: float | int = 0.5,
+    shapes: Sequence[tuple[int, ...]] = DEFAULT_SHAPES,
+    dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
+    seed: int = 0,
+    options_model: type[BaseModel] | None = None,
+    summary: str | None = None,
+) -> MethodInfo:
+    """Check that a pruning method keeps prunespec's method contract; raise ``AssertionError`` if not.
+
+    ``method`` is the class you register (a :class:`prunespec.PruningMethod` subclass, or any
+    ``torch.nn.utils.prune.BasePruningMethod`` subclass together with the ``name=`` you register it
+    under), or a :class:`MethodInfo` from a registry. ``options`` are option values for the check (the
+    method's required options must be given); ``options_model`` and ``summary`` are what you pass to
+    ``register(...)``, if anything. ``amount`` is used for methods that take one (a float is a fraction,
+    an int a count). ``shapes`` and ``dtypes`` are the tensors tried; shapes the method's
+    ``check_tensor`` refuses are skipped, but at least one must be accepted. Random tensors and masks
+    are drawn from ``seed``; the caller's random state is left as it was.
+
+    Returns the :class:`MethodInfo` the registry would hold.
+    """
+    if isinstance(method, MethodInfo):
+        info = method
+    else:
+        try:
+            info = MethodInfo.from_class(method, name=name, options=options_model, summary=summary)
+        except Exception as exc:
+            raise AssertionError(
+                f"method {name or getattr(method, '__qualname__', method)!r} breaks the rule 'registers': "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    checker = _Checker(info, dict(options or {}), amount, seed)
+    checker.run(list(shapes), list(dtypes))
+    checker.raise_failures()
+    return info
+
+
+class _Checker:
+    def __init__(self, info: MethodInfo, options: dict[str, Any], amount: float | int, seed: int) -> None:
+        self.info = info
+        self.raw_options = options
+        self.options: dict[str, Any] = {}
+        self.amount = amount
+        self.seed = seed
+        self.failures: dict[str, list[str]] = {}
+
+    @property
+    def label(self) -> str:
+        return f"method {self.info.name!r} ({self.info.cls.__module__}.{self.info.cls.__qualname__})"
+
+    def fail(self, rule: str, detail: str, case: str | None = None) -> None:
+        self.failures.setdefault(rule, []).append(f"{detail} [{case}]" if case else detail)
+
+    def raise_failures(self) -> None:
+        if not self.failures:
+            return
+        lines = [f"{self.label} breaks the method contract:"]
+        for rule, details in self.failures.items():
+            more = f" (and {len(details) - 1} more case{'s' if len(details) > 2 else ''})" if len(details) > 1 else ""
+            lines.append(f"  - rule '{rule}': {details[0]}{more}")
+        raise AssertionError("\n".join(lines))
+
+    # --- the checks ----------------------------------------------------------------------------
+
+    def run(self, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> None:
+        self.check_options_schema()
+        if not self.check_options():
+            return
+        if self.build() is None:
+            return
+        accepted = [shape for shape in shapes if self.info.check_tensor(shape, self.options) is None]
+        if not accepted:
+            reasons = "; ".join(f"{list(s)}: {self.info.check_tensor(s, self.options)}" for s in shapes)
+            self.fail("shapes", f"check_tensor refuses every shape tried ({reasons}); pass shapes= it accepts")
+            return
+        for index, shape in enumerate(accepted):
+            for dtype in dtypes:
+                self.check_case(shape, dtype, self.seed + index)
+        self.check_pickle(accepted[0])
+
+    def check_options_schema(self) -> None:
+        model = self.info.options_model
+        try:
+            schema = model.model_json_schema()
+            json.dumps(schema)
+        except Exception as exc:
+            self.fail("options schema", f"{model.__name__}.model_json_schema() failed: {type(exc).__name__}: {exc}")
+            return
+        if schema.get("type") != "object":
+            self.fail("options schema", f"the options schema of {model.__name__} is not an object schema: {schema}")
+        if issubclass(self.info.cls, PruningMethod):
+            return
+        parameters = inspect.signature(self.info.cls).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return
+        accepted = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        required = {n for n in accepted if parameters[n].default is parameters[n].empty} - {"amount"}
+        fields = set(model.model_fields)
+        if fields - accepted:
+            self.fail(
+                "options schema",
+                f"options {sorted(fields - accepted)} are not keyword arguments of {self.info.cls.__qualname__}()",
+            )
+        if required - fields:
+            self.fail(
+                "options schema",
+                f"constructor arguments {sorted(required - fields)} of {self.info.cls.__qualname__}() are not options, "
+                "so a spec cannot give them",
+            )
+
+    def check_options(self) -> bool:
+        try:
+            self.options = self.info.validate_options(self.raw_options)
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+            self.fail("options", f"options={self.raw_options!r} do not validate ({errors}); pass valid options=")
+            return False
+        except Exception as exc:
+            self.fail("options", f"validating options={self.raw_options!r} raised {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def build(self) -> prune.BasePruningMethod | None:
+        try:
+            method = self.info.build(self.amount if self.info.takes_amount else None, self.options)
+        except Exception as exc:
+            self.fail("registers", f"building it with options {self.options} failed: {type(exc).__name__}: {exc}")
+            return None
+        method._tensor_name = "weight"  # what prune.BasePruningMethod.apply sets on the hook
+        return method
+
+    def compute(
+        self, rule: str, case: str, method: prune.BasePruningMethod, t: torch.Tensor, default: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The mask, computed under the seed; None (and a failure) if the method raises or misbehaves."""
+        if isinstance(method, prune.PruningContainer):
+            # torch's container writes the new mask into `default_mask` itself (when the dtypes match), so
+            # it gets a copy, as prunespec's engine gives it; whether `t` is left alone is still checked.
+            default = default.clone()
+        t_before, default_before = t.clone(), default.clone()
+        try:
+            with _seeded(self.seed):
+                mask = method.compute_mask(t, default_mask=default)
+        except Exception as exc:
+            self.fail(rule, f"compute_mask raised {type(exc).__name__}: {exc}", case)
+            return None
+        if not torch.equal(t, t_before) or not (
+            isinstance(method, prune.PruningContainer) or torch.equal(default, default_before)
+        ):
+            self.fail("inputs untouched", "compute_mask changed `t` or `default_mask` in place", case)
+        if not isinstance(mask, torch.Tensor):
+            self.fail("mask shape and dtype", f"compute_mask returned {type(mask).__name__}, not a tensor", case)
+            return None
+        if mask.shape != t.shape:
+            self.fail("mask shape and dtype", f"mask shape {list(mask.shape)} != tensor shape {list(t.shape)}", case)
+            return None
+        if mask.dtype not in (t.dtype, torch.bool):
+            self.fail(
+                "mask shape and dtype", f"mask dtype {mask.dtype} != tensor dtype {t.dtype} (or torch.bool)", case
+            )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            values = sorted({float(v) for v in mask.detach().float().flatten().tolist()})[:6]
+            self.fail("binary", f"the mask has values other than 0 and 1: {values}", case)
+            return None
+        return mask
+
+    def check_case(self, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> None:
+        case = f"shape {list(shape)}, {str(dtype).removeprefix('torch.')}"
+        gen = torch.Generator().manual_seed(seed)
+        t = torch.randn(shape, generator=gen).to(dtype)
+        ones = torch.ones(shape, dtype=dtype)
+        default = (torch.rand(shape, generator=gen) < _KEPT_FRACTION).to(dtype)
+        default.view(-1)[0] = 1  # never all zeros
+        masked = t * default  # what prunespec hands a method: the weight with earlier pruning applied
+
+        fresh = self.build()
+        if fresh is None:
+            return
+        dense = self.compute("mask shape and dtype", case, fresh, t, ones)
+        if dense is not None and self.info.takes_amount:
+            self.check_amount(case, dense, ones)
+        if dense is not None:
+            again = self.build()
+            repeat = None if again is None else self.compute("deterministic under a seed", case, again, t, ones)
+            if repeat is not None and not torch.equal(dense, repeat):
+                self.fail(
+                    "deterministic under a seed", "two calls after torch.manual_seed(s) gave different masks", case
+                )
+
+        fresh = self.build()
+        direct = None if fresh is None else self.compute("respects default_mask", case, fresh, masked, default)
+        if direct is not None:
+            self.check_keeps_zeros("respects default_mask", case, direct, default, "compute_mask(t, default_mask)")
+
+        fresh = self.build()
+        if fresh is None:
+            return
+        try:
+            container = prune.PruningContainer(fresh)
+        except Exception as exc:
+            self.fail("respects default_mask", f"PruningContainer refused it: {type(exc).__name__}: {exc}", case)
+            return
+        composed = self.compute("respects default_mask", case + ", via PruningContainer", container, masked, default)
+        if composed is None:
+            return
+        self.check_keeps_zeros("respects default_mask", case, composed, default, "PruningContainer.compute_mask")
+        if self.info.takes_amount:
+            self.check_amount(case + ", via PruningContainer", composed, default)
+
+    def check_keeps_zeros(self, rule: str, case: str, mask: torch.Tensor, default: torch.Tensor, how: str) -> None:
+        revived = int((mask[default == 0] != 0).sum())
+        if revived:
+            self.fail(rule, f"{how} set {revived} entries to 1 that are 0 in default_mask", case)
+
+    def check_amount(self, case: str, mask: torch.Tensor, default: torch.Tensor) -> None:
+        """After pruning from ``default``: exactly the amount of what remained is newly pruned."""
+        kind = self.info.pruning_type
+        if kind == "structured":
+            dim = getattr(self.build(), "dim", None)
+            if not isinstance(dim, int):
+                self.fail("honours the amount", "a structured method needs an integer `dim` attribute", case)
+                return
+            dim %= mask.dim()
+            others = [d for d in range(mask.dim()) if d != dim]
+            alive_before = int((default != 0).any(dim=others).sum()) if others else int((default != 0).sum())
+            alive_after = int((mask != 0).any(dim=others).sum()) if others else int((mask != 0).sum())
+            unit = f"channels along dim {dim}"
+            if torch.equal(default, torch.ones_like(default)) and others:
+                whole = (mask != 0).all(dim=others) | (mask == 0).all(dim=others)
+                if not bool(whole.all()):
+                    self.fail("honours the amount", f"{int((~whole).sum())} {unit} are only partly pruned", case)
+        elif kind == "unstructured" or torch.equal(default, torch.ones_like(default)):
+            alive_before, alive_after, unit = int((default != 0).sum()), int((mask != 0).sum()), "entries"
+        else:  # a "global" method through a container: what the amount counts is the method's own business
+            return
+        expected = n_to_prune(self.amount, alive_before)
+        pruned = alive_before - alive_after
+        if pruned != expected:
+            self.fail(
+                "honours the amount",
+                f"amount={self.amount} of {alive_before} remaining {unit} should prune {expected} "
+                f"(round(amount * remaining), as torch rounds), but {pruned} were pruned",
+                case,
+            )
+
+    def check_pickle(self, shape: tuple[int, ...]) -> None:
+        method = self.build()
+        if method is None:
+            return
+        try:
+            copy = pickle.loads(pickle.dumps(method))
+        except Exception as exc:
+            self.fail(
+                "pickle-able",
+                f"pickling the method object failed ({type(exc).__name__}: {exc}); it is the module's forward "
+                "pre-hook, so torch.save(model) pickles it: keep lambdas, open files and locks out of it",
+            )
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        t = torch.randn(shape, generator=gen)
+        ones = torch.ones(shape)
+        case = f"shape {list(shape)}, float32"
+        before = self.compute("pickle-able", case, method, t, ones)
+        after = self.compute("pickle-able", case, copy, t, ones)
+        if before is not None and after is not None and not torch.equal(before, after):
+            self.fail("pickle-able", "the unpickled method computes a different mask than the original", case)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block, restoring the caller's random state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
