@@ -26,4 +26,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 schema: $(STAMP)
-	$(BIN)/prunespec schema > schemas/prunespec.schema.json
+	$(BIN)/prunespec schema --builtins-only > schemas/prunespec.schema.json

@@ -91,6 +91,7 @@ class _Tensor:
     orig: torch.Tensor
     mask: torch.Tensor | None
     new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
 
     def importance(self) -> torch.Tensor:
         """What torch ranks: the masked weight (fresh from ``<name>_orig``, never a stale attribute)."""
@@ -152,6 +153,7 @@ def _stage(model: nn.Module, tensors: dict[int, _Tensor], step: Step) -> _Tensor
     if key not in tensors:
         mask = module._buffers[pname + "_mask"] if pruned else None
         tensors[key] = _Tensor(step.tensor.name, owners, orig, mask)
+    tensors[key].rules.append(step.rule)
     return tensors[key]
 
 
@@ -228,10 +230,12 @@ def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
     else:
         default = tensor.mask.detach().clone(memory_format=torch.contiguous_format)
     try:
-        mask = method.compute_mask(tensor.importance(), default_mask=default)
+        # a copy: a method may write into its scores, and the model must not change before install
+        mask = method.compute_mask(tensor.importance().clone(), default_mask=default)
     except Exception as exc:
         raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
-    tensor.mask = _checked(step, tensor, mask, default)
+    # torch's container writes the new mask into `default`: compare with the mask as it was
+    tensor.mask = _checked(step, tensor, mask, tensor.mask if tensor.mask is not None else default)
     tensor.new_hooks.append(hook)
 
 
@@ -257,6 +261,10 @@ def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> N
         flat = container.compute_mask(scores, default_mask=default)
     except Exception as exc:
         raise _fail(step, group, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(flat, torch.Tensor) or flat.numel() != default.numel():
+        raise _fail(
+            step, group, f"{info.name} returned a mask that does not cover the group's {default.numel()} entries"
+        )
     del scores
     offset = 0
     for tensor in tensors:
@@ -294,16 +302,17 @@ def _checked(step: Step, tensor: _Tensor, mask: Any, default: torch.Tensor) -> t
 
 def _install(tensors: list[_Tensor]) -> None:
     snapshots = [_snapshot(module, pname) for t in tensors for module, pname in t.owners]
-    current = ""
+    current: _Tensor | None = None
     try:
-        for tensor in tensors:
-            current = tensor.name
-            for module, pname in tensor.owners:
-                _install_one(module, pname, tensor)
+        for current in tensors:
+            for module, pname in current.owners:
+                _install_one(module, pname, current)
     except Exception as exc:
         for restore in snapshots:
             restore()
-        raise ApplyError("install", current, f"{type(exc).__name__}: {exc}") from exc
+        assert current is not None
+        message = f"could not install the mask: {type(exc).__name__}: {exc}"
+        raise ApplyError(current.rules[-1], current.name, message) from exc
 
 
 def _snapshot(module: nn.Module, pname: str) -> Any:

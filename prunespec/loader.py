@@ -8,7 +8,9 @@ All problems of a document are reported together in one :class:`~prunespec.error
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,8 +85,26 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
     return document, source
 
 
-def _plain(node: Any, path: DocPath, source: SourceMap, issues: list[Issue]) -> Any:
+MAX_NODES = 100_000  # aliases can make a small file expand to billions of nodes ("billion laughs")
+
+
+def _position(lookup: Any, *args: Any) -> tuple[int, int] | None:
+    """ruamel's 0-based position of a key, value or item, as 1-based; None where it has none (merge keys)."""
+    try:
+        pos = lookup(*args)
+    except (KeyError, IndexError, TypeError):
+        return None
+    return (pos[0] + 1, pos[1] + 1) if pos else None
+
+
+def _plain(node: Any, path: DocPath, source: SourceMap, issues: list[Issue], budget: list[int] | None = None) -> Any:
     """Convert ruamel's round-trip nodes to plain data, recording positions and rejecting tags."""
+    budget = budget if budget is not None else [MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        if budget[0] == -1:
+            issues.append(source.issue(path, f"the spec expands to more than {MAX_NODES:,} values (through aliases?)"))
+        return None
     tag = getattr(node, "tag", None)
     tag_value = getattr(tag, "value", None)
     if isinstance(node, TaggedScalar) or (tag_value is not None and tag_value not in _PLAIN_TAGS):
@@ -99,31 +119,40 @@ def _plain(node: Any, path: DocPath, source: SourceMap, issues: list[Issue]) -> 
     if isinstance(node, CommentedMap):
         out: dict[str, Any] = {}
         for key in node:
+            key_pos = _position(node.lc.key, key)
+            if key_pos:
+                source.keys[(*path, str(key))] = key_pos
             if not isinstance(key, str):
-                issues.append(source.issue(path, f"mapping keys must be strings, got {key!r}"))
+                issues.append(source.issue((*path, str(key)), f"mapping keys must be strings, got {key!r}", key=True))
                 continue
-            line, col = node.lc.key(key)
-            source.keys[(*path, key)] = (line + 1, col + 1)
-            vline, vcol = node.lc.value(key)
-            source.values[(*path, key)] = (vline + 1, vcol + 1)
-            out[key] = _plain(node[key], (*path, key), source, issues)
+            value_pos = _position(node.lc.value, key)
+            if value_pos:
+                source.values[(*path, key)] = value_pos
+            out[key] = _plain(node[key], (*path, key), source, issues, budget)
         return out
     if isinstance(node, CommentedSeq):
         items = []
         for index, item in enumerate(node):
-            line, col = node.lc.item(index)
-            source.values[(*path, index)] = (line + 1, col + 1)
-            items.append(_plain(item, (*path, index), source, issues))
+            item_pos = _position(node.lc.item, index)
+            if item_pos:
+                source.values[(*path, index)] = item_pos
+            items.append(_plain(item, (*path, index), source, issues, budget))
         return items
     if isinstance(node, bool) or node is None:
         return node
     if isinstance(node, int):
         return bool(node) if type(node).__name__ == "ScalarBoolean" else int(node)
     if isinstance(node, float):
+        if math.isnan(node):
+            last = str(path[-1]) if path else ""
+            issues.append(source.issue(path, "expected a finite number, got NaN", _HINTS.get(last, "write a number")))
+            return None
         return float(node)
     if isinstance(node, str):
         return str(node)
-    issues.append(source.issue(path, f"unsupported YAML value {node!r}"))
+    kind = {datetime.date: "a date", datetime.datetime: "a timestamp", bytes: "binary data", set: "a set"}
+    what = next((name for cls, name in kind.items() if isinstance(node, cls)), f"the value {node!r}")
+    issues.append(source.issue(path, f"{what} is not allowed here", "quote it if you mean text"))
     return None
 
 
@@ -140,18 +169,17 @@ def validate_document(document: Any, source: SourceMap, methods: MethodRegistry 
         try:
             spec = Spec.model_validate(document)
         except ValidationError as exc:
-            issues.extend(pydantic_issues(exc, (), source))
+            issues.extend(pydantic_issues(exc, (), source, document))
         else:
-            spec, option_issues = _validate_options(spec, methods)
+            spec, option_issues = _validate_options(spec, methods, source)
             issues.extend(option_issues)
     if issues:
-        issues = sorted(set(issues), key=lambda i: (i.line or 0, i.column or 0, i.path, i.message))
-        raise SpecError(issues)
+        raise SpecError(_tidy(issues))
     spec._source = source
     return spec
 
 
-def _validate_options(spec: Spec, methods: MethodRegistry) -> tuple[Spec, list[Issue]]:
+def _validate_options(spec: Spec, methods: MethodRegistry, source: SourceMap) -> tuple[Spec, list[Issue]]:
     """Check each rule's options against its method's model and fill in defaults."""
     issues: list[Issue] = []
     rules = []
@@ -160,17 +188,46 @@ def _validate_options(spec: Spec, methods: MethodRegistry) -> tuple[Spec, list[I
         try:
             options = info.validate_options(rule.options)
         except ValidationError as exc:
-            issues.extend(pydantic_issues(exc, ("rules", index, "options"), source=spec.source))
+            issues.extend(pydantic_issues(exc, ("rules", index, "options"), source, rule.options))
             options = rule.options
         rules.append(rule.model_copy(update={"options": options}))
     return spec.model_copy(update={"rules": rules}), issues
 
 
-def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap) -> list[Issue]:
-    """pydantic's errors as located issues."""
+def _tidy(issues: list[Issue]) -> list[Issue]:
+    """One issue per place, the most specific kept, in document order."""
+    best: dict[str, Issue] = {}
+    for issue in issues:
+        if issue.path not in best or _RANK.get(issue.message.split(" ")[0], 9) < _RANK.get(
+            best[issue.path].message.split(" ")[0], 9
+        ):
+            best[issue.path] = issue
+    # A misspelt `amount`/`sparsity` also makes the rule lack one; the did-you-mean says it all.
+    typos = {i.path.rsplit(".", 1)[0] for i in best.values() if i.hint in _AMOUNT_TYPO_HINTS}
+    kept = [i for i in best.values() if not (i.path in typos and "needs `amount` or `sparsity`" in i.message)]
+    return sorted(kept, key=lambda i: (i.line or 0, i.column or 0, i.path, i.message))
+
+
+_RANK = {"unknown": 0, "missing": 1}  # by the message's first word
+_AMOUNT_TYPO_HINTS = {"did you mean 'amount'?", "did you mean 'sparsity'?"}
+
+
+def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap, document: Any = None) -> list[Issue]:
+    """pydantic's errors as located issues (``document``: the data validated, to tell real keys from
+    pydantic's own labels in error locations, like ``constrained-float`` for a branch of a union)."""
     issues = []
     for err in exc.errors():
-        loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
+        loc: list[str | int] = []
+        node = document
+        for part in err["loc"]:
+            if document is not None and not (
+                (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int))
+            ):
+                if err["type"] in ("missing", "extra_forbidden"):
+                    loc.append(part)
+                break
+            loc.append(part)
+            node = node[part] if document is not None else None
         path = (*base, *loc)
         if err["type"] == "extra_forbidden":
             issues.append(source.issue(path, f"unknown key {loc[-1]!r}", key=True))

@@ -9,6 +9,7 @@ counts larger than what is left. All such problems are raised together as one
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -248,11 +249,13 @@ class _Planner:
             return None
         targets: list[tuple[TensorRef, torch.Tensor, str]] = []
         seen: set[int] = set()
+        found: set[str] = set()
         for name, module, by in selection.modules:
             for pname in select.params:
                 param = self._parameter(index, name, module, pname)
                 if param is None:
                     continue
+                found.add(pname)
                 if id(param) in seen:
                     self.warnings.append(
                         f"{rule.label(index)}: {tensor_name(name, pname)} is tied to a tensor this rule "
@@ -264,6 +267,17 @@ class _Planner:
                 ref = TensorRef(name, pname, tuple(param.shape), aliases)
                 self.names.setdefault(id(param), ref.name)
                 targets.append((ref, param, by))
+        if targets and not rule.optional:
+            for i, pname in enumerate(select.params):
+                if pname not in found:
+                    have = sorted({p.removesuffix("_orig") for _, m, _ in selection.modules for p in m._parameters})
+                    near = difflib.get_close_matches(pname, have, n=3, cutoff=0.5)
+                    hint = f"nearest: {', '.join(near)}" if near else f"they have: {', '.join(have) or 'none'}"
+                    self.issue(
+                        ("rules", index, "select", "params", i),
+                        f"params entry {pname!r} is a parameter of none of the selected modules",
+                        hint,
+                    )
         return targets
 
     def _nearest(self, key: str, entry: str) -> str:
@@ -326,7 +340,7 @@ class _Planner:
         )
 
     def _count(
-        self, index: int, rule: Rule, ref: TensorRef, remaining: int, total: int, pruned: float, unit: str
+        self, index: int, rule: Rule, what: str, remaining: int, total: int, pruned: float, unit: str
     ) -> int | None:
         """Units this rule prunes now, or None after reporting why it cannot."""
         if rule.sparsity is not None:
@@ -337,7 +351,7 @@ class _Planner:
         if k > remaining:
             self.issue(
                 ("rules", index, "amount"),
-                f"tensor {ref.name}: amount={rule.amount} is more than the {remaining} {unit} left to prune",
+                f"{what}: amount={rule.amount} is more than the {remaining} {unit} left to prune",
                 f"use a count <= {remaining}, or a fraction such as 0.5",
             )
             return None
@@ -346,7 +360,10 @@ class _Planner:
     def _local(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef, param: torch.Tensor, by: str) -> None:
         problem = info.check_tensor(ref.shape, rule.options)
         if problem:
-            self.issue(("rules", index), f"tensor {ref.name}: {info.name}: {problem}")
+            # point at the option the message starts with ("dim=5 is out of range ..."), if any
+            option = next((key for key in rule.options if problem.startswith(f"{key}=")), None)
+            path = ("rules", index, "options", option) if option else ("rules", index)
+            self.issue(path, f"tensor {ref.name}: {info.name}: {problem}")
             return
         state = self._virtual(ref, param)
         before = state.sparsity if state.known else None
@@ -360,7 +377,9 @@ class _Planner:
             dim = int(rule.options["dim"]) % len(ref.shape)
             total = ref.shape[dim]
             pruned_channels = (state.channels or {}).get(dim, 0)
-            k = self._count(index, rule, ref, total - pruned_channels, total, pruned_channels, "channels")
+            k = self._count(
+                index, rule, f"tensor {ref.name}", total - pruned_channels, total, pruned_channels, "channels"
+            )
             if k is None:
                 return
             per_channel = state.numel // total
@@ -376,7 +395,7 @@ class _Planner:
                 state.channels[dim] = pruned_channels + k
         else:
             remaining = state.numel - round(state.pruned)
-            k = self._count(index, rule, ref, remaining, state.numel, state.pruned, "entries")
+            k = self._count(index, rule, f"tensor {ref.name}", remaining, state.numel, state.pruned, "entries")
             if k is None:
                 return
             state.pruned += k
@@ -400,7 +419,7 @@ class _Planner:
         pruned = sum(s.pruned for s in states)
         remaining = total - round(pruned)
         names = ", ".join(ref.name for ref, _, _ in targets[:3]) + (", ..." if len(targets) > 3 else "")
-        group = TensorRef(f"global group of {len(targets)} tensors ({names})", "", (total,))
+        group = f"global group of {len(targets)} tensors ({names})"
         k = self._count(index, rule, group, remaining, total, pruned, "entries")
         if k is None:
             return
@@ -417,7 +436,7 @@ class _Planner:
         already = [round(s.pruned) for s in states]
         low, high = budget_bounds(rule.min_sparsity, rule.max_sparsity, sizes, already)
         if not sum(low) <= sum(already) + k <= sum(high):
-            self.issue(("rules", index), f"{group.name}: " + bounds_problem(sum(low), sum(already) + k, sum(high)))
+            self.issue(("rules", index), f"{group}: " + bounds_problem(sum(low), sum(already) + k, sum(high)))
             return
         new = self._global_split(targets, states, k, scorer, low, high)
         for (ref, _, by), state, count in zip(targets, states, new, strict=True):

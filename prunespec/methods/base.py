@@ -197,7 +197,7 @@ def _takes_amount(method: type) -> bool:
 def _options_from_signature(method: type) -> type[BaseModel]:
     """A pydantic model of a torch method's constructor keyword arguments, ``amount`` excluded."""
     fields: dict[str, Any] = {}
-    for param in list(inspect.signature(method).parameters.values())[1:]:
+    for param in inspect.signature(method).parameters.values():
         if param.name == "amount" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         annotation = Any if param.annotation is param.empty or isinstance(param.annotation, str) else param.annotation

@@ -1,0 +1,408 @@
+"""The command line, driven in-process through ``prunespec.cli.main`` (and once as ``python -m prunespec``).
+
+Models come from ``examples/lenet.py:make_lenet`` (seed 0), so the direct torch calls can be run on the
+very same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EXAMPLES, ROOT, SPECS
+from lenet import LeNet
+from torch import nn
+from torch.nn.utils import prune
+
+import prunespec
+from prunespec.cli import main
+
+MODEL = f"{EXAMPLES / 'lenet.py'}:make_lenet"
+SCHEMA = ROOT / "schemas" / "prunespec.schema.json"
+BUILTINS = {
+    "identity": prune.Identity,
+    "random_unstructured": prune.RandomUnstructured,
+    "l1_unstructured": prune.L1Unstructured,
+    "random_structured": prune.RandomStructured,
+    "ln_structured": prune.LnStructured,
+}
+ALL_SPECS = sorted(SPECS.glob("*.yaml"))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def direct_lenet() -> LeNet:
+    """The model ``make_lenet`` builds: LeNet() with weights drawn from seed 0."""
+    torch.manual_seed(0)
+    return LeNet()
+
+
+def torch_every_layer_type(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            prune.l1_unstructured(module, name="weight", amount=0.2)
+        elif isinstance(module, nn.Linear):
+            prune.l1_unstructured(module, name="weight", amount=0.4)
+
+
+def torch_iterative_conv1(model: nn.Module) -> None:
+    torch.manual_seed(0)  # the spec's seed
+    prune.random_unstructured(model.conv1, name="weight", amount=0.3)
+    prune.l1_unstructured(model.conv1, name="bias", amount=3)
+    prune.ln_structured(model.conv1, name="weight", amount=0.5, n=2, dim=0)
+
+
+def torch_global_l1(model: nn.Module) -> None:
+    parameters = [(model.get_submodule(n), "weight") for n in ("conv1", "conv2", "fc1", "fc2", "fc3")]
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=0.2)
+
+
+TORCH: dict[str, Callable[[nn.Module], None]] = {
+    "every_layer_type.yaml": torch_every_layer_type,
+    "iterative_conv1.yaml": torch_iterative_conv1,
+    "global_l1.yaml": torch_global_l1,
+}
+
+
+def mask_counts(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``"conv1.weight"`` -> (zeros, numel) for every mask in a state_dict."""
+    return {
+        key.removesuffix("_mask"): (int((v == 0).sum()), v.numel())
+        for key, v in state_dict.items()
+        if key.endswith("_mask")
+    }
+
+
+def report_counts(report: dict[str, object]) -> dict[str, tuple[int, int]]:
+    tensors = report["tensors"]
+    assert isinstance(tensors, dict)
+    return {name: (t["zeros"], t["numel"]) for name, t in tensors.items()}
+
+
+# --- validate, schema, methods ---------------------------------------------------------------------
+
+
+def test_validate_accepts_every_example_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ALL_SPECS
+    code, out, err = run(capsys, "validate", *ALL_SPECS)
+    assert code == 0, err
+    for path in ALL_SPECS:
+        assert f"{path}: valid" in out
+
+
+def test_validate_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules: []\n", encoding="utf-8")
+    code, out, _ = run(capsys, "validate", "--json", SPECS / "global_l1.yaml", bad)
+    assert code == 1
+    results = json.loads(out)
+    assert [(r["spec"], r["valid"]) for r in results] == [(str(SPECS / "global_l1.yaml"), True), (str(bad), False)]
+    assert results[0]["issues"] == [] and results[1]["issues"]
+
+
+BAD_SPECS = {
+    # name: (spec text, the text the error points at, words the message must hold)
+    "unknown key": (
+        "version: 1\nrules:\n  - select: {names: [conv1]}\n    method: l1_unstructured\n    amount: 0.3\n"
+        "    amout: 2\n",
+        "amout",
+        "unknown key 'amout'",
+    ),
+    "amount out of range": (
+        "version: 1\nrules:\n  - select: {names: [conv1]}\n    method: l1_unstructured\n    amount: 1.5\n",
+        "1.5",
+        "1.5",
+    ),
+    "unknown method": (
+        "version: 1\nrules:\n  - select: {names: [conv1]}\n    method: l1_unstructurd\n    amount: 0.3\n",
+        "l1_unstructurd",
+        "unknown method 'l1_unstructurd'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_validate_reports_file_line_column_without_traceback(
+    case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text, target, words = BAD_SPECS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    line_index = next(i for i, line in enumerate(text.splitlines()) if target in line)
+    column = text.splitlines()[line_index].index(target) + 1
+    code, out, err = run(capsys, "validate", path)
+    assert code == 1
+    assert f"{path}:{line_index + 1}:{column}:" in err
+    assert words in err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "valid" not in out
+
+
+def test_validate_reports_yaml_syntax_errors_located(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("version: 1\nrules:\n  - select: {names: [conv1]\n    method: l1_unstructured\n", encoding="utf-8")
+    code, _, err = run(capsys, "validate", path)
+    assert code == 1
+    assert re.search(re.escape(str(path)) + r":\d+:\d+: invalid YAML", err), err
+    assert "Traceback" not in err
+
+
+def test_schema_equals_the_committed_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "schema", "--builtins-only")
+    assert code == 0
+    assert json.loads(out) == json.loads(SCHEMA.read_text(encoding="utf-8"))
+
+
+def test_methods_table_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "methods", "--builtins-only")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["method", "PRUNING_TYPE"]
+    rows = {line.split()[0]: line.split()[1] for line in lines[2:] if line.strip()}
+    assert rows == {name: cls.PRUNING_TYPE for name, cls in BUILTINS.items()}
+
+
+def test_methods_json_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "methods", "--json", "--builtins-only")
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["name"]: r["PRUNING_TYPE"] for r in rows} == {name: cls.PRUNING_TYPE for name, cls in BUILTINS.items()}
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["identity"]["takes_amount"] is False
+    assert by_name["ln_structured"]["options"] == {"dim": "required", "n": "required"}
+    assert by_name["random_structured"]["options"] == {"dim": "required"}
+    # without --builtins-only (whatever plugins are installed) the built-ins are still all there
+    code, out, _ = run(capsys, "methods", "--json")
+    assert code == 0
+    listed = {r["name"]: r["PRUNING_TYPE"] for r in json.loads(out)}
+    assert {name: listed.get(name) for name in BUILTINS} == {name: cls.PRUNING_TYPE for name, cls in BUILTINS.items()}
+
+
+# --- plan ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda p: p.name)
+def test_plan_prints_a_table_and_json(
+    spec: Path, capsys: pytest.CaptureFixture[str], methods: prunespec.MethodRegistry
+) -> None:
+    expected = prunespec.plan(direct_lenet(), spec, methods=methods)
+    code, out, err = run(capsys, "plan", spec, "--model", MODEL, "--builtins-only")
+    assert code == 0, err
+    assert out.startswith(f"Plan: {len(expected.spec.rules)} rules, {len(expected.steps)} steps")
+    assert re.search(r"^#\s+rule\s+tensor\s+shape\s+method", out, re.MULTILINE)
+    for step in expected.steps:
+        assert step.tensor.name in out
+    code, out, err = run(capsys, "plan", spec, "--model", MODEL, "--builtins-only", "--json")
+    assert code == 0, err
+    assert json.loads(out) == json.loads(json.dumps(expected.to_dict(), default=str))
+
+
+# --- apply and report ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec_name", list(TORCH))
+def test_apply_out_saves_the_direct_torch_masks_and_report_reads_them(
+    spec_name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_path = tmp_path / "pruned.pt"
+    code, out, err = run(capsys, "apply", SPECS / spec_name, "--model", MODEL, "--out", out_path, "--json")
+    assert code == 0, err
+    applied = json.loads(out)
+    assert applied["out"] == str(out_path)
+
+    twin = direct_lenet()
+    TORCH[spec_name](twin)
+    expected = twin.state_dict()
+
+    saved = torch.load(out_path, weights_only=True)
+    state = saved["state_dict"]
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert saved["prunespec"]["format"] == 1
+    assert saved["prunespec"]["spec"]["rules"]
+
+    direct = mask_counts(expected)
+    assert report_counts(applied["report"]) == direct
+    code, out, err = run(capsys, "report", out_path, "--model", MODEL, "--json")
+    assert code == 0, err
+    reported = json.loads(out)
+    assert report_counts(reported) == direct
+    assert reported["tensors"].keys() == applied["report"]["tensors"].keys()
+    for name, (zeros, numel) in direct.items():
+        assert reported["tensors"][name]["sparsity"] == applied["report"]["tensors"][name]["sparsity"] == zeros / numel
+    total = sum(numel for _, numel in direct.values())
+    assert reported["global_sparsity"] == applied["report"]["global_sparsity"]
+    assert reported["global_sparsity"] == sum(zeros for zeros, _ in direct.values()) / total
+
+    code, out, err = run(capsys, "report", out_path, "--model", MODEL)
+    assert code == 0, err
+    for name, (zeros, _) in direct.items():
+        assert re.search(rf"^{re.escape(name)}\s.*\s{zeros:,}\s", out, re.MULTILINE), (name, out)
+
+
+def test_apply_prints_plan_and_report(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out_path = tmp_path / "pruned.pt"
+    code, out, err = run(capsys, "apply", SPECS / "every_layer_type.yaml", "--model", MODEL, "--out", out_path)
+    assert code == 0, err
+    assert out.startswith("Plan: 2 rules")
+    assert f"Saved to {out_path}" in out
+    assert out_path.is_file()
+
+
+def test_apply_finalize_saves_no_masks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out_path = tmp_path / "final.pt"
+    spec = SPECS / "iterative_conv1.yaml"
+    code, _, err = run(capsys, "apply", spec, "--model", MODEL, "--out", out_path, "--finalize")
+    assert code == 0, err
+    saved = torch.load(out_path, weights_only=True)
+    state = saved["state_dict"]
+    assert not [k for k in state if k.endswith(("_mask", "_orig"))]
+    assert saved["prunespec"]["spec"]["finalize"] is True
+
+    twin = direct_lenet()
+    torch_iterative_conv1(twin)
+    prune.remove(twin.conv1, "weight")
+    prune.remove(twin.conv1, "bias")
+    expected = twin.state_dict()
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+    # a finalized checkpoint loads into a plain model; report counts zero values
+    code, out, err = run(capsys, "report", out_path, "--model", MODEL, "--json")
+    assert code == 0, err
+    tensors = json.loads(out)["tensors"]
+    for name, param in twin.named_parameters():
+        assert tensors[name]["zeros"] == int((param == 0).sum()), name
+        assert tensors[name]["pruned"] is False
+
+
+def test_report_reads_a_state_dict_pruned_by_torch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    twin = direct_lenet()
+    torch_iterative_conv1(twin)
+    path = tmp_path / "torch_pruned.pt"
+    torch.save(twin.state_dict(), path)
+    direct = mask_counts(twin.state_dict())
+    assert set(direct) == {"conv1.weight", "conv1.bias"}
+
+    code, out, err = run(capsys, "report", path, "--model", MODEL, "--json")
+    assert code == 0, err
+    reported = json.loads(out)
+    assert report_counts(reported) == direct
+    total = sum(numel for _, numel in direct.values())
+    assert reported["global_sparsity"] == sum(zeros for zeros, _ in direct.values()) / total
+    # a plain LeNet factory (other random weights) reads the same masks from the checkpoint
+    code, out, err = run(capsys, "report", path, "--model", f"{EXAMPLES / 'lenet.py'}:LeNet", "--json")
+    assert code == 0, err
+    assert report_counts(json.loads(out)) == direct
+
+
+def test_weights_from_torch_then_apply_continues_like_torch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    first = direct_lenet()
+    torch_iterative_conv1(first)
+    weights = tmp_path / "torch_pruned.pt"
+    torch.save(first.state_dict(), weights)
+
+    spec, model = SPECS / "every_layer_type.yaml", f"{EXAMPLES / 'lenet.py'}:LeNet"
+    code, out, err = run(capsys, "plan", spec, "--model", model, "--weights", weights, "--json")
+    assert code == 0, err
+    steps = {s["tensor"]: s for s in json.loads(out)["steps"]}
+    zeros, numel = mask_counts(first.state_dict())["conv1.weight"]
+    assert steps["conv1.weight"]["predicted_before"] == zeros / numel  # the plan sees the loaded mask
+
+    out_path = tmp_path / "more.pt"
+    code, _, err = run(capsys, "apply", spec, "--model", model, "--weights", weights, "--out", out_path)
+    assert code == 0, err
+    torch_every_layer_type(first)  # the same rules, straight on the torch-pruned model
+    expected = first.state_dict()
+    state = torch.load(out_path, weights_only=True)["state_dict"]
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+# --- errors and exit codes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ref", "words"),
+    [
+        (f"{EXAMPLES / 'lenet.py'}:NoSuchFactory", "NoSuchFactory"),
+        ("does/not/exist.py:LeNet", "does not exist"),
+        ("no_colon_here", "must look like"),
+        ("prunespec_no_such_module_xyz:f", "prunespec_no_such_module_xyz"),
+    ],
+)
+def test_bad_model_ref_exits_2(ref: str, words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["plan", SPECS / "global_l1.yaml", "--model", ref], ["report", "x.pt", "--model", ref]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert words in err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["plan", str(SPECS / "global_l1.yaml")], ["validate"], ["apply", "--model", MODEL]],
+    ids=["no-args", "unknown-subcommand", "plan-without-model", "validate-without-spec", "apply-without-spec"],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "usage:" in err
+    assert "Traceback" not in err
+
+
+def test_plan_error_exits_1_and_names_the_entry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = "version: 1\nrules:\n  - select: {names: [conv1, conv9]}\n    method: l1_unstructured\n    amount: 0.3\n"
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(text, encoding="utf-8")
+    column = text.splitlines()[2].index("conv9") + 1
+    out_path = tmp_path / "never.pt"
+    for command in ("plan", "apply"):
+        argv = [command, spec, "--model", MODEL] + (["--out", out_path] if command == "apply" else [])
+        code, _, err = run(capsys, *argv)
+        assert code == 1, command
+        assert "'conv9'" in err
+        assert f"{spec}:3:{column}:" in err
+        assert "Traceback" not in err
+    assert not out_path.exists()
+
+
+def test_report_of_a_missing_checkpoint_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pt"
+    code, _, err = run(capsys, "report", missing, "--model", MODEL)
+    assert code == 1
+    assert str(missing) in err
+    assert "Traceback" not in err
+
+
+def test_python_m_prunespec(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "prunespec", "validate", *map(str, ALL_SPECS)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert all(f"{p}: valid" in ok.stdout for p in ALL_SPECS)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules:\n  - select: {names: [conv1]}\n    method: nope\n", encoding="utf-8")
+    failed = subprocess.run(
+        [sys.executable, "-m", "prunespec", "validate", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode == 1
+    assert f"{bad}:4:13:" in failed.stderr
+    assert "Traceback" not in failed.stderr
