@@ -278,8 +278,8 @@ def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods
     if kind == "not" and isinstance(value, dict) and "method" in value:
         key = "amount" if "amount" in value else "sparsity"
         return [source.issue((*path, key), f"method {value['method']!r} takes no `{key}`", "remove it")]
-    if kind == "anyOf" and error.validator_value == [{"required": ["types"]}, {"required": ["names"]}]:
-        return [source.issue(path, "give `types` or `names` (or both) to say which modules the rule selects")]
+    if kind == "anyOf" and {"required": ["types"]} in error.validator_value:
+        return [source.issue(path, "give `types`, `names` or `preset` to say which modules the rule selects")]
     if kind == "enum" and isinstance(value, str):
         options = [str(v) for v in error.validator_value]
         close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)

@@ -233,14 +233,18 @@ class _Planner:
     def _targets(self, index: int, rule: Rule) -> list[tuple[TensorRef, torch.Tensor, str]] | None:
         select = rule.select
         try:
-            selection = select_modules(self.modules, select.types, select.names, select.exclude)
+            selection = select_modules(self.modules, select.types, select.names, select.exclude, select.preset)
         except ValueError as exc:
             self.issue(("rules", index, "select"), str(exc))
             return None
         failed = False
         for key, entry_index, entry in selection.unmatched:
             path = ("rules", index, "select", key, entry_index)
-            if key == "exclude":
+            if key == "preset":
+                if not rule.optional:
+                    failed = True
+                    self.issue(path[:-1], f"preset {entry!r} matches no module of this model")
+            elif key == "exclude":
                 self.warnings.append(f"{rule.label(index)}: exclude entry {entry!r} matches no module")
             elif not rule.optional:
                 failed = True

@@ -112,19 +112,55 @@ class Selection:
     unmatched: list[tuple[str, int, str]] = field(default_factory=list)  # (field, index, entry)
 
 
+HEAD_NAMES = frozenset({"lm_head", "classifier", "cls", "score", "qa_outputs", "head"})
+
+
+def prunable_matcher(modules: Sequence[tuple[str, nn.Module]]) -> Matcher:
+    """The ``prunable`` preset: modules with a weight of 2+ dims, except embeddings, norm layers and the
+    output head (a weight tied to an embedding's, or a module under one of :data:`HEAD_NAMES`)."""
+    embedding_weights = {id(_weight(m)) for _, m in modules if _is_embedding(m) and _weight(m) is not None}
+
+    def match(name: str, module: nn.Module) -> bool:
+        weight = _weight(module)
+        if weight is None or weight.dim() < 2 or _is_embedding(module):
+            return False
+        if any("Norm" in cls.__name__ for cls in type(module).__mro__):
+            return False
+        return id(weight) not in embedding_weights and not HEAD_NAMES.intersection(name.split("."))
+
+    return match
+
+
+def _weight(module: nn.Module) -> nn.Parameter | None:
+    weight = module._parameters.get("weight")
+    if weight is None and "weight_mask" in module._buffers:  # already pruned
+        weight = module._parameters.get("weight_orig")
+    return weight
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return any("Embedding" in cls.__name__ for cls in type(module).__mro__)
+
+
 def select_modules(
     modules: Sequence[tuple[str, nn.Module]],
     types: Sequence[str] | None,
     names: Sequence[str] | None,
     exclude: Sequence[str],
+    preset: str | None = None,
 ) -> Selection:
-    """Modules matching one of ``types`` (if given), one of ``names`` (if given) and none of ``exclude``.
-
-    Raises ValueError for a malformed pattern.
+    """Modules matching one of ``types`` (if given), one of ``names`` (if given), the ``preset`` (if
+    given) and none of ``exclude``. Raises ValueError for a malformed pattern.
     """
-    fields: dict[str, Sequence[str]] = {"types": types or (), "names": names or (), "exclude": exclude}
+    fields: dict[str, Sequence[str]] = {
+        "types": types or (),
+        "names": names or (),
+        "preset": [preset] if preset else [],
+        "exclude": exclude,
+    }
+    makers = {"types": type_matcher, "names": name_matcher, "exclude": name_matcher}
     matchers = {
-        key: [(type_matcher if key == "types" else name_matcher)(entry) for entry in entries]
+        key: [makers[key](entry) if key in makers else prunable_matcher(modules) for entry in entries]
         for key, entries in fields.items()
     }
     hits = {key: [0] * len(entries) for key, entries in fields.items()}
@@ -137,6 +173,7 @@ def select_modules(
         if (
             (types is not None and picked["types"] is None)
             or (names is not None and picked["names"] is None)
+            or (preset is not None and picked["preset"] is None)
             or picked["exclude"] is not None
         ):
             continue

@@ -71,7 +71,16 @@ class _Model(BaseModel):
 class Select(_Model):
     """Which modules and parameters a rule acts on."""
 
-    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["types"]}, {"required": ["names"]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["types"]}, {"required": ["names"]}, {"required": ["preset"]}]}
+    )
+
+    preset: Literal["prunable"] | None = Field(
+        default=None,
+        description="`prunable`: every module with a weight of 2 or more dims, except embeddings, norm layers "
+        "and the output head (a weight tied to an embedding, or a module under lm_head, classifier, cls, score, "
+        "qa_outputs, head).",
+    )
 
     types: list[str] | None = Field(
         default=None,
@@ -95,8 +104,8 @@ class Select(_Model):
 
     @model_validator(mode="after")
     def _types_or_names(self) -> Select:
-        if self.types is None and self.names is None:
-            raise ValueError("give `types` or `names` (or both) to say which modules the rule selects")
+        if self.types is None and self.names is None and self.preset is None:
+            raise ValueError("give `types`, `names` or `preset` to say which modules the rule selects")
         return self
 
 
