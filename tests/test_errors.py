@@ -352,7 +352,7 @@ CASES: dict[str, Case] = {
         1,
         "rules[0].select",
         ("select:", "{params"),
-        ["give `types` or `names`"],
+        ["give `types`, `names` or `preset`"],
     ),
     "top-level-list": Case(
         "- version: 1\n- rules: []\n",
