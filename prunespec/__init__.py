@@ -9,6 +9,7 @@ Write a YAML spec, see the plan, apply it with one engine that installs exactly 
 """
 
 from .api import apply, finalize, plan
+from .checkpoint import load, save
 from .errors import ApplyError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
 from .hookspecs import hookimpl
 from .loader import load_spec, loads_spec
@@ -37,9 +38,11 @@ __all__ = [
     "apply",
     "finalize",
     "hookimpl",
+    "load",
     "load_methods",
     "load_spec",
     "loads_spec",
     "plan",
+    "save",
     "sparsity",
 ]

@@ -1,31 +1,121 @@
 """Saving pruned models and loading checkpoints, pruned or not, into fresh models.
 
-A prunespec checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads:
-``{"state_dict": ..., "prunespec": {"format": 1, "spec": <the spec as a mapping or None>}}``. A bare
-state_dict (what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
+A prunespec checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` reads::
+
+    {"state_dict": ...,                    # with <name>_orig / <name>_mask for pruned tensors
+     "prunespec": {"format": 1,
+                   "spec": {...} or None,  # the spec that pruned it
+                   "hooks": {"conv1.weight": [{"method": "l1_unstructured", "amount": 0.2,
+                                               "options": {}}, ...]}}}
+
+``hooks`` records which methods pruned each tensor, so that loading installs the same hook objects
+(torch's ``L1Unstructured``, a ``PruningContainer`` ...) and not a generic one. A bare state_dict
+(what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .engine import ensure_detach_hook
+from .engine import GlobalMask, ensure_detach_hook
 from .errors import CheckpointError
-from .spec import Spec
+from .loader import validate_document
+from .plugins import MethodRegistry, load_methods
+from .spec import SourceMap, Spec
 
 FORMAT = 1
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], spec: Spec | None = None) -> None:
-    """Write ``model``'s state_dict (masks and original weights included) and the spec that pruned it."""
-    meta = {"format": FORMAT, "spec": spec.model_dump(mode="json") if spec is not None else None}
+def save(
+    model: nn.Module, path: str | os.PathLike[str], spec: Spec | None = None, *, methods: MethodRegistry | None = None
+) -> None:
+    """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it and
+    which methods pruned each tensor."""
+    methods = load_methods() if methods is None else methods
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "spec": spec.model_dump(mode="json", exclude_none=True) if spec is not None else None,
+        "hooks": _describe_hooks(model, methods),
+    }
     torch.save({"state_dict": model.state_dict(), "prunespec": meta}, path)
+
+
+def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegistry | None = None) -> Spec | None:
+    """Load a checkpoint (prunespec's or a plain state_dict, pruned or not) into ``model``, with its
+    masks and hooks; returns the spec that pruned it, if the checkpoint recorded one.
+
+    Raises CheckpointError, leaving the model as it was, when the checkpoint does not fit.
+    """
+    state_dict, meta = read(path)
+    load_state_dict(model, state_dict)
+    methods = load_methods() if methods is None else methods
+    if meta and isinstance(meta.get("hooks"), Mapping):
+        _restore_hooks(model, meta["hooks"], methods)
+    spec = meta.get("spec") if meta else None
+    return validate_document(spec, SourceMap(file=str(path)), methods) if isinstance(spec, Mapping) else None
+
+
+def _pruning_hooks(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any, prune.BasePruningMethod]]:
+    for module_name, module in model.named_modules():
+        for key, hook in module._forward_pre_hooks.items():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = f"{module_name}.{hook._tensor_name}" if module_name else hook._tensor_name
+                yield name, module, key, hook
+
+
+def _describe_hooks(model: nn.Module, methods: MethodRegistry) -> dict[str, list[dict[str, Any]]]:
+    by_class = {info.cls: info for info in methods.values()}
+    out = {}
+    for name, _, _, hook in _pruning_hooks(model):
+        parts = list(hook) if isinstance(hook, prune.PruningContainer) else [hook]
+        records: list[dict[str, Any]] = []
+        for part in parts:
+            if isinstance(part, GlobalMask):
+                records.append({"global": part.method, "amount": part.amount, "group_size": part.group_size})
+                continue
+            info = by_class.get(type(part))
+            if info is None:
+                records.append({"method": None, "class": f"{type(part).__module__}.{type(part).__qualname__}"})
+                continue
+            options = {key: getattr(part, key) for key in info.options_model.model_fields if hasattr(part, key)}
+            records.append({"method": info.name, "amount": getattr(part, "amount", None), "options": options})
+        out[name] = records
+    return out
+
+
+def _restore_hooks(model: nn.Module, hooks: Mapping[str, Any], methods: MethodRegistry) -> None:
+    """Replace the identity hooks that loading installed by the methods recorded at save time."""
+    for name, module, key, hook in list(_pruning_hooks(model)):
+        records = hooks.get(name)
+        if not isinstance(hook, prune.Identity) or not isinstance(records, list) or not records:
+            continue
+        rebuilt: list[prune.BasePruningMethod] = []
+        for record in records:
+            if "global" in record:
+                rebuilt.append(GlobalMask(record["global"], record["amount"], record["group_size"]))
+            elif record.get("method") in methods:
+                rebuilt.append(methods[record["method"]].build(record.get("amount"), record.get("options", {})))
+            else:
+                warnings.warn(
+                    f"{name} was pruned by {record.get('method') or record.get('class')}, which is not installed; "
+                    "its mask is loaded, with torch's Identity as its hook",
+                    stacklevel=3,
+                )
+                break
+        else:
+            for method in rebuilt:
+                method._tensor_name = hook._tensor_name
+            container = prune.PruningContainer(rebuilt[0])
+            for method in rebuilt[1:]:
+                container.add_pruning_method(method)
+            module._forward_pre_hooks[key] = rebuilt[0] if len(rebuilt) == 1 else container
 
 
 def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
