@@ -25,7 +25,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from .errors import Issue, SpecError
 from .plugins import MethodRegistry, load_methods
 from .schema import build_schema
-from .spec import DocPath, SourceMap, Spec
+from .spec import DocPath, SourceMap, Spec, format_path
 
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -173,6 +173,7 @@ def validate_document(document: Any, source: SourceMap, methods: MethodRegistry 
         else:
             spec, option_issues = _validate_options(spec, methods, source)
             issues.extend(option_issues)
+            issues.extend(_schedule_issues(spec, source))
     if issues:
         raise SpecError(_tidy(issues))
     spec._source = source
@@ -192,6 +193,34 @@ def _validate_options(spec: Spec, methods: MethodRegistry, source: SourceMap) ->
             options = rule.options
         rules.append(rule.model_copy(update={"options": options}))
     return spec.model_copy(update={"rules": rules}), issues
+
+
+def _schedule_issues(spec: Spec, source: SourceMap) -> list[Issue]:
+    """A scheduled rule aims at a final `sparsity`, at least the schedule's `initial`."""
+    issues = []
+    for index, rule in enumerate(spec.rules):
+        schedule = rule.schedule or spec.schedule
+        if schedule is None:
+            continue
+        where = ("rules", index, "schedule") if rule.schedule else ("schedule",)
+        if rule.sparsity is None:
+            issues.append(
+                source.issue(
+                    ("rules", index, "amount") if rule.amount is not None else ("rules", index),
+                    "a scheduled rule needs `sparsity` (the final sparsity), not `amount`",
+                    f"write `sparsity:` instead; the schedule at {format_path(where)} raises it step by step",
+                )
+            )
+        elif schedule.initial > rule.sparsity:
+            issues.append(
+                source.issue(
+                    (*where, "initial"),
+                    f"initial sparsity {schedule.initial:g} is above the final `sparsity` {rule.sparsity:g} "
+                    f"of rules[{index}]",
+                    "masks only grow: make `initial` <= `sparsity`",
+                )
+            )
+    return issues
 
 
 def _tidy(issues: list[Issue]) -> list[Issue]:
@@ -289,6 +318,14 @@ def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods
         return [source.issue(path, f"must be {error.validator_value!r}, got {value!r}")]
     if kind in ("minItems", "minProperties"):
         return [source.issue(path, "must not be empty")]
+    if kind in ("anyOf", "oneOf") and isinstance(value, dict) and error.context:
+        # A mapping that fits no branch (e.g. a Schedule or null): explain it against the mapping branch.
+        branches: dict[Any, list[jsonschema.ValidationError]] = {}
+        for sub_error in error.context:
+            branches.setdefault(sub_error.schema_path[0], []).append(sub_error)
+        deepest = max(branches.values(), key=lambda errs: max(len(e.absolute_path) for e in errs))
+        if any(len(e.absolute_path) > len(error.absolute_path) or e.validator != "type" for e in deepest):
+            return [issue for e in deepest for issue in _schema_issues(e, source, methods)]
     expected = _describe(schema)
     last = str(path[-1]) if path else ""
     return [source.issue(path, f"expected {expected}, got {_describe_value(value)}", _HINTS.get(last))]
@@ -334,6 +371,8 @@ def _describe(schema: Any) -> str:
         text += f" in [{low}, {high}]"
     elif low is not None:
         text += f" >= {low}"
+    elif schema.get("exclusiveMinimum") is not None:
+        text += f" > {schema['exclusiveMinimum']}"
     elif high is not None:
         text += f" <= {high}"
     return text

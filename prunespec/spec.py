@@ -109,6 +109,37 @@ class Select(_Model):
         return self
 
 
+class Schedule(_Model):
+    """Gradual pruning: the sparsity a rule aims at rises from ``initial`` at ``start`` to the rule's
+    ``sparsity`` at ``end``, updated every ``every`` steps (or epochs: the unit is whatever the training
+    loop passes to ``Scheduler.step``)."""
+
+    start: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        default=0, description="Step (or epoch) of the first update, at `initial` sparsity."
+    )
+    end: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        description="Step (or epoch) at which the rule's final `sparsity` is reached."
+    )
+    every: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        default=1, description="Update frequency: masks change at start, start + every, ... and at end."
+    )
+    initial: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = Field(
+        default=0.0, description="Sparsity at `start`."
+    )
+    curve: Literal["cubic", "linear", "constant"] = Field(
+        default="cubic",
+        description="cubic: s_t = s_f + (s_i - s_f)(1 - (t - start)/(end - start))^3 (Zhu & Gupta, 2017); "
+        "linear; constant: the final sparsity at once, at `start` (one-shot).",
+    )
+    unit: Literal["step", "epoch"] = Field(default="step", description="What t counts; shown in plans and logs.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Schedule:
+        if self.end < self.start or (self.end == self.start and self.curve != "constant"):
+            raise ValueError(f"`end` ({self.end:g}) must come after `start` ({self.start:g})")
+        return self
+
+
 class Rule(_Model):
     """One pruning rule: select tensors, then prune them with one method."""
 
@@ -144,6 +175,10 @@ class Rule(_Model):
     optional: StrictBool = Field(
         default=False, description="Allow this rule, and its selector entries, to match nothing."
     )
+    schedule: Schedule | None = Field(
+        default=None,
+        description="Prune gradually during training toward `sparsity` (overrides the spec's `schedule`).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
@@ -166,6 +201,9 @@ class Spec(_Model):
     version: Literal[1] = Field(description="Spec language version; must be 1.")
     seed: Count | None = Field(default=None, description="Seed for random methods, for reproducible masks.")
     rules: list[Rule] = Field(min_length=1, description="Applied in order; later rules compose on earlier ones.")
+    schedule: Schedule | None = Field(
+        default=None, description="The schedule of every rule that has none of its own (see `prunespec.Scheduler`)."
+    )
     finalize: StrictBool = Field(
         default=False, description="Make pruning permanent after apply (torch's prune.remove everywhere)."
     )
