@@ -188,11 +188,17 @@ class _Planner:
         self.by_name = dict(self.modules)
         self.owners: dict[int, list[Owner]] = {}
         for name, module in self.modules:
+            buffers = module._buffers
             for pname, param in module._parameters.items():
                 if param is None:
                     continue
-                logical = pname.removesuffix("_orig") if _is_pruned(module, pname.removesuffix("_orig")) else pname
-                self.owners.setdefault(id(param), []).append((name, logical))
+                if pname.endswith("_orig") and pname[:-5] + "_mask" in buffers:
+                    pname = pname[:-5]
+                owners = self.owners.get(id(param))
+                if owners is None:
+                    self.owners[id(param)] = [(name, pname)]
+                else:
+                    owners.append((name, pname))
         self.state: dict[int, _Virtual] = {}
         self.names: dict[int, str] = {}
         self.steps: list[Step] = []
