@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml constraints.txt $(PLUGINS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+		-e plugins/prunespec-foobar -e plugins/prunespec-nm
 	touch $(STAMP)
 
 .PHONY: install demo test lint schema
@@ -21,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check prunespec tests examples benchmarks
-	$(BIN)/ruff format --check prunespec tests examples benchmarks
+	$(BIN)/ruff check prunespec tests examples benchmarks plugins
+	$(BIN)/ruff format --check prunespec tests examples benchmarks plugins
 	$(BIN)/mypy
 
 schema: $(STAMP)

@@ -23,7 +23,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from .errors import Issue, SpecError
-from .plugins import MethodRegistry, load_methods
+from .plugins import MethodRegistry, load_methods, provider_hint
 from .schema import build_schema
 from .spec import DocPath, SourceMap, Spec, format_path
 
@@ -291,7 +291,9 @@ def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods
         return [source.issue(path, f"missing required key {key!r}") for key in missing]
     if kind == "enum" and path[-1:] == ("method",):
         close = methods.suggest(str(value))
-        hint = f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
+        hint = provider_hint(str(value), methods) or (
+            f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
+        )
         return [source.issue(path, f"unknown method {value!r}", hint)]
     if kind == "oneOf" and _is_amount_choice(error.validator_value):
         method = value.get("method")

@@ -21,6 +21,7 @@ from torch import nn
 from . import selection
 from .errors import Issue, PlanError
 from .methods.base import MethodInfo, n_to_prune
+from .plugins import provider_hint
 from .selectors import nearest_names, nearest_types, select_modules
 from .spec import Rule, Spec
 
@@ -212,7 +213,7 @@ class _Planner:
         label = rule.label(index)
         info = self.methods.get(rule.method)
         if info is None:  # a Spec built against another registry
-            self.issue(("rules", index, "method"), f"unknown method {rule.method!r}")
+            self.issue(("rules", index, "method"), f"unknown method {rule.method!r}", provider_hint(rule.method))
             return
         targets = self._targets(index, rule)
         if targets is None:

@@ -69,7 +69,8 @@ def make_plugin_manager(
         builtins_only = os.environ.get(ENV_BUILTINS_ONLY, "").strip().lower() not in ("", "0", "false", "no")
     if allow is None and os.environ.get(ENV_ALLOW, "").strip():
         allow = [name.strip() for name in os.environ[ENV_ALLOW].split(",") if name.strip()]
-    allowed = {_normalize(name) for name in allow} | set(allow) if allow is not None else None
+    wanted = sorted(set(allow)) if allow is not None else None
+    allowed = {*wanted, *map(_normalize, wanted)} if wanted is not None else None
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -79,9 +80,9 @@ def make_plugin_manager(
     if builtins_only:
         return pm, sources, problems
     installed = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    if allowed is not None:
+    if wanted is not None:
         known = {ep.name for ep in installed} | {_normalize(ep.dist.name) for ep in installed if ep.dist}
-        for name in sorted(allowed):
+        for name in wanted:
             if name not in known and _normalize(name) not in known:
                 problems.append(
                     f"the allow-list ({ENV_ALLOW} or allow=) names {name!r}, which is no installed plugin; "
@@ -102,7 +103,7 @@ def make_plugin_manager(
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            problems.append(_problem(source, f"could not be loaded (entry point {ep.value!r})", exc))
+            problems.append(_problem(source, f"could not be loaded (entry point {ep.value!r})", exc, ep.module))
             continue
         sources[ep.name] = source
     return pm, sources, problems
@@ -128,14 +129,34 @@ def _describe(source: PluginSource) -> str:
     return f"plugin {source.name!r}"
 
 
-def _problem(source: PluginSource, what: str, exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+def _problem(source: PluginSource, what: str, exc: BaseException, module: str | None = None) -> str:
+    """One line naming the plugin, its package, the error, and where in the plugin's code it happened."""
+    message = " ".join(str(exc).split())
     fix = f"uninstall {source.package}, or" if source.package else "uninstall it, or"
     return (
-        f"{_describe(source)} {what}: {type(exc).__name__}: {exc}{where} "
+        f"{_describe(source)} {what}: {type(exc).__name__}: {message}{_where(exc, module)} "
         f"(the other plugins still load; {fix} leave it out with {ENV_ALLOW} or --builtins-only)"
     )
+
+
+_MACHINERY = (
+    *(os.path.dirname(m.__file__ or "") + os.sep for m in (pluggy, importlib)),
+    os.path.dirname(__file__) + os.sep,
+    "<",
+)
+
+
+def _where(exc: BaseException, module: str | None) -> str:
+    """`` at file:line`` of the innermost frame in the plugin's own code (else outside prunespec and pluggy)."""
+    frames: list[traceback.FrameSummary] = list(traceback.extract_tb(exc.__traceback__))
+    top = module.split(".")[0] if module else None
+    own = [
+        f
+        for f in frames
+        if top and (os.path.splitext(os.path.basename(f.filename))[0] == top or top in f.filename.split(os.sep))
+    ]
+    frames = own or [f for f in frames if not f.filename.startswith(_MACHINERY)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def provider_hint(method_name: str, methods: MethodRegistry | None = None) -> str | None:
@@ -221,7 +242,8 @@ def load_methods(*, builtins_only: bool | None = None, allow: Iterable[str] | No
         try:
             impl.function(register=_registrar(source, staged))
         except Exception as exc:  # contain one plugin's failure
-            registry.problems.append(_problem(source, "failed while registering its methods", exc))
+            module = getattr(impl.plugin, "__name__", None)
+            registry.problems.append(_problem(source, "failed while registering its methods", exc, module))
             continue
         for info in staged:
             registry.add(info)

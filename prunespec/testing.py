@@ -27,12 +27,18 @@ one ``AssertionError`` naming the method and every rule it breaks:
 * **mask shape and dtype**: ``compute_mask`` returns a tensor of the tensor's shape, and of its dtype
   (or ``torch.bool``);
 * **binary**: every mask value is 0 or 1;
+* **options kept on the instance**: each option is the method object's attribute of the same name
+  (``prunespec.save`` records options from there, and ``prunespec.load`` rebuilds the hook from them);
 * **inputs untouched**: ``compute_mask`` changes neither ``t`` nor ``default_mask`` in place;
 * **respects default_mask**: entries that are 0 in ``default_mask`` stay 0, called directly and
   through ``PruningContainer``;
 * **honours the amount** (methods that take one): an unstructured method prunes exactly
   ``round(amount * remaining)`` entries (an integer amount is a count), as torch rounds; a structured
   one prunes that many whole channels along its ``dim``, and every channel is kept or pruned whole;
+* **importance agrees with compute_mask** (unstructured methods that give elementwise scores, through
+  ``PruningMethod.importance`` or ``register(..., importance=)``; prunespec then selects entries by
+  those scores itself): the scores have the tensor's shape, depend on each entry alone, and every entry
+  ``compute_mask`` prunes scores no higher than every entry it keeps;
 * **deterministic under a seed**: ``torch.manual_seed(s)`` before two calls gives the same mask;
 * **pickle-able**: the method object (which becomes the module's forward pre-hook, and is pickled with
   the model by ``torch.save(model)``) survives ``pickle`` and computes the same mask afterwards.
@@ -44,7 +50,7 @@ import contextlib
 import inspect
 import json
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -55,6 +61,7 @@ from torch.nn.utils import prune
 from . import hookspecs
 from .methods.base import MethodInfo, PruningMethod, n_to_prune
 from .plugins import MethodRegistry, PluginSource, _registrar
+from .schema import build_schema
 
 __all__ = ["DEFAULT_DTYPES", "DEFAULT_SHAPES", "check_method", "registered_methods"]
 
@@ -97,17 +104,19 @@ def check_method(
     seed: int = 0,
     options_model: type[BaseModel] | None = None,
     summary: str | None = None,
+    importance: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MethodInfo:
     """Check that a pruning method keeps prunespec's method contract; raise ``AssertionError`` if not.
 
     ``method`` is the class you register (a :class:`prunespec.PruningMethod` subclass, or any
     ``torch.nn.utils.prune.BasePruningMethod`` subclass together with the ``name=`` you register it
     under), or a :class:`MethodInfo` from a registry. ``options`` are option values for the check (the
-    method's required options must be given); ``options_model`` and ``summary`` are what you pass to
-    ``register(...)``, if anything. ``amount`` is used for methods that take one (a float is a fraction,
-    an int a count). ``shapes`` and ``dtypes`` are the tensors tried; shapes the method's
-    ``check_tensor`` refuses are skipped, but at least one must be accepted. Random tensors and masks
-    are drawn from ``seed``; the caller's random state is left as it was.
+    method's required options must be given); ``options_model``, ``summary`` and ``importance`` are what
+    you pass to ``register(...)`` as ``options=``, ``summary=`` and ``importance=``, if anything.
+    ``amount`` is used for methods that take one (a float is a fraction, an int a count). ``shapes`` and
+    ``dtypes`` are the tensors tried; shapes the method's ``check_tensor`` refuses are skipped, but at
+    least one must be accepted. Random tensors and masks are drawn from ``seed``; the caller's random
+    state is left as it was.
 
     Returns the :class:`MethodInfo` the registry would hold.
     """
@@ -115,7 +124,9 @@ def check_method(
         info = method
     else:
         try:
-            info = MethodInfo.from_class(method, name=name, options=options_model, summary=summary)
+            info = MethodInfo.from_class(
+                method, name=name, options=options_model, summary=summary, importance=importance
+            )
         except Exception as exc:
             raise AssertionError(
                 f"method {name or getattr(method, '__qualname__', method)!r} breaks the rule 'registers': "
@@ -158,11 +169,22 @@ class _Checker:
         self.check_options_schema()
         if not self.check_options():
             return
-        if self.build() is None:
+        method = self.build()
+        if method is None:
             return
-        accepted = [shape for shape in shapes if self.info.check_tensor(shape, self.options) is None]
+        self.check_options_kept(method)
+        refused: dict[tuple[int, ...], str] = {}
+        for shape in shapes:
+            try:
+                reason = self.info.check_tensor(shape, self.options)
+            except Exception as exc:
+                self.fail("shapes", f"check_tensor({list(shape)}, {self.options}) raised {type(exc).__name__}: {exc}")
+                return
+            if reason is not None:
+                refused[shape] = reason
+        accepted = [shape for shape in shapes if shape not in refused]
         if not accepted:
-            reasons = "; ".join(f"{list(s)}: {self.info.check_tensor(s, self.options)}" for s in shapes)
+            reasons = "; ".join(f"{list(s)}: {reason}" for s, reason in refused.items())
             self.fail("shapes", f"check_tensor refuses every shape tried ({reasons}); pass shapes= it accepts")
             return
         for index, shape in enumerate(accepted):
@@ -180,6 +202,10 @@ class _Checker:
             return
         if schema.get("type") != "object":
             self.fail("options schema", f"the options schema of {model.__name__} is not an object schema: {schema}")
+        try:  # what `prunespec schema` publishes: the spec schema with this method's options in it
+            json.dumps(build_schema({self.info.name: self.info}))
+        except Exception as exc:
+            self.fail("options schema", f"the spec schema cannot include it: {type(exc).__name__}: {exc}")
         if issubclass(self.info.cls, PruningMethod):
             return
         parameters = inspect.signature(self.info.cls).parameters
@@ -199,6 +225,17 @@ class _Checker:
                 f"constructor arguments {sorted(required - fields)} of {self.info.cls.__qualname__}() are not options, "
                 "so a spec cannot give them",
             )
+
+    def check_options_kept(self, method: prune.BasePruningMethod) -> None:
+        """prunespec.save records each option from the method object's attribute of the same name."""
+        for key, value in self.options.items():
+            if not hasattr(method, key) or getattr(method, key) != value:
+                found = repr(getattr(method, key)) if hasattr(method, key) else "no such attribute"
+                self.fail(
+                    "options kept on the instance",
+                    f"option {key}={value!r} is not the method object's attribute {key!r} ({found}); "
+                    "prunespec.save records options from those attributes and load rebuilds the method from them",
+                )
 
     def check_options(self) -> bool:
         try:
@@ -272,6 +309,8 @@ class _Checker:
         if dense is not None and self.info.takes_amount:
             self.check_amount(case, dense, ones)
         if dense is not None:
+            self.check_importance(case, fresh, t, dense)
+        if dense is not None:
             again = self.build()
             repeat = None if again is None else self.compute("deterministic under a seed", case, again, t, ones)
             if repeat is not None and not torch.equal(dense, repeat):
@@ -334,6 +373,36 @@ class _Checker:
                 f"(round(amount * remaining), as torch rounds), but {pruned} were pruned",
                 case,
             )
+
+    def check_importance(self, case: str, method: prune.BasePruningMethod, t: torch.Tensor, mask: torch.Tensor) -> None:
+        """Scores that prunespec ranks by must rank as compute_mask does."""
+        rule = "importance agrees with compute_mask"
+        try:
+            score = self.info.scorer(method)
+            if score is None:
+                return
+            scores = score(t)
+            flat = score(t.reshape(-1))
+        except Exception as exc:
+            self.fail(rule, f"scoring raised {type(exc).__name__}: {exc}", case)
+            return
+        if not isinstance(scores, torch.Tensor) or scores.shape != t.shape:
+            got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            self.fail(rule, f"the scores have shape {got}, expected the tensor's {list(t.shape)}", case)
+            return
+        if not torch.equal(flat.reshape(t.shape), scores):
+            self.fail(rule, "the scores are not elementwise: scoring the flattened tensor gives other values", case)
+            return
+        pruned = mask == 0
+        if bool(pruned.any()) and bool((~pruned).any()):
+            highest_pruned, lowest_kept = scores[pruned].max(), scores[~pruned].min()
+            if bool(highest_pruned > lowest_kept):
+                self.fail(
+                    rule,
+                    f"compute_mask pruned an entry scoring {float(highest_pruned):.4g} but kept one scoring "
+                    f"{float(lowest_kept):.4g}; prunespec selects by the scores, so the two must agree",
+                    case,
+                )
 
     def check_pickle(self, shape: tuple[int, ...]) -> None:
         method = self.build()

@@ -1,0 +1,733 @@
+"""Method plugins: the packages under plugins/ (installed with pip, as a user would), specs that name
+their methods, the schema and CLI covering them, failure containment (with fake installed distributions),
+and the contract check of ``prunespec.testing``.
+
+The plugin packages must be installed into the test environment:
+``pip install -e plugins/prunespec-foobar -e plugins/prunespec-nm`` (``make test`` does it).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import itertools
+import json
+import sys
+import textwrap
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.nn.utils import prune
+
+import prunespec
+import prunespec.plugins
+from prunespec.cli import main
+from prunespec.methods.base import MethodInfo, NoOptions
+from prunespec.plugins import KNOWN_PLUGINS, PluginWarning, provider_hint
+from prunespec.testing import check_method, registered_methods
+
+BUILTIN_NAMES = {"identity", "random_unstructured", "l1_unstructured", "random_structured", "ln_structured"}
+PLUGIN_PACKAGES = {"foobar": "prunespec-foobar", "nm": "prunespec-nm"}
+
+
+def _installed() -> None:
+    missing = [pkg for pkg in PLUGIN_PACKAGES.values() if _version(pkg) is None]
+    if missing:
+        pytest.fail(
+            f"plugin packages {missing} are not installed in this environment: run "
+            "`pip install -e plugins/prunespec-foobar -e plugins/prunespec-nm` (make test does)",
+            pytrace=False,
+        )
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test decides for itself whether plugins are restricted."""
+    monkeypatch.delenv(prunespec.plugins.ENV_BUILTINS_ONLY, raising=False)
+    monkeypatch.delenv(prunespec.plugins.ENV_ALLOW, raising=False)
+
+
+@pytest.fixture(scope="module")
+def registry() -> prunespec.MethodRegistry:
+    """The built-ins and the two plugin packages, loaded through their entry points without a warning."""
+    _installed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        return prunespec.load_methods(builtins_only=False, allow=list(PLUGIN_PACKAGES))
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def groups_of(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """A (out, in) mask as (out, in // m, m): the N:M groups along the input dimension."""
+    return mask.reshape(mask.shape[0], -1, m)
+
+
+# --- the installed packages ----------------------------------------------------------------------
+
+
+def test_plugins_are_installed_and_found_through_entry_points(registry: prunespec.MethodRegistry) -> None:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="prunespec")}
+    for method, package in PLUGIN_PACKAGES.items():
+        assert eps[method].dist is not None and eps[method].dist.name == package
+        info = registry[method]
+        assert (info.provider, info.package, info.version) == (method, package, _version(package))
+    assert set(registry) == BUILTIN_NAMES | set(PLUGIN_PACKAGES)
+    assert registry.problems == []
+
+
+def test_known_plugins_table_matches_the_packages(registry: prunespec.MethodRegistry) -> None:
+    assert {name: KNOWN_PLUGINS[name] for name in PLUGIN_PACKAGES} == PLUGIN_PACKAGES
+    for method, package in KNOWN_PLUGINS.items():
+        if method in registry:
+            assert registry[method].package == package
+
+
+def test_make_plugin_manager_is_a_factory() -> None:
+    pm1, sources, _ = prunespec.plugins.make_plugin_manager(builtins_only=True)
+    pm2, _, _ = prunespec.plugins.make_plugin_manager(builtins_only=True)
+    assert pm1 is not pm2
+    assert list(sources) == [prunespec.plugins.BUILTIN]
+    assert not any(isinstance(value, pluggy.PluginManager) for value in vars(prunespec.plugins).values())
+
+
+# --- the tutorial's FooBar -----------------------------------------------------------------------
+
+
+def test_tutorial_foobar_spec_reproduces_the_tutorial_mask(
+    lenet: nn.Module, registry: prunespec.MethodRegistry, tmp_path: Path
+) -> None:
+    from prunespec_foobar import FooBarPruningMethod
+
+    by_hand = copy.deepcopy(lenet)
+    spec = write(
+        tmp_path,
+        """
+        version: 1
+        rules:
+          - select: {names: [fc3], params: [bias]}
+            method: foobar
+        """,
+    )
+    prunespec.apply(lenet, spec, methods=registry)
+    FooBarPruningMethod.apply(by_hand.fc3, "bias")
+
+    assert lenet.fc3.bias_mask.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert torch.equal(lenet.fc3.bias_mask, by_hand.fc3.bias_mask)
+    assert torch.equal(lenet.fc3.bias, by_hand.fc3.bias)
+    assert lenet.state_dict().keys() == by_hand.state_dict().keys()
+    hook = next(iter(lenet.fc3._forward_pre_hooks.values()))
+    assert type(hook) is FooBarPruningMethod and hook._tensor_name == "bias"
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(lenet(x), by_hand(x))
+
+
+# --- N:M ------------------------------------------------------------------------------------------
+
+
+def test_2_4_keeps_exactly_2_of_every_4_along_the_input_dim(
+    lenet: nn.Module, registry: prunespec.MethodRegistry, tmp_path: Path
+) -> None:
+    spec = write(
+        tmp_path,
+        """
+        version: 1
+        rules:
+          - select: {types: [Linear]}
+            method: nm
+            options: {n: 2, m: 4}
+        """,
+    )
+    report = prunespec.apply(lenet, spec, methods=registry)
+    for name in ("fc1", "fc2", "fc3"):
+        layer = lenet.get_submodule(name)
+        mask = groups_of(layer.weight_mask, 4)
+        assert torch.equal(mask.sum(-1), torch.full(mask.shape[:2], 2.0)), name
+        magnitude = groups_of(layer.weight_orig.detach().abs(), 4)
+        kept_min = magnitude.masked_fill(mask == 0, float("inf")).min(-1).values
+        pruned_max = magnitude.masked_fill(mask == 1, -1.0).max(-1).values
+        assert bool((kept_min >= pruned_max).all()), f"{name}: a pruned weight is larger than a kept one"
+        assert report.tensors[f"{name}.weight"] == pytest.approx(0.5)
+
+
+def test_2_4_on_top_of_an_earlier_rule_keeps_the_earlier_zeros(
+    lenet: nn.Module, registry: prunespec.MethodRegistry, tmp_path: Path
+) -> None:
+    from prunespec_nm import NMPruning
+
+    by_hand = copy.deepcopy(lenet)
+    spec = write(
+        tmp_path,
+        """
+        version: 1
+        rules:
+          - select: {types: [Linear]}
+            method: l1_unstructured
+            amount: 0.6
+          - select: {types: [Linear]}
+            method: nm
+            options: {n: 2, m: 4}
+        """,
+    )
+    prunespec.apply(lenet, spec, methods=registry)
+    for name in ("fc1", "fc2", "fc3"):
+        layer, ref = lenet.get_submodule(name), by_hand.get_submodule(name)
+        prune.l1_unstructured(ref, "weight", amount=0.6)
+        earlier = ref.weight_mask.clone()
+        NMPruning.apply(ref, "weight", n=2, m=4)  # torch's own composition, through a PruningContainer
+        mask = layer.weight_mask
+        assert torch.equal(mask, ref.weight_mask), name
+        assert not bool(mask[earlier == 0].any()), f"{name}: an entry pruned by the first rule came back"
+        alive = groups_of(earlier, 4).sum(-1)
+        assert torch.equal(groups_of(mask, 4).sum(-1), alive.clamp(max=2)), name
+        assert bool((alive > 2).any()) and bool((alive < 2).any())  # both kinds of group were exercised
+        hook = next(iter(layer._forward_pre_hooks.values()))
+        assert isinstance(hook, prune.PruningContainer)
+        assert [type(h) for h in hook] == [prune.L1Unstructured, NMPruning]
+
+
+def test_nm_on_a_tensor_that_does_not_fit_is_a_plan_error_naming_it(
+    registry: prunespec.MethodRegistry, tmp_path: Path
+) -> None:
+    model = nn.Sequential(nn.Linear(6, 5))  # weight (5, 6): 6 inputs, not a multiple of 4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = write(
+        tmp_path,
+        """
+        version: 1
+        rules:
+          - select: {types: [Linear], params: [weight, bias]}
+            method: nm
+            options: {n: 2, m: 4}
+        """,
+    )
+    with pytest.raises(prunespec.PlanError) as caught:
+        prunespec.apply(model, spec, methods=registry)
+    messages = [str(issue) for issue in caught.value.issues]
+    assert len(messages) == 2
+    assert "tensor 0.weight: nm:" in messages[0] and "size 6, which is not a multiple of m=4" in messages[0]
+    assert "tensor 0.bias: nm:" in messages[1] and "2 or more dims" in messages[1]
+    assert all(m.startswith(f"{spec}:3:") for m in messages)
+    assert model.state_dict().keys() == before.keys() and not model._forward_pre_hooks
+
+
+def test_plugin_hooks_round_trip_through_a_checkpoint(registry: prunespec.MethodRegistry, tmp_path: Path) -> None:
+    from prunespec_foobar import FooBarPruningMethod
+    from prunespec_nm import NMPruning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 10))
+    spec = {
+        "version": 1,
+        "rules": [
+            {"select": {"names": ["0"]}, "method": "nm", "options": {"n": 1, "m": 4}},
+            {"select": {"names": ["1"], "params": ["bias"]}, "method": "foobar"},
+        ],
+    }
+    prunespec.apply(model, spec, methods=registry)
+    prunespec.save(model, tmp_path / "pruned.pt", methods=registry)
+    fresh = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 10))
+    prunespec.load(fresh, tmp_path / "pruned.pt", methods=registry)
+    nm_hook = next(iter(fresh[0]._forward_pre_hooks.values()))
+    assert type(nm_hook) is NMPruning and (nm_hook.n, nm_hook.m) == (1, 4)
+    assert type(next(iter(fresh[1]._forward_pre_hooks.values()))) is FooBarPruningMethod
+    assert torch.equal(fresh[0].weight_mask, model[0].weight_mask)
+    assert fresh[1].bias_mask.tolist() == [0.0, 1.0] * 5
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), model(x))
+
+
+# --- schema and CLI -------------------------------------------------------------------------------
+
+
+def _condition(schema: dict[str, Any], method: str) -> dict[str, Any]:
+    for condition in schema["$defs"]["Rule"]["allOf"]:
+        if condition["if"]["properties"]["method"] == {"const": method}:
+            then: dict[str, Any] = condition["then"]
+            return then
+    raise AssertionError(f"no schema condition for method {method!r}")
+
+
+def test_schema_covers_the_plugins_options(capsys: pytest.CaptureFixture[str]) -> None:
+    _installed()
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"foobar", "nm"} <= set(schema["$defs"]["Rule"]["properties"]["method"]["enum"])
+    nm = _condition(schema, "nm")
+    options = nm["properties"]["options"]
+    assert options["required"] == ["n", "m"] and options["additionalProperties"] is False
+    assert options["properties"]["n"]["type"] == "integer" and options["properties"]["n"]["minimum"] == 1
+    assert "KEPT" in options["properties"]["n"]["description"]
+    assert "not" in nm  # nm takes neither amount nor sparsity
+    assert _condition(schema, "foobar")["properties"]["options"]["properties"] == {}
+
+    assert main(["schema", "--builtins-only"]) == 0
+    builtins = json.loads(capsys.readouterr().out)
+    assert set(builtins["$defs"]["Rule"]["properties"]["method"]["enum"]) == BUILTIN_NAMES
+
+
+def test_validate_rejects_a_non_integer_n_with_file_and_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _installed()
+    text = """
+        version: 1
+        rules:
+          - select: {types: [Linear]}
+            method: nm
+            options: {n: "two", m: 4}
+        """
+    bad = write(tmp_path, text, "bad.yaml")
+    good = write(tmp_path, text.replace('"two"', "2"), "good.yaml")
+    assert main(["validate", str(good)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    line = bad.read_text().splitlines()[4]
+    column = line.index('"two"') + 1
+    assert f"{bad}:5:{column}: rules[0].options.n: expected an integer" in err
+    assert "'two'" in err
+
+
+def test_methods_json_lists_the_plugins_with_package_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    _installed()
+    assert main(["methods", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["nm"] == {
+        "name": "nm",
+        "PRUNING_TYPE": "global",
+        "takes_amount": False,
+        "provider": "nm",
+        "package": "prunespec-nm",
+        "version": _version("prunespec-nm"),
+        "options": {"n": "required", "m": "required"},
+        "summary": rows["nm"]["summary"],
+    }
+    assert "n largest-magnitude of every m" in rows["nm"]["summary"]
+    foobar = rows["foobar"]
+    assert (foobar["package"], foobar["version"], foobar["PRUNING_TYPE"], foobar["options"]) == (
+        "prunespec-foobar",
+        _version("prunespec-foobar"),
+        "unstructured",
+        {},
+    )
+    assert rows["l1_unstructured"]["package"] == "prunespec"
+    assert main(["methods"]) == 0
+    assert f"prunespec-nm {_version('prunespec-nm')}" in capsys.readouterr().out
+
+
+# --- failure containment, with fake installed distributions ---------------------------------------
+
+GOOD_PLUGIN = """
+    import prunespec
+    from torch.nn.utils import prune
+
+
+    class KeepAll(prune.BasePruningMethod):
+        '''Keep everything.'''
+
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            return default_mask.clone()
+
+
+    @prunespec.hookimpl
+    def prunespec_register_methods(register):
+        register(KeepAll, name={name!r})
+"""
+
+FakePlugin = Callable[..., str]
+
+
+def _line_of(code: str, text: str) -> int:
+    return next(number for number, line in enumerate(code.splitlines(), 1) if text in line)
+
+
+@pytest.fixture
+def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePlugin]:
+    """Install a fake distribution: ``make(dist, code, entry=...)`` writes ``<dist>-1.0.dist-info`` (METADATA,
+    entry_points.txt) and the plugin module into a folder on sys.path, so that
+    ``importlib.metadata.entry_points(group="prunespec")`` finds it. Returns the module's name."""
+    modules: list[str] = []
+
+    def make(dist: str, code: str, *, entry: str | None = None, version: str = "1.0") -> str:
+        module = f"_fake_{dist.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+        root = tmp_path / module
+        info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[prunespec]\n{entry or dist} = {module}\n")
+        (root / f"{module}.py").write_text(textwrap.dedent(code))
+        monkeypatch.syspath_prepend(str(root))
+        modules.append(module)
+        return module
+
+    yield make
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def test_a_plugin_that_fails_to_import_is_a_warning_and_the_others_load(fake_plugin: FakePlugin) -> None:
+    _installed()
+    module = fake_plugin("fake-broken", "import prunespec\nimport a_module_that_is_not_installed\n", entry="broken")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods()
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "plugin 'broken' (package fake-broken 1.0) could not be loaded" in message
+    assert "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'" in message
+    assert f"{module}.py:2 " in message  # where, in the plugin's code
+    assert methods.problems == [message]
+    assert set(methods) == BUILTIN_NAMES | {"foobar", "nm"}
+
+
+def test_a_plugin_whose_hook_raises_is_a_warning_and_registers_nothing(fake_plugin: FakePlugin) -> None:
+    _installed()
+    code = textwrap.dedent(GOOD_PLUGIN + "\n        raise RuntimeError('cannot find my config file')\n")
+    module = fake_plugin("fake-raising", code.format(name="fake_half_done"), entry="raising")
+    line = _line_of(code, "raise RuntimeError")
+    fake_plugin("fake-good", textwrap.dedent(GOOD_PLUGIN).format(name="fake_keep_all"))
+    with pytest.warns(PluginWarning, match="cannot find my config file") as record:
+        methods = prunespec.load_methods()
+    message = str(record[0].message)
+    assert "plugin 'raising' (package fake-raising 1.0) failed while registering its methods" in message
+    assert "RuntimeError" in message
+    assert f"{module}.py:{line} " in message
+    assert "fake_half_done" not in methods  # what it registered before failing is dropped
+    assert set(methods) == BUILTIN_NAMES | {"foobar", "nm", "fake_keep_all"}
+    assert methods["fake_keep_all"].package == "fake-good"
+
+
+def test_a_hook_with_a_wrong_signature_is_a_warning(fake_plugin: FakePlugin) -> None:
+    _installed()
+    code = "import prunespec\n\n@prunespec.hookimpl\ndef prunespec_register_methods(registry):\n    pass\n"
+    fake_plugin("fake-wrong-hook", code, entry="wrong")
+    with pytest.warns(PluginWarning, match=r"plugin 'wrong' \(package fake-wrong-hook 1\.0\) could not be loaded"):
+        methods = prunespec.load_methods()
+    assert {"foobar", "nm"} <= set(methods)
+
+
+def test_a_plugin_registering_a_bad_method_is_a_warning_pointing_at_its_call(fake_plugin: FakePlugin) -> None:
+    code = textwrap.dedent(GOOD_PLUGIN).format(name="Not-Snake-Case")
+    module = fake_plugin("fake-bad-name", code, entry="bad_name")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["bad_name", "nm"])
+    message = str(record[0].message)
+    assert "plugin 'bad_name' (package fake-bad-name 1.0) failed while registering its methods" in message
+    assert "ValueError: method name 'Not-Snake-Case' must be snake_case" in message
+    assert f"{module}.py:{_line_of(code, 'register(KeepAll')} " in message  # the call, not prunespec's internals
+    assert "nm" in methods
+
+
+def test_two_packages_registering_one_name_is_an_error_naming_both(
+    fake_plugin: FakePlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_plugin("fake-a", textwrap.dedent(GOOD_PLUGIN).format(name="fake_same"), entry="a")
+    fake_plugin("fake-b", textwrap.dedent(GOOD_PLUGIN).format(name="fake_same"), entry="b")
+    with pytest.raises(prunespec.PluginError) as caught:
+        prunespec.load_methods(allow=["a", "b"])
+    message = str(caught.value)
+    assert "method 'fake_same' is registered twice" in message
+    assert "plugin 'a' (package fake-a 1.0)" in message and "plugin 'b' (package fake-b 1.0)" in message
+    assert main(["methods"]) == 1
+    assert "registered twice" in capsys.readouterr().err
+
+
+def test_a_plugin_taking_an_installed_plugins_name_is_an_error_naming_both(fake_plugin: FakePlugin) -> None:
+    _installed()
+    fake_plugin("fake-nm", textwrap.dedent(GOOD_PLUGIN).format(name="nm"), entry="other_nm")
+    with pytest.raises(prunespec.PluginError, match=r"method 'nm' is registered twice") as caught:
+        prunespec.load_methods()
+    assert "(package prunespec-nm " in str(caught.value) and "(package fake-nm 1.0)" in str(caught.value)
+
+
+def test_two_packages_with_one_entry_point_name_is_an_error_naming_both(fake_plugin: FakePlugin) -> None:
+    fake_plugin("fake-one", textwrap.dedent(GOOD_PLUGIN).format(name="fake_one"), entry="dup")
+    fake_plugin("fake-two", textwrap.dedent(GOOD_PLUGIN).format(name="fake_two"), entry="dup")
+    with pytest.raises(prunespec.PluginError, match="two plugins are named 'dup'") as caught:
+        prunespec.load_methods(allow=["dup"])
+    assert "fake-one 1.0" in str(caught.value) and "fake-two 1.0" in str(caught.value)
+
+
+def test_builtins_only_flag_and_env_var_load_no_plugin(
+    fake_plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _installed()
+    broken = fake_plugin("fake-broken", "raise ImportError('must not be imported')\n", entry="broken")
+    methods = prunespec.load_methods(builtins_only=True)
+    assert set(methods) == BUILTIN_NAMES and methods.problems == []
+    assert main(["methods", "--json", "--builtins-only"]) == 0
+    assert {row["name"] for row in json.loads(capsys.readouterr().out)} == BUILTIN_NAMES
+    monkeypatch.setenv("PRUNESPEC_BUILTINS_ONLY", "1")
+    assert set(prunespec.load_methods()) == BUILTIN_NAMES
+    assert main(["methods", "--json"]) == 0
+    assert {row["name"] for row in json.loads(capsys.readouterr().out)} == BUILTIN_NAMES
+    assert broken not in sys.modules
+    monkeypatch.setenv("PRUNESPEC_BUILTINS_ONLY", "0")
+    with pytest.warns(PluginWarning, match="must not be imported"):
+        assert {"foobar", "nm"} <= set(prunespec.load_methods())
+
+
+def test_allow_list_loads_only_the_named_plugins(fake_plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    _installed()
+    broken = fake_plugin("fake-broken", "raise ImportError('must not be imported')\n", entry="broken")
+    assert set(prunespec.load_methods(allow=["nm"])) == BUILTIN_NAMES | {"nm"}
+    assert set(prunespec.load_methods(allow=["prunespec-foobar"])) == BUILTIN_NAMES | {"foobar"}  # a package name
+    assert set(prunespec.load_methods(allow=["Prunespec_NM"])) == BUILTIN_NAMES | {"nm"}  # normalised like pip
+    monkeypatch.setenv("PRUNESPEC_PLUGINS", "foobar, nm")
+    assert set(prunespec.load_methods()) == BUILTIN_NAMES | {"foobar", "nm"}
+    assert broken not in sys.modules
+    monkeypatch.setenv("PRUNESPEC_PLUGINS", "nmm")
+    with pytest.warns(PluginWarning, match=r"names 'nmm', which is no installed plugin; installed plugins: .*nm"):
+        assert set(prunespec.load_methods()) == BUILTIN_NAMES
+
+
+def test_provider_hint(fake_plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    _installed()
+    assert provider_hint("no_such_method") is None
+    hint = provider_hint("nm")
+    assert hint is not None and hint.startswith("method 'nm' is provided by the package prunespec-nm, which is")
+    assert f"installed ({_version('prunespec-nm')}) but was not loaded" in hint
+    monkeypatch.setitem(KNOWN_PLUGINS, "magic", "prunespec-magic")
+    assert (
+        provider_hint("magic")
+        == "method 'magic' is provided by the package prunespec-magic: pip install prunespec-magic"
+    )
+    fake_plugin("prunespec-magic", "raise ImportError('libmagic is missing')\n", entry="magic")
+    with pytest.warns(PluginWarning):
+        methods = prunespec.load_methods(allow=["magic"])
+    hint = provider_hint("magic", methods)
+    assert hint is not None and "installed (1.0) but failed to load" in hint and "libmagic is missing" in hint
+
+
+def test_a_spec_naming_a_missing_plugins_method_is_a_spec_error(tmp_path: Path) -> None:
+    spec = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: nm\n")
+    with pytest.raises(prunespec.SpecError, match=r"spec\.yaml:4:13: rules\[0\]\.method: unknown method 'nm'"):
+        prunespec.load_spec(spec, methods=prunespec.load_methods(builtins_only=True))
+
+
+def test_a_spec_naming_a_missing_plugins_method_names_its_package(tmp_path: Path) -> None:
+    spec = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: nm\n")
+    with pytest.raises(prunespec.SpecError) as caught:
+        prunespec.load_spec(spec, methods=prunespec.load_methods(builtins_only=True))
+    assert "unknown method 'nm'" in str(caught.value)
+    assert "provided by the package prunespec-nm" in str(caught.value)
+
+
+# --- the contract check ---------------------------------------------------------------------------
+
+BUILTIN_OPTIONS: dict[str, dict[str, Any]] = {"random_structured": {"dim": 0}, "ln_structured": {"n": 2, "dim": 0}}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_NAMES))
+def test_builtins_keep_the_contract(name: str, methods: prunespec.MethodRegistry) -> None:
+    info = check_method(methods[name], options=BUILTIN_OPTIONS.get(name))
+    assert info is methods[name]
+
+
+def test_builtins_keep_the_contract_with_counts_and_other_dims(methods: prunespec.MethodRegistry) -> None:
+    check_method(methods["l1_unstructured"], amount=3)
+    check_method(methods["random_unstructured"], amount=0.3, dtypes=[torch.float32])
+    check_method(methods["ln_structured"], options={"n": 1, "dim": -1}, amount=2, dtypes=[torch.float32])
+    check_method(methods["random_structured"], options={"dim": 1}, amount=0.25, dtypes=[torch.float32])
+
+
+def test_plugins_keep_the_contract(registry: prunespec.MethodRegistry) -> None:
+    check_method(registry["foobar"])
+    check_method(registry["nm"], options={"n": 2, "m": 4})
+
+
+def test_registered_methods_reads_a_plugins_hook() -> None:
+    _installed()
+    import prunespec_foobar
+    import prunespec_nm
+
+    assert set(registered_methods(prunespec_foobar)) == {"foobar"}
+    assert registered_methods(prunespec_nm)["nm"].cls is prunespec_nm.NMPruning
+    from prunespec.methods import builtin
+
+    assert set(registered_methods(builtin)) == BUILTIN_NAMES
+
+
+class _Base(prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask.clone()
+
+
+class Unprunes(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(default_mask)
+
+
+class WrongShape(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask.reshape(-1).clone()
+
+
+class WrongDtype(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask.to(torch.float64)
+
+
+class NotBinary(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask * 0.5
+
+
+class MutatesDefault(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        default_mask.view(-1)[0] = 0
+        return default_mask
+
+
+class Raises(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of ideas")
+
+
+class FloorsTheAmount(_Base):
+    """Prunes int(amount * n) of the smallest entries: torch rounds instead."""
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        k = int(self.amount * t.numel())
+        if k:
+            mask.view(-1)[torch.topk(t.abs().view(-1), k, largest=False).indices] = 0
+        return mask
+
+
+_calls = itertools.count()
+
+
+class NotDeterministic(_Base):
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        mask.view(-1)[next(_calls) % t.numel()] = 0
+        return mask
+
+
+class NotPicklable(_Base):
+    def __init__(self) -> None:
+        self.score = lambda t: t.abs()
+
+
+class PartlyStructured(_Base):
+    """Claims to be structured but prunes single entries."""
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float, dim: int = 0) -> None:
+        self.amount, self.dim = amount, dim
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        mask.view(-1)[:: t.shape[self.dim]] = 0
+        return mask
+
+
+class RenamesItsOption(_Base):
+    def __init__(self, k: int = 1) -> None:
+        self.keep = k
+
+
+class NeedsK(_Base):
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "rule", "detail"),
+    [
+        (Unprunes, {}, "respects default_mask", "entries to 1 that are 0 in default_mask"),
+        (WrongShape, {}, "mask shape and dtype", "mask shape [128] != tensor shape [8, 16]"),
+        (WrongDtype, {}, "mask shape and dtype", "mask dtype torch.float64 != tensor dtype torch.float32"),
+        (NotBinary, {}, "binary", "values other than 0 and 1: [0.5]"),
+        (MutatesDefault, {}, "inputs untouched", "changed `t` or `default_mask` in place"),
+        (Raises, {}, "mask shape and dtype", "compute_mask raised RuntimeError: out of ideas"),
+        (FloorsTheAmount, {"amount": 0.3}, "honours the amount", "should prune 5 (round(amount * remaining)"),
+        (NotDeterministic, {}, "deterministic under a seed", "gave different masks"),
+        (NotPicklable, {}, "pickle-able", "pickling the method object failed"),
+        (PartlyStructured, {"amount": 0.5}, "honours the amount", "only partly pruned"),
+        (NeedsK, {"options_model": NoOptions}, "options schema", "constructor arguments ['k']"),
+        (RenamesItsOption, {"options": {"k": 2}}, "options kept on the instance", "option k=2 is not the method"),
+        (
+            prune.L1Unstructured,
+            {"importance": lambda t: -t.abs()},
+            "importance agrees with compute_mask",
+            "compute_mask pruned an entry scoring",
+        ),
+        (
+            prune.L1Unstructured,
+            {"importance": lambda t: t.abs().cumsum(-1), "shapes": [(4, 8)]},
+            "importance agrees with compute_mask",
+            "the scores are not elementwise",
+        ),
+    ],
+)
+def test_check_method_catches_a_broken_method(cls: type, kwargs: dict[str, Any], rule: str, detail: str) -> None:
+    with pytest.raises(AssertionError) as caught:
+        check_method(cls, name="broken_one", **kwargs)
+    message = str(caught.value)
+    assert message.startswith(f"method 'broken_one' ({cls.__module__}.{cls.__qualname__}) breaks the method contract")
+    assert f"rule '{rule}': " in message
+    assert detail in message
+
+
+def test_check_method_explains_what_it_cannot_even_start() -> None:
+    with pytest.raises(AssertionError, match=r"method 'Bad-Name' breaks the rule 'registers': .*snake_case"):
+        check_method(_Base, name="Bad-Name")
+    with pytest.raises(AssertionError, match=r"rule 'options': options=\{\} do not validate \(n: Field required"):
+        check_method(registered_methods(__import__("prunespec_nm"))["nm"])
+    with pytest.raises(AssertionError, match=r"rule 'shapes': check_tensor refuses every shape tried"):
+        check_method(registered_methods(__import__("prunespec_nm"))["nm"], options={"n": 1, "m": 3})
+
+
+class _KOptions(BaseModel):
+    k: int = 1
+
+
+class OptionsCoverTheConstructor(_Base):
+    def __init__(self, k: int = 1) -> None:
+        self.k = k
+
+
+def test_check_method_accepts_an_options_model_and_keyword_arguments() -> None:
+    info = check_method(OptionsCoverTheConstructor, name="with_k", options={"k": 2}, options_model=_KOptions)
+    assert info.options_model is _KOptions and not info.takes_amount
+
+
+class TwoOptions(_Base):
+    def __init__(self, n: int = 2, m: int = 4) -> None:
+        self.n, self.m = n, m
+
+
+def test_adapted_class_keeps_every_constructor_keyword_as_an_option() -> None:
+    # inspect.signature(cls) has no `self`: the first keyword argument is an option like the others
+    info = MethodInfo.from_class(TwoOptions, name="two_options")
+    assert set(info.options_model.model_fields) == {"n", "m"}
+    check_method(TwoOptions, name="two_options", options={"n": 1, "m": 3})
