@@ -179,7 +179,7 @@ def _amount(step: Step, info: MethodInfo, masks: list[torch.Tensor | None], size
             else int((mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim % mask.dim()]).sum())
         )
         return max(0, round(step.sparsity * channels) - done)
-    done = sum(0 if m is None else int((m == 0).sum()) for m in masks)
+    done = sum(0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in masks)
     return max(0, round(step.sparsity * sum(sizes)) - done)
 
 

@@ -102,7 +102,8 @@ def collect(
             name = f"{module_name}.{pname}" if module_name else pname
             ids[name] = id(tensor)
             if id(tensor) not in by_id:
-                zeros = int((mask == 0).sum()) if mask is not None else int((tensor.detach() == 0).sum())
+                counted = mask if mask is not None else tensor.detach()  # zeros of the mask, else of the values
+                zeros = counted.numel() - int(torch.count_nonzero(counted))
                 by_id[id(tensor)] = TensorStats(name, tuple(tensor.shape), zeros, mask is not None)
     if names is not None:
         wanted = [name for name in names if name in ids]

@@ -42,6 +42,7 @@ class Cut:
     value: torch.Tensor | None  # None: nothing new
     take: int = 0
     pruned: int = 0
+    ties: int = 0  # entries of this tensor scoring exactly ``value``
 
 
 NOTHING = Cut(None)
@@ -69,7 +70,8 @@ def _scores(entry: Entry, score: Score, dtype: torch.dtype, index: torch.Tensor 
 
 def pruned_counts(entries: Sequence[Entry]) -> list[int]:
     """How many entries of each tensor its mask already prunes."""
-    return [0 if e.mask is None else int((e.mask != 1).sum()) for e in entries]
+    # masks are binary (the engine checks), so a mask's zeros are all that is not one
+    return [0 if e.mask is None else e.mask.numel() - int(torch.count_nonzero(e.mask)) for e in entries]
 
 
 def find_cuts(
@@ -136,7 +138,7 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
         for entry in entries:
             scores = _scores(entry, score, dtype)
             is_below = scores < lo
-            below.append(int(is_below.sum()))
+            below.append(int(torch.count_nonzero(is_below)))
             inside.append(scores[~is_below & (scores <= hi)])  # NaNs are never inside
         if sum(below) < target <= sum(below) + sum(c.numel() for c in inside):
             break
@@ -147,13 +149,14 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
     exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
     # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
     value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
-    strictly = [b + int((c < value).sum()) for b, c in zip(below, inside, strict=True)]
+    strictly = [b + int(torch.count_nonzero(c < value)) for b, c in zip(below, inside, strict=True)]
     need = target - sum(strictly)
     cuts = []
     for count, c, done in zip(strictly, inside, already, strict=True):
-        take = min(int((c == value).sum()), need)
+        ties = int(torch.count_nonzero(c == value))
+        take = min(ties, need)
         need -= take
-        cuts.append(Cut(value, take, count + take - done))
+        cuts.append(Cut(value, take, count + take - done, ties))
     return cuts
 
 
@@ -165,7 +168,7 @@ def _bracket(
     if total <= SAMPLE:
         return -math.inf, math.inf
     generator = torch.Generator().manual_seed(_GENERATOR_SEED)
-    positions = torch.randint(total, (SAMPLE,), generator=generator).sort().values
+    positions = torch.randint(total, (SAMPLE,), generator=generator)
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     owner = torch.searchsorted(offsets, positions, right=True) - 1
     parts = []
@@ -173,12 +176,15 @@ def _bracket(
         index = positions[owner == i] - offsets[i]
         if index.numel():
             parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).cpu())
-    sample = torch.cat(parts).sort().values  # NaNs sort last
+    sample = torch.cat(parts).float().nan_to_num(nan=math.inf)  # NaNs rank last; float32 holds any fp16/bf16
     middle = target / total * SAMPLE
     spread = 6 * math.sqrt(SAMPLE) + 2  # far beyond the sampling error of a quantile
     low_i, high_i = math.floor(middle - spread), math.ceil(middle + spread)
-    lo = sample[low_i] if low_i >= 0 else -math.inf
-    hi = sample[high_i] if high_i < SAMPLE and not sample[high_i].isnan() else math.inf
+    # two selections on the sample (cheaper than sorting it)
+    lo = sample.kthvalue(low_i + 1).values.to(dtype) if low_i >= 0 else -math.inf
+    hi = sample.kthvalue(high_i + 1).values.to(dtype) if high_i < SAMPLE else math.inf
+    if isinstance(hi, torch.Tensor) and hi.isinf():
+        hi = math.inf
     return lo, hi
 
 
@@ -188,10 +194,13 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> torch
     if cut.value is None:
         return entry.mask.clone() if entry.mask is not None else torch.ones_like(values)
     scores = _scores(entry, score, dtype)
-    keep = ~(scores < cut.value)
-    if cut.take:
-        tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
-        keep[tied] = False
+    if cut.take == cut.ties:  # every entry at the cut goes (the usual case: one entry, no tie)
+        keep = ~(scores <= cut.value)  # NaN compares False: kept
+    else:
+        keep = ~(scores < cut.value)
+        if cut.take:
+            tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
+            keep[tied] = False
     return keep.reshape(values.shape).to(values.dtype)
 
 
