@@ -17,6 +17,7 @@ from .methods.base import PruningMethod
 from .planner import Plan, Step
 from .plugins import MethodRegistry, load_methods
 from .report import Report, sparsity
+from .scheduler import Scheduler
 from .spec import Spec
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "PrunespecError",
     "PruningMethod",
     "Report",
+    "Scheduler",
     "Spec",
     "SpecError",
     "Step",

@@ -173,7 +173,7 @@ def validate_document(document: Any, source: SourceMap, methods: MethodRegistry 
         else:
             spec, option_issues = _validate_options(spec, methods, source)
             issues.extend(option_issues)
-            issues.extend(_schedule_issues(spec, source))
+            issues.extend(schedule_issues(spec, methods, source))
     if issues:
         raise SpecError(_tidy(issues))
     spec._source = source
@@ -195,13 +195,19 @@ def _validate_options(spec: Spec, methods: MethodRegistry, source: SourceMap) ->
     return spec.model_copy(update={"rules": rules}), issues
 
 
-def _schedule_issues(spec: Spec, source: SourceMap) -> list[Issue]:
-    """A scheduled rule aims at a final `sparsity`, at least the schedule's `initial`."""
+def schedule_issues(spec: Spec, methods: MethodRegistry, source: SourceMap) -> list[Issue]:
+    """A scheduled rule aims at a final `sparsity`, at least the schedule's `initial`; all schedules
+    count in one unit (the training loop passes one t)."""
     issues = []
+    units = {s.unit for s in [spec.schedule, *(r.schedule for r in spec.rules)] if s is not None}
+    if len(units) > 1:
+        issues.append(
+            source.issue(("schedule",) if spec.schedule else (), "schedules mix units: " + " and ".join(sorted(units)))
+        )
     for index, rule in enumerate(spec.rules):
         schedule = rule.schedule or spec.schedule
-        if schedule is None:
-            continue
+        if schedule is None or (rule.schedule is None and not methods[rule.method].takes_amount):
+            continue  # a spec-wide schedule leaves methods without an amount alone
         where = ("rules", index, "schedule") if rule.schedule else ("schedule",)
         if rule.sparsity is None:
             issues.append(

@@ -229,6 +229,12 @@ class _Planner:
             return
         if rule.amount == 1 and isinstance(rule.amount, int):
             self.warnings.append(f"{label}: `amount: 1` is a count (one entry or channel); write 1.0 to prune all")
+        schedule = rule.schedule or self.spec.schedule
+        if schedule is not None:
+            self.warnings.append(
+                f"{label}: has a schedule ({schedule.curve}, {schedule.unit} {schedule.start:g} to {schedule.end:g}); "
+                "applied at once, it prunes to its final `sparsity` (prunespec.Scheduler prunes gradually in training)"
+            )
         if rule.scope == "global":
             self._global(index, rule, info, targets)
         else:
