@@ -44,11 +44,12 @@ def apply(
     the model is left exactly as it was.
     """
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
-    if finalize is not None and finalize != the_plan.spec.finalize:
-        the_plan.spec = the_plan.spec.model_copy(update={"finalize": finalize})
-    names = engine.execute(model, the_plan, progress)
+    pruned = engine.execute(model, the_plan, progress)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
-    return collect(model, names, predicted)
+    report = collect(model, [p.name for p in pruned], predicted)  # from the masks, before any finalize
+    if the_plan.spec.finalize if finalize is None else finalize:
+        engine.make_permanent(pruned)
+    return report
 
 
 def finalize(model: nn.Module) -> list[str]:

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .engine import GlobalMask, ensure_detach_hook
-from .errors import CheckpointError
-from .loader import validate_document
+from .errors import CheckpointError, SpecError
+from .loader import load_spec, validate_document
 from .plugins import MethodRegistry, load_methods
 from .spec import SourceMap, Spec
 
@@ -34,11 +34,16 @@ FORMAT = 1
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike[str], spec: Spec | None = None, *, methods: MethodRegistry | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    spec: Spec | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    methods: MethodRegistry | None = None,
 ) -> None:
-    """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it and
-    which methods pruned each tensor."""
+    """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
+    Spec, a YAML path or a mapping) and which methods pruned each tensor."""
     methods = load_methods() if methods is None else methods
+    spec = load_spec(spec, methods=methods) if spec is not None else None
     meta: dict[str, Any] = {
         "format": FORMAT,
         "spec": spec.model_dump(mode="json", exclude_none=True) if spec is not None else None,
@@ -54,12 +59,18 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     Raises CheckpointError, leaving the model as it was, when the checkpoint does not fit.
     """
     state_dict, meta = read(path)
-    load_state_dict(model, state_dict)
     methods = load_methods() if methods is None else methods
+    recorded = meta.get("spec") if meta else None
+    spec = None
+    if isinstance(recorded, Mapping):
+        try:
+            spec = validate_document(recorded, SourceMap(file=str(path)), methods)
+        except SpecError as exc:  # e.g. a plugin method that is not installed here: the weights still load
+            warnings.warn(f"{path}: the spec recorded in the checkpoint is not valid here: {exc}", stacklevel=2)
+    load_state_dict(model, state_dict)
     if meta and isinstance(meta.get("hooks"), Mapping):
         _restore_hooks(model, meta["hooks"], methods)
-    spec = meta.get("spec") if meta else None
-    return validate_document(spec, SourceMap(file=str(path)), methods) if isinstance(spec, Mapping) else None
+    return spec
 
 
 def _pruning_hooks(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any, prune.BasePruningMethod]]:
@@ -169,12 +180,25 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
         prune.identity(modules[module_name], pname)
         ensure_detach_hook(modules[module_name])
     model.load_state_dict(state_dict, strict=True)
+    _share_tied_masks(model)
     with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
         for module in modules.values():
             for hook in module._forward_pre_hooks.values():
                 if isinstance(hook, prune.BasePruningMethod):
                     setattr(module, hook._tensor_name, hook.apply_mask(module))
     return [f"{m}.{p}" if m else p for m, p in to_prune]
+
+
+def _share_tied_masks(model: nn.Module) -> None:
+    """Owners of one (tied) original Parameter share one mask tensor, as after apply."""
+    masks: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for pname, param in module._parameters.items():
+            base = pname.removesuffix("_orig")
+            if param is None or not pname.endswith("_orig") or base + "_mask" not in module._buffers:
+                continue
+            mask = masks.setdefault(id(param), module._buffers[base + "_mask"])  # type: ignore[arg-type]
+            module._buffers[base + "_mask"] = mask
 
 
 def _first(keys: list[str], n: int = 5) -> str:

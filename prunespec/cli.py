@@ -149,7 +149,8 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     plan = api.plan(model, args.spec, methods=methods)
     report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args))
     if args.out:
-        checkpoint.save(model, args.out, spec=plan.spec, methods=methods)
+        applied = plan.spec.model_copy(update={"finalize": True}) if args.finalize else plan.spec
+        checkpoint.save(model, args.out, spec=applied, methods=methods)
     if args.json:
         _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
         return EXIT_OK

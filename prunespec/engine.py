@@ -102,8 +102,16 @@ class _Tensor:
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
 
 
-def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> list[str]:
-    """Apply ``plan`` to ``model``; returns the names of the pruned tensors. Raises ApplyError.
+@dataclass(frozen=True)
+class Pruned:
+    """A tensor :func:`execute` pruned: its name and every (module, parameter name) that owns it."""
+
+    name: str
+    owners: tuple[tuple[nn.Module, str], ...]
+
+
+def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> list[Pruned]:
+    """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
     ``progress`` is called after each local step and each global group (masks are computed then; the
     install that follows is quick).
@@ -123,12 +131,15 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> l
             if progress is not None:
                 progress(done, len(plan.steps), what)
     _install(list(tensors.values()))
-    if plan.spec.finalize:
-        for tensor in tensors.values():
-            for module, pname in tensor.owners:
-                prune.remove(module, pname)
-                drop_detach_hook(module)
-    return [t.name for t in tensors.values()]
+    return [Pruned(t.name, tuple(t.owners)) for t in tensors.values()]
+
+
+def make_permanent(pruned: list[Pruned]) -> None:
+    """torch's ``prune.remove`` on every owner of each tensor :func:`execute` pruned."""
+    for tensor in pruned:
+        for module, pname in tensor.owners:
+            prune.remove(module, pname)
+            drop_detach_hook(module)
 
 
 @contextlib.contextmanager

@@ -287,7 +287,9 @@ def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods
         allowed = sorted(schema.get("properties", {}))
         issues = []
         for key in value:
-            if key not in allowed:
+            if not isinstance(key, str):
+                issues.append(source.issue((*path, str(key)), f"mapping keys must be strings, got {key!r}", key=True))
+            elif key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed) or 'none'}"
                 issues.append(source.issue((*path, key), f"unknown key {key!r}", hint, key=True))
@@ -301,7 +303,7 @@ def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods
             f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
         )
         return [source.issue(path, f"unknown method {value!r}", hint)]
-    if kind == "oneOf" and _is_amount_choice(error.validator_value):
+    if kind == "oneOf" and _is_amount_choice(error.validator_value) and isinstance(value, dict):
         method = value.get("method")
         if "amount" in value and "sparsity" in value:
             return [source.issue(path, "give `amount` or `sparsity`, not both")]

@@ -399,9 +399,12 @@ class _Planner:
             )
             if k is None:
                 return
-            per_channel = state.numel // total
-            only_this_dim = state.channels is not None and all(v == 0 for d, v in state.channels.items() if d != dim)
-            if state.exact and only_this_dim:
+            per_channel = state.numel // total if total else 0
+            # exact while every pruned entry lies in a whole pruned channel along this dim
+            whole = state.channels is not None and round(state.pruned) == pruned_channels * per_channel
+            if k == 0:
+                pass
+            elif state.exact and whole:
                 state.pruned = (pruned_channels + k) * per_channel
             else:
                 alive = state.numel - state.pruned

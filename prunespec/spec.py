@@ -199,7 +199,9 @@ class Spec(_Model):
     """A whole prunespec document."""
 
     version: Literal[1] = Field(description="Spec language version; must be 1.")
-    seed: Count | None = Field(default=None, description="Seed for random methods, for reproducible masks.")
+    seed: Annotated[StrictInt, Field(ge=0, le=2**64 - 1)] | None = Field(
+        default=None, description="Seed for random methods, for reproducible masks (0 to 2**64 - 1)."
+    )
     rules: list[Rule] = Field(min_length=1, description="Applied in order; later rules compose on earlier ones.")
     schedule: Schedule | None = Field(
         default=None, description="The schedule of every rule that has none of its own (see `prunespec.Scheduler`)."
