@@ -46,7 +46,8 @@ def apply(
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
     pruned = engine.execute(model, the_plan, progress)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
-    report = collect(model, [p.name for p in pruned], predicted)  # from the masks, before any finalize
+    counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
+    report = collect(model, [p.name for p in pruned], predicted, counted)  # from the masks, before any finalize
     if the_plan.spec.finalize if finalize is None else finalize:
         engine.make_permanent(pruned)
     return report

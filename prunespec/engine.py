@@ -90,6 +90,7 @@ class _Tensor:
     owners: list[tuple[nn.Module, str]]
     orig: torch.Tensor
     mask: torch.Tensor | None
+    zeros: int | None = None  # the mask's zeros, when known without counting them again
     new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
 
@@ -108,6 +109,7 @@ class Pruned:
 
     name: str
     owners: tuple[tuple[nn.Module, str], ...]
+    zeros: int | None  # zeros of its mask, if the engine counted them
 
 
 def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> list[Pruned]:
@@ -122,7 +124,7 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> l
         for unit in plan.units():
             staged = [_stage(model, tensors, step) for step in unit]
             if unit[0].scope == "global":
-                _run_global(unit, staged, plan.methods[unit[0].method])
+                _run_global(unit, staged, plan.methods[unit[0].method], plan.cuts.get(unit[0].rule_index))
             else:
                 _run_local(unit[0], staged[0], plan.methods[unit[0].method])
             done += len(unit)
@@ -131,7 +133,7 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None) -> l
             if progress is not None:
                 progress(done, len(plan.steps), what)
     _install(list(tensors.values()))
-    return [Pruned(t.name, tuple(t.owners)) for t in tensors.values()]
+    return [Pruned(t.name, tuple(t.owners), t.zeros) for t in tensors.values()]
 
 
 def make_permanent(pruned: list[Pruned]) -> None:
@@ -204,10 +206,20 @@ def _build(step: Step, info: MethodInfo, amount: Any, tensor: str, pname: str) -
 
 
 def _select(
-    step: Step, tensors: list[_Tensor], amount: Any, score: selection.Score, name: str
-) -> list[torch.Tensor] | None:
+    step: Step,
+    tensors: list[_Tensor],
+    amount: Any,
+    score: selection.Score,
+    name: str,
+    planned: list[selection.Cut] | None = None,
+) -> list[tuple[torch.Tensor, int]] | None:
     """New masks pruning the ``amount`` lowest-scored remaining entries across ``tensors``, within the
-    rule's per-tensor bounds (None: the scores have NaNs to prune, which only torch's ranking does)."""
+    rule's per-tensor bounds, with their numbers of zeros (None: the scores have NaNs to prune, which
+    only torch's ranking does).
+
+    ``planned`` are cuts the planner found; they are used if they still prune exactly what they should
+    (the weights may have changed since planning), which saves finding them again.
+    """
     entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
     already = selection.pruned_counts(entries)
     remaining = sum(t.orig.numel() for t in tensors) - sum(already)
@@ -217,10 +229,16 @@ def _select(
     low, high = budget_bounds(step.min_sparsity, step.max_sparsity, [t.orig.numel() for t in tensors], already)
     if not sum(low) <= sum(already) + k <= sum(high):
         raise _fail(step, name, bounds_problem(sum(low), sum(already) + k, sum(high)))
+    dtype = selection.group_dtype(entries, score)
+    # (only a shared cut: with per-tensor bounds in play, counts alone do not prove the split still fits)
+    shared = len({id(c.value) for c in planned or [] if c.value is not None}) <= 1
+    if planned is not None and shared and len(planned) == len(entries) and sum(c.pruned for c in planned) == k:
+        masks = [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, planned, strict=True)]
+        if [zeros for _, zeros in masks] == [done + cut.pruned for done, cut in zip(already, planned, strict=True)]:
+            return masks
     cuts = selection.find_cuts(entries, k, score, already, low, high)
     if cuts is None:
         return None
-    dtype = selection.group_dtype(entries, score)
     return [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
 
 
@@ -231,38 +249,46 @@ def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
     score = info.scorer(hook)
     masks = _select(step, [tensor], amount, score, tensor.name) if score is not None else None
     if masks is not None:
-        tensor.mask = masks[0]
+        tensor.mask, tensor.zeros = masks[0]
         tensor.new_hooks.append(hook)
         return
+    tensor.zeros = None
     # The first prune calls the method itself; later ones go through torch's own composition rules.
     method = hook if tensor.mask is None else prune.PruningContainer(hook)
     if tensor.mask is None:
         default = torch.ones_like(tensor.orig)
     else:
         default = tensor.mask.detach().clone(memory_format=torch.contiguous_format)
+    # torch's own classes are known to leave their scores alone and return proper masks; any other
+    # method gets a copy to write into (the model must not change before install) and its mask checked
+    trusted = info.cls.__module__ == prune.__name__
     try:
-        # a copy: a method may write into its scores, and the model must not change before install
-        mask = method.compute_mask(tensor.importance().clone(), default_mask=default)
+        scores = tensor.importance() if trusted else tensor.importance().clone()
+        mask = method.compute_mask(scores, default_mask=default)
     except Exception as exc:
         raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
-    # torch's container writes the new mask into `default`: compare with the mask as it was
-    tensor.mask = _checked(step, tensor, mask, tensor.mask if tensor.mask is not None else default)
+    if trusted:
+        tensor.mask = mask.detach()
+    else:  # torch's container writes the new mask into `default`: compare with the mask as it was
+        tensor.mask = _checked(step, tensor, mask, tensor.mask if tensor.mask is not None else default)
     tensor.new_hooks.append(hook)
 
 
-def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> None:
+def _run_global(
+    unit: list[Step], tensors: list[_Tensor], info: MethodInfo, planned: list[selection.Cut] | None
+) -> None:
     """One budget across the group, selected exactly as ``prune.global_unstructured`` selects it."""
     step = unit[0]
     group = f"global group of {len(tensors)} tensors"
     amount = _amount(step, info, [t.mask for t in tensors], [t.orig.numel() for t in tensors])
     method = _build(step, info, amount, group, "temp")
     score = info.scorer(method)
-    masks = _select(step, tensors, amount, score, group) if score is not None else None
+    masks = _select(step, tensors, amount, score, group, planned) if score is not None else None
     if masks is None and (step.max_sparsity is not None or step.min_sparsity is not None):
         raise _fail(step, group, "max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)")
     if masks is not None:
-        for tensor, mask in zip(tensors, masks, strict=True):
-            tensor.mask = mask
+        for tensor, (mask, zeros) in zip(tensors, masks, strict=True):
+            tensor.mask, tensor.zeros = mask, zeros
             tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
         return
     container = prune.PruningContainer(method)
@@ -283,6 +309,7 @@ def _run_global(unit: list[Step], tensors: list[_Tensor], info: MethodInfo) -> N
         own_default = tensor.mask if tensor.mask is not None else torch.ones_like(tensor.orig)
         piece = flat[offset : offset + numel].reshape(tensor.orig.shape).to(tensor.orig.dtype, copy=True)
         offset += numel
+        tensor.zeros = None
         tensor.mask = _checked(step, tensor, piece, own_default)
         tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
 

@@ -106,6 +106,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     # predicted final sparsity per tensor, and its size
     tensors: dict[str, tuple[int, float | None, bool]] = field(default_factory=dict)
+    # global rules' per-tensor cuts, found while planning: the engine reuses them if they still hold
+    cuts: dict[int, list[selection.Cut]] = field(default_factory=dict)
 
     def units(self) -> list[list[Step]]:
         """Steps grouped as the engine runs them: a local step alone, a global rule's steps together."""
@@ -178,7 +180,7 @@ def make_plan(model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]) -
         planner.names[key]: (state.numel, state.sparsity if state.known else None, state.exact)
         for key, state in planner.state.items()
     }
-    return Plan(spec, planner.steps, methods, planner.warnings, tensors)
+    return Plan(spec, planner.steps, methods, planner.warnings, tensors, planner.cuts)
 
 
 class _Planner:
@@ -203,6 +205,7 @@ class _Planner:
         self.state: dict[int, _Virtual] = {}
         self.names: dict[int, str] = {}
         self.steps: list[Step] = []
+        self.cuts: dict[int, list[selection.Cut]] = {}
         self.issues: list[Issue] = []
         self.warnings: list[str] = []
 
@@ -458,7 +461,7 @@ class _Planner:
         if not sum(low) <= sum(already) + k <= sum(high):
             self.issue(("rules", index), f"{group}: " + bounds_problem(sum(low), sum(already) + k, sum(high)))
             return
-        new = self._global_split(targets, states, k, scorer, low, high)
+        new = self._global_split(index, targets, states, k, scorer, low, high)
         for (ref, _, by), state, count in zip(targets, states, new, strict=True):
             before = state.sparsity if state.known else None
             state.pruned += count
@@ -468,6 +471,7 @@ class _Planner:
 
     def _global_split(
         self,
+        index: int,
         targets: list[tuple[TensorRef, torch.Tensor, str]],
         states: list[_Virtual],
         k: int,
@@ -485,6 +489,7 @@ class _Planner:
             with torch.no_grad():
                 cuts = selection.find_cuts(entries, k, scorer, already, low, high)
             if cuts is not None:
+                self.cuts[index] = cuts
                 return [float(cut.pruned) for cut in cuts]
         remaining = sum(s.numel - s.pruned for s in states)
         for state in states:

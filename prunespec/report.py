@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,31 +90,34 @@ class Report:
 
 
 def collect(
-    model: nn.Module, names: Iterable[str] | None = None, predicted: dict[str, float | None] | None = None
+    model: nn.Module,
+    names: Iterable[str] | None = None,
+    predicted: dict[str, float | None] | None = None,
+    zeros: dict[str, int] | None = None,
 ) -> Report:
     """A report on the tensors called ``names`` (``"module.param"``), or, when ``names`` is None, on
-    every pruned tensor of ``model`` — or every parameter if none is pruned."""
-    by_id: dict[int, TensorStats] = {}
-    ids: dict[str, int] = {}  # every name of every tensor, tied ones included
+    every pruned tensor of ``model`` — or every parameter if none is pruned. ``zeros`` are counts the
+    caller already has (the engine counts the masks it makes)."""
+    found: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # every name, tied ones included
+    first: dict[int, str] = {}  # each tensor's first name
     for module_name, module in model.named_modules():
         for pname, tensor, mask in _tensors(module):
             name = f"{module_name}.{pname}" if module_name else pname
-            ids[name] = id(tensor)
-            if id(tensor) not in by_id:
-                counted = mask if mask is not None else tensor.detach()  # zeros of the mask, else of the values
-                zeros = counted.numel() - int(torch.count_nonzero(counted))
-                by_id[id(tensor)] = TensorStats(name, tuple(tensor.shape), zeros, mask is not None)
+            found[name] = (tensor, mask)
+            first.setdefault(id(tensor), name)
     if names is not None:
-        wanted = [name for name in names if name in ids]
+        wanted = [name for name in names if name in found]
     else:
-        first = {s.name for s in by_id.values()}
-        wanted = [name for name in ids if name in first and by_id[ids[name]].pruned] or list(first)
-    return Report(
-        {
-            name: dataclasses.replace(by_id[ids[name]], name=name, predicted=(predicted or {}).get(name))
-            for name in wanted
-        }
-    )
+        wanted = [n for n in first.values() if found[n][1] is not None] or list(first.values())
+    entries = {}
+    for name in wanted:  # count only what is reported
+        tensor, mask = found[name]
+        count = (zeros or {}).get(name)
+        if count is None:
+            counted = mask if mask is not None else tensor.detach()  # zeros of the mask, else of the values
+            count = counted.numel() - int(torch.count_nonzero(counted))
+        entries[name] = TensorStats(name, tuple(tensor.shape), count, mask is not None, (predicted or {}).get(name))
+    return Report(entries)
 
 
 def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]:

@@ -22,7 +22,8 @@ import torch
 
 Score = Callable[[torch.Tensor], torch.Tensor]  # elementwise: entries' scores from their values
 
-SAMPLE = 1 << 16
+SAMPLE = 1 << 18  # the largest sample; smaller groups take about total ** (2/3), at least MIN_SAMPLE
+MIN_SAMPLE = 1 << 12
 _GENERATOR_SEED = 0x5EED  # the sample is deterministic, so selection is too
 
 
@@ -165,10 +166,13 @@ def _bracket(
 ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
     # floats mean "unbounded" (-inf / inf); tensors are sampled scores
     """Score bounds that very likely hold the ``target``-th smallest score, from a uniform sample."""
-    if total <= SAMPLE:
+    # A bigger sample narrows the bracket (fewer candidates to select from) but costs more to draw and
+    # select in: about total ** (2/3) balances the two.
+    size = min(SAMPLE, max(MIN_SAMPLE, round(total ** (2 / 3))))
+    if total <= 4 * size:
         return -math.inf, math.inf
     generator = torch.Generator().manual_seed(_GENERATOR_SEED)
-    positions = torch.randint(total, (SAMPLE,), generator=generator)
+    positions = torch.randint(total, (size,), generator=generator)
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     owner = torch.searchsorted(offsets, positions, right=True) - 1
     parts = []
@@ -177,22 +181,25 @@ def _bracket(
         if index.numel():
             parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).cpu())
     sample = torch.cat(parts).float().nan_to_num(nan=math.inf)  # NaNs rank last; float32 holds any fp16/bf16
-    middle = target / total * SAMPLE
-    spread = 6 * math.sqrt(SAMPLE) + 2  # far beyond the sampling error of a quantile
+    middle = target / total * size
+    # 8 standard deviations of a sample quantile's position: the bracket misses about never
+    spread = 8 * math.sqrt(middle * (1 - target / total)) + 2
     low_i, high_i = math.floor(middle - spread), math.ceil(middle + spread)
     # two selections on the sample (cheaper than sorting it)
     lo = sample.kthvalue(low_i + 1).values.to(dtype) if low_i >= 0 else -math.inf
-    hi = sample.kthvalue(high_i + 1).values.to(dtype) if high_i < SAMPLE else math.inf
+    hi = sample.kthvalue(high_i + 1).values.to(dtype) if high_i < size else math.inf
     if isinstance(hi, torch.Tensor) and hi.isinf():
         hi = math.inf
     return lo, hi
 
 
-def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> torch.Tensor:
-    """The tensor's new mask, in its own dtype: its old zeros, plus what ``cut`` prunes."""
+def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The tensor's new mask, in its own dtype (its old zeros, plus what ``cut`` prunes), and how many
+    zeros it has."""
     values = entry.values
     if cut.value is None:
-        return entry.mask.clone() if entry.mask is not None else torch.ones_like(values)
+        mask = entry.mask.clone() if entry.mask is not None else torch.ones_like(values)
+        return mask, mask.numel() - int(torch.count_nonzero(mask))
     scores = _scores(entry, score, dtype)
     if cut.take == cut.ties:  # every entry at the cut goes (the usual case: one entry, no tie)
         keep = ~(scores <= cut.value)  # NaN compares False: kept
@@ -201,7 +208,8 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> torch
         if cut.take:
             tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
             keep[tied] = False
-    return keep.reshape(values.shape).to(values.dtype)
+    zeros = keep.numel() - int(torch.count_nonzero(keep))  # counted on the bool mask: 4x fewer bytes than fp32
+    return keep.reshape(values.shape).to(values.dtype), zeros
 
 
 def group_dtype(entries: Sequence[Entry], score: Score) -> torch.dtype:

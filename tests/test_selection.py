@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
-from prunespec.selection import SAMPLE, Entry, apply_cut, find_cuts, group_dtype
+from prunespec.selection import MIN_SAMPLE, Entry, apply_cut, find_cuts, group_dtype
 
 
 def select(tensors: list[torch.Tensor], k: int, masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
@@ -17,10 +17,13 @@ def select(tensors: list[torch.Tensor], k: int, masks: list[torch.Tensor | None]
     cuts = find_cuts(entries, k, torch.abs)
     assert cuts is not None
     dtype = group_dtype(entries, torch.abs)
-    return [apply_cut(e, cut, torch.abs, dtype) for e, cut in zip(entries, cuts, strict=True)]
+    masks = [apply_cut(e, cut, torch.abs, dtype) for e, cut in zip(entries, cuts, strict=True)]
+    for mask, zeros in masks:
+        assert zeros == int((mask == 0).sum())
+    return [mask for mask, _ in masks]
 
 
-@pytest.mark.parametrize("numel", [7, 1000, SAMPLE + 17, 300_000])
+@pytest.mark.parametrize("numel", [7, 1000, 4 * MIN_SAMPLE + 17, 300_000])
 @pytest.mark.parametrize("amount", [0.0, 0.13, 0.5, 0.97, 1.0])
 def test_single_tensor_equals_torch_when_tie_free(numel: int, amount: float) -> None:
     torch.manual_seed(numel)
