@@ -242,10 +242,43 @@ def _select(
     return [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
 
 
+def _select_channels(
+    step: Step, tensor: _Tensor, amount: Any, score: Callable[[torch.Tensor, int, Any], torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """A structured method's new mask, built in one pass: the same channels torch's ``compute_mask``
+    (through a ``PruningContainer`` on a re-prune) keeps, ranked by the same scores and ``topk``."""
+    values = tensor.importance()
+    dim = int(step.options["dim"]) % values.dim()
+    others = [d for d in range(values.dim()) if d != dim]
+    channels = None if tensor.mask is None else (tensor.mask.sum(dim=others) != 0).nonzero().reshape(-1)
+    ranked = values if channels is None else values.index_select(dim, channels)  # the channels left
+    size = ranked.shape[dim]
+    k = n_to_prune(amount, size)
+    if k > size:
+        raise _fail(step, tensor.name, f"amount={amount} is more than the {size} channels left to prune")
+    if k == 0:
+        mask = tensor.mask.clone() if tensor.mask is not None else torch.ones_like(values)
+        return mask, mask.numel() - int(torch.count_nonzero(mask))
+    kept = torch.topk(score(ranked, dim, step.options), k=size - k, largest=True).indices
+    keep = torch.zeros(values.shape[dim], dtype=torch.bool, device=values.device)
+    keep[kept if channels is None else channels[kept]] = True
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    mask = keep.reshape(shape).expand(values.shape).to(values.dtype)
+    if tensor.mask is None:  # whole channels only: no need to count
+        return mask, k * (values.numel() // values.shape[dim])
+    mask *= tensor.mask.to(mask.dtype)
+    return mask, mask.numel() - int(torch.count_nonzero(mask))
+
+
 def _run_local(step: Step, tensor: _Tensor, info: MethodInfo) -> None:
     pname = tensor.owners[0][1]
     amount = _amount(step, info, [tensor.mask], [tensor.orig.numel()])
     hook = _build(step, info, amount, tensor.name, pname)
+    if info.pruning_type == "structured" and info.channel_importance is not None:
+        tensor.mask, tensor.zeros = _select_channels(step, tensor, amount, info.channel_importance)
+        tensor.new_hooks.append(hook)
+        return
     score = info.scorer(hook)
     masks = _select(step, [tensor], amount, score, tensor.name) if score is not None else None
     if masks is not None:

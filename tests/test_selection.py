@@ -98,3 +98,31 @@ def test_global_l1_through_apply_keeps_exact_count_on_fp16(methods: prunespec.Me
     total = 64 * 64 + 64 * 32
     assert sum(s.zeros for s in report.entries.values()) == round(0.5 * total)
     assert model[0].weight_mask.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_structured_fast_path_equals_torch_after_earlier_pruning(
+    dim: int, dtype: torch.dtype, methods: prunespec.MethodRegistry
+) -> None:
+    torch.manual_seed(5)
+    ours = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(12, 10)).to(dtype)
+    with torch.no_grad():
+        ours[1].weight[3] = ours[1].weight[4]  # two rows with equal norms: topk decides, as in torch
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(12, 10)).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        prune.l1_unstructured(model[0], "weight", amount=0.3)
+        prune.ln_structured(model[1], "weight", amount=2, n=2, dim=0)
+    spec = {
+        "version": 1,
+        "rules": [
+            {"select": {"names": ["0", "1"]}, "method": "ln_structured", "amount": 0.5, "options": {"n": 1, "dim": dim}}
+        ],
+    }
+    prunespec.apply(ours, spec, methods=methods)
+    for module in theirs:
+        prune.ln_structured(module, "weight", amount=0.5, n=1, dim=dim)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+        assert a.weight_mask.dtype == b.weight_mask.dtype == dtype

@@ -106,6 +106,8 @@ class MethodInfo:
     package: str | None = None
     version: str | None = None
     importance: Callable[[torch.Tensor], torch.Tensor] | None = None  # elementwise scores, lower pruned first
+    # structured methods: (tensor, dim, options) -> one score per channel along dim, the highest kept
+    channel_importance: Callable[[torch.Tensor, int, Mapping[str, Any]], torch.Tensor] | None = None
 
     def scorer(self, method: prune.BasePruningMethod) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The elementwise scoring of an unstructured method (built by :meth:`build`), if it has one."""
@@ -152,6 +154,7 @@ class MethodInfo:
         options: type[BaseModel] | None = None,
         summary: str | None = None,
         importance: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channel_importance: Callable[[torch.Tensor, int, Mapping[str, Any]], torch.Tensor] | None = None,
         provider: str = "prunespec",
         package: str | None = None,
         version: str | None = None,
@@ -187,6 +190,7 @@ class MethodInfo:
             package=package,
             version=version,
             importance=importance,
+            channel_importance=channel_importance,
         )
 
 

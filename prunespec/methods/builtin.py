@@ -7,7 +7,8 @@ exactly what the equivalent ``prune.*`` calls give.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -64,4 +65,11 @@ def prunespec_register_methods(register: Register) -> None:
         name="ln_structured",
         options=LnOptions,
         summary="Prune whole channels along `dim` with the smallest L`n` norm.",
+        channel_importance=_channel_norms,  # lets prunespec build the mask in one pass
     )
+
+
+def _channel_norms(t: torch.Tensor, dim: int, options: Mapping[str, Any]) -> torch.Tensor:
+    """The norms ``LnStructured`` ranks channels by, computed by torch's own helper."""
+    norms: torch.Tensor = prune._compute_norm(t, options["n"], dim)
+    return norms
