@@ -27,29 +27,14 @@ from prunespec.methods.base import MethodInfo
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from tiny_transformers import tiny_bert, tiny_gpt2  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-from transformers_gpt2 import tiny_gpt2  # noqa: E402
 
 
 def lenet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return LeNet().eval()
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(config).eval()
 
 
 def gpt2_variant(seed: int = 0, **config: Any) -> nn.Module:

@@ -28,8 +28,8 @@ from prunespec.methods.base import MethodInfo
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+from tiny_transformers import tiny_gpt2  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-from transformers_gpt2 import tiny_gpt2  # noqa: E402
 
 
 def lenet() -> nn.Module:

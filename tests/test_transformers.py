@@ -25,44 +25,14 @@ from prunespec.cli import load_model, main
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_transformers import SPEC as GPT2_SPEC  # noqa: E402
+from tiny_transformers import tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 from transformers.models.bert.modeling_bert import BertLayer  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-from transformers_gpt2 import SPEC as GPT2_SPEC  # noqa: E402
-from transformers_gpt2 import tiny_gpt2  # noqa: E402
 
 VOCAB = 128
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(config).eval()
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 # name -> (factory, the blocks holding attention and MLP projections, the projections' class, how many)
@@ -346,7 +316,7 @@ def test_example_spec_validates_and_points_at_the_schema(capsys: pytest.CaptureF
 
 
 def test_example_factory_is_a_cli_model_reference(methods: prunespec.MethodRegistry) -> None:
-    model = load_model(f"{EXAMPLES / 'transformers_gpt2.py'}:tiny_gpt2")
+    model = load_model(f"{EXAMPLES / 'tiny_transformers.py'}:tiny_gpt2")
     assert type(model).__name__ == "GPT2LMHeadModel" and not model.training
     again = tiny_gpt2()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
@@ -355,7 +325,7 @@ def test_example_factory_is_a_cli_model_reference(methods: prunespec.MethodRegis
 
 
 def test_example_script_prunes_and_prints_plan_and_report(capsys: pytest.CaptureFixture[str]) -> None:
-    runpy.run_path(str(EXAMPLES / "transformers_gpt2.py"), run_name="__main__")
+    runpy.run_path(str(EXAMPLES / "tiny_transformers.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert out.startswith("Plan: 1 rules, 8 steps on 8 tensors")
     assert "transformer.h.1.mlp.c_proj.weight" in out
