@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import state_of
+from conftest import ModelState
 from torch import nn
 from torch.nn.utils import prune
 
@@ -108,35 +108,6 @@ def reg() -> prunespec.MethodRegistry:
     for cls in BAD:
         registry.add(MethodInfo.from_class(cls, name=cls.name))
     return registry
-
-
-class ModelState:
-    """Parameters (values and objects), buffers, hooks and attributes of every module."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.state = state_of(model)
-        self.params = [(name, id(p)) for name, p in model.named_parameters()]
-        self.param_values = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.buffers = [(name, id(b)) for name, b in model.named_buffers()]
-        self.hooks = {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()}
-        self.attrs = {name: dict(m.__dict__) for name, m in model.named_modules()}
-        self.module_dicts = {name: sorted(m.__dict__) for name, m in model.named_modules()}
-
-    def assert_unchanged(self, model: nn.Module) -> None:
-        __tracebackhide__ = True
-        after = model.state_dict()
-        assert list(after) == list(self.state), "state_dict keys changed"
-        for key, value in self.state.items():
-            assert torch.equal(after[key], value), f"{key} changed"
-        assert [(name, id(p)) for name, p in model.named_parameters()] == self.params
-        for name, p in model.named_parameters():
-            assert torch.equal(p, self.param_values[name]), f"parameter {name} changed"
-        assert [(name, id(b)) for name, b in model.named_buffers()] == self.buffers
-        assert {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()} == self.hooks
-        assert {name: sorted(m.__dict__) for name, m in model.named_modules()} == self.module_dicts
-        for name, module in model.named_modules():
-            for key, value in self.attrs[name].items():
-                assert module.__dict__[key] is value, f"{name}.{key} was replaced"
 
 
 def two_rules(method: str, target: str = "fc1", **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import state_of
+from conftest import ModelState
 from lenet import LeNet
 from torch import nn
 from torch.nn.utils import prune
@@ -108,33 +108,6 @@ def hook_signature(module: nn.Module) -> list[tuple[Any, ...]]:
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf for name, buf in model.named_buffers(remove_duplicate=False) if name.endswith("_mask")}
-
-
-class Snapshot:
-    """State dict values, parameter and buffer objects, and every hook, to check a model did not change."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.state = state_of(model)
-        self.params = [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
-        self.buffers = [(n, id(b)) for n, b in model.named_buffers(remove_duplicate=False)]
-        self.hooks = {n: (list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for n, m in _mods(model)}
-        self.attrs = {n: sorted(m.__dict__) for n, m in _mods(model)}
-
-    def assert_unchanged(self, model: nn.Module) -> None:
-        __tracebackhide__ = True
-        after = model.state_dict()
-        assert list(after) == list(self.state)
-        for key, value in self.state.items():
-            assert torch.equal(after[key], value), key
-        assert [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)] == self.params
-        assert [(n, id(b)) for n, b in model.named_buffers(remove_duplicate=False)] == self.buffers
-        hooks = {n: (list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for n, m in _mods(model)}
-        assert hooks == self.hooks
-        assert {n: sorted(m.__dict__) for n, m in _mods(model)} == self.attrs
-
-
-def _mods(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return list(model.named_modules(remove_duplicate=False))
 
 
 # --- round trips -------------------------------------------------------------------------------------
@@ -411,7 +384,7 @@ def test_checkpoint_that_does_not_fit_is_refused_and_the_model_is_unchanged(
     model = make()
     if pruned_first:  # a model with pruning of its own keeps it
         prunespec.apply(model, {**GPT2_SPEC, "rules": [{"select": {"preset": "prunable"}, **_L1}]}, methods=methods)
-    before = Snapshot(model)
+    before = ModelState(model)
     x = inputs(model)
     out = forward(model, x)
 
@@ -437,7 +410,7 @@ def test_a_pickled_model_is_refused_with_weights_only(tmp_path: Path, methods: p
     path = tmp_path / "whole-model.pt"
     torch.save(model, path)  # pickles the module (code), not a state_dict
     fresh = lenet(seed=1)
-    before = Snapshot(fresh)
+    before = ModelState(fresh)
     with pytest.raises(prunespec.CheckpointError, match="weights_only=True"):
         prunespec.load(fresh, path, methods=methods)
     before.assert_unchanged(fresh)
@@ -475,7 +448,7 @@ def test_load_with_an_uninstalled_method_leaves_the_model_as_it_was_or_loads(tmp
     prunespec.save(model, path, spec=prunespec.load_spec(spec, methods=with_plugin), methods=with_plugin)
 
     fresh = lenet(seed=1)
-    before = Snapshot(fresh)
+    before = ModelState(fresh)
     try:
         with pytest.warns(UserWarning, match="first_half"):
             prunespec.load(fresh, path, methods=prunespec.load_methods(builtins_only=True))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import state_of
+from conftest import ModelState
 from torch import nn
 
 import prunespec
@@ -45,27 +45,6 @@ def position(text: str, line_has: str, token: str | None = None, nth: int = 1) -
     assert len(lines) >= nth, f"{line_has!r} is not {nth} times in the text"
     number, line = lines[nth - 1]
     return number, line.index(token) + 1
-
-
-class ModelState:
-    """Everything a failed load/plan/apply must leave as it was."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.state = state_of(model)
-        self.params = [(name, id(p)) for name, p in model.named_parameters()]
-        self.buffers = [(name, id(b)) for name, b in model.named_buffers()]
-        self.hooks = {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()}
-        self.attrs = {name: sorted(m.__dict__) for name, m in model.named_modules()}
-
-    def assert_unchanged(self, model: nn.Module) -> None:
-        after = model.state_dict()
-        assert list(after) == list(self.state), "state_dict keys changed"
-        for key, value in self.state.items():
-            assert torch.equal(after[key], value), f"{key} changed"
-        assert [(name, id(p)) for name, p in model.named_parameters()] == self.params
-        assert [(name, id(b)) for name, b in model.named_buffers()] == self.buffers
-        assert {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()} == self.hooks
-        assert {name: sorted(m.__dict__) for name, m in model.named_modules()} == self.attrs
 
 
 def files_in(directory: Path) -> dict[str, bytes]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ModelState
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
@@ -397,43 +398,13 @@ def yaml_text(spec: Any) -> str:
 # --- the property ----------------------------------------------------------------------------------------
 
 
-class Snapshot:
-    def __init__(self, model: nn.Module) -> None:
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.params = [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
-        self.param_values = [p.detach().clone() for _, p in model.named_parameters(remove_duplicate=False)]
-        self.buffers = [(n, id(b)) for n, b in model.named_buffers(remove_duplicate=False)]
-        self.hooks = self._hooks(model)
-        self.attrs = {n: sorted(m.__dict__) for n, m in model.named_modules(remove_duplicate=False)}
-
-    @staticmethod
-    def _hooks(model: nn.Module) -> dict[str, Any]:
-        return {
-            n: (list(m._forward_pre_hooks.items()), list(m._forward_hooks.items()))
-            for n, m in model.named_modules(remove_duplicate=False)
-        }
-
-    def assert_unchanged(self, model: nn.Module) -> None:
-        __tracebackhide__ = True
-        after = model.state_dict()
-        assert list(after) == list(self.state), "state_dict keys changed"
-        for key, value in self.state.items():
-            assert torch.equal(after[key], value), f"{key} changed"
-        assert [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)] == self.params
-        for (name, p), value in zip(model.named_parameters(remove_duplicate=False), self.param_values, strict=True):
-            assert torch.equal(p, value), f"parameter {name} changed"
-        assert [(n, id(b)) for n, b in model.named_buffers(remove_duplicate=False)] == self.buffers
-        assert self._hooks(model) == self.hooks, "hooks changed"
-        assert {n: sorted(m.__dict__) for n, m in model.named_modules(remove_duplicate=False)} == self.attrs
-
-
 SpecSource = Any  # a mapping, or a path to a YAML file
 
 
 def check_one(model: nn.Module, source: SpecSource) -> str:
     """Plan and apply ``source``; assert the property. Returns how it ended, for ``note``."""
     __tracebackhide__ = True
-    before = Snapshot(model)
+    before = ModelState(model)
     try:
         plan = prunespec.plan(model, source, methods=METHODS)
     except prunespec.PrunespecError as exc:
@@ -455,7 +426,7 @@ def check_one(model: nn.Module, source: SpecSource) -> str:
 
 
 def check_applied(
-    model: nn.Module, before: Snapshot, plan: prunespec.Plan, report: prunespec.Report, skip_exact: set[str]
+    model: nn.Module, before: ModelState, plan: prunespec.Plan, report: prunespec.Report, skip_exact: set[str]
 ) -> None:
     __tracebackhide__ = True
     assert set(report.tensors) == set(plan.tensors)
@@ -604,7 +575,7 @@ def test_garbage_yaml_files(desc: dict[str, Any], text: str, spec_dir: Path) -> 
 def assert_refused_or_applied(model: nn.Module, source: SpecSource) -> None:
     """The property, on one model and one spec, with the exception shown if it is the wrong kind."""
     __tracebackhide__ = True
-    before = Snapshot(model)
+    before = ModelState(model)
     try:
         prunespec.apply(model, source, methods=METHODS)
     except prunespec.PrunespecError:
