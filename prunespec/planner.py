@@ -175,7 +175,7 @@ def make_plan(model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]) -
     for index, rule in enumerate(spec.rules):
         planner.add_rule(index, rule)
     if planner.issues:
-        raise PlanError(planner.issues)
+        raise PlanError(sorted(planner.issues, key=lambda i: (i.line or 0, i.column or 0)))
     tensors = {
         planner.names[key]: (state.numel, state.sparsity if state.known else None, state.exact)
         for key, state in planner.state.items()
