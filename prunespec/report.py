@@ -99,15 +99,24 @@ def collect(
     every pruned tensor of ``model`` — or every parameter if none is pruned. ``zeros`` are counts the
     caller already has (the engine counts the masks it makes)."""
     found: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # every name, tied ones included
-    first: dict[int, str] = {}  # each tensor's first name
-    for module_name, module in model.named_modules():
-        for pname, tensor, mask in _tensors(module):
-            name = f"{module_name}.{pname}" if module_name else pname
-            found[name] = (tensor, mask)
-            first.setdefault(id(tensor), name)
-    if names is not None:
-        wanted = [name for name in names if name in found]
+    if names is not None:  # look the named tensors up, without walking the whole model
+        for name in names:
+            module_name, _, pname = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                continue
+            for param, tensor, mask in _tensors(module):
+                if param == pname:
+                    found[name] = (tensor, mask)
+        wanted = list(found)
     else:
+        first: dict[int, str] = {}  # each tensor's first name
+        for module_name, module in model.named_modules():
+            for pname, tensor, mask in _tensors(module):
+                name = f"{module_name}.{pname}" if module_name else pname
+                found[name] = (tensor, mask)
+                first.setdefault(id(tensor), name)
         wanted = [n for n in first.values() if found[n][1] is not None] or list(first.values())
     entries = {}
     for name in wanted:  # count only what is reported
