@@ -1,14 +1,23 @@
 """The mask engine: run a :class:`~prunespec.planner.Plan` on a model, all or nothing.
 
-Every mask is computed first, on the side, composing with earlier masks exactly as torch's
-``PruningContainer`` does (by calling it). Only when every mask is computed and checked is anything
-installed, and the install is rolled back if it fails, so a failed apply leaves parameters, buffers and
-hooks exactly as they were. What gets installed is what ``torch.nn.utils.prune`` installs:
-``<name>_orig`` (the same Parameter object), a ``<name>_mask`` buffer, the ``<name>`` attribute and a
-forward pre-hook that is the method object (or a ``PruningContainer`` of them). Two deliberate
-differences: a re-prune replaces the hook in place instead of moving it to the end
-(pytorch/pytorch#37138), and the ``<name>`` attribute is computed without autograd history at apply
-time, so ``copy.deepcopy`` works right after apply (the hook recomputes it on every forward).
+Every mask is computed first, on the side. Three ways, one result:
+
+* methods that score entries (``l1_unstructured``) or channels (``ln_structured``): prunespec selects
+  the lowest scores itself (:mod:`prunespec.selection`; local and global, no ``topk`` over whole
+  tensors, no concatenation);
+* any other method: its own ``compute_mask``, composed with earlier masks by torch's own
+  ``PruningContainer`` (so composition is torch's, exactly), then checked (shape, device, dtype, binary,
+  earlier zeros kept) unless it is one of torch's own classes;
+* a global budget without scores: the group concatenated, as ``prune.global_unstructured`` does.
+
+Only when every mask is ready is anything installed, and the install is rolled back if it fails, so a
+failed apply leaves parameters, buffers and hooks exactly as they were. What gets installed is what
+``torch.nn.utils.prune`` installs: ``<name>_orig`` (the same Parameter object), a ``<name>_mask``
+buffer, the ``<name>`` attribute and a forward pre-hook that is the method object (or a
+``PruningContainer`` of them). Deliberate differences: a re-prune keeps the hook at its place
+(pytorch/pytorch#37138); a :class:`DetachAfterForward` hook keeps ``copy.deepcopy`` working
+(pytorch/pytorch#37322); global steps leave a :class:`GlobalMask` record that holds no mask
+(pytorch/pytorch#49332); tied owners share one ``_orig`` and one mask.
 """
 
 from __future__ import annotations
