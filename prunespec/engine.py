@@ -242,13 +242,21 @@ def _select(
     # (only a shared cut: with per-tensor bounds in play, counts alone do not prove the split still fits)
     shared = len({id(c.value) for c in planned or [] if c.value is not None}) <= 1
     if planned is not None and shared and len(planned) == len(entries) and sum(c.pruned for c in planned) == k:
-        masks = [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, planned, strict=True)]
+        masks = _masks(entries, planned, score, dtype)
         if [zeros for _, zeros in masks] == [done + cut.pruned for done, cut in zip(already, planned, strict=True)]:
             return masks
     cuts = selection.find_cuts(entries, k, score, already, low, high)
     if cuts is None:
         return None
-    return [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
+    return _masks(entries, cuts, score, dtype)
+
+
+def _masks(
+    entries: list[selection.Entry], cuts: list[selection.Cut], score: selection.Score, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, int]]:
+    made = [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
+    zeros = selection.to_host([z for _, z in made])
+    return [(mask, n) for (mask, _), n in zip(made, zeros, strict=True)]
 
 
 def _select_channels(

@@ -69,10 +69,20 @@ def _scores(entry: Entry, score: Score, dtype: torch.dtype, index: torch.Tensor 
     return scores
 
 
+def to_host(counts: Sequence[torch.Tensor]) -> list[int]:
+    """Counts computed on the tensors' own devices, read in one transfer (not one per tensor)."""
+    if not counts:
+        return []
+    device = counts[0].device
+    values: list[int] = torch.stack([c.to(device) for c in counts]).tolist()
+    return values
+
+
 def pruned_counts(entries: Sequence[Entry]) -> list[int]:
     """How many entries of each tensor its mask already prunes."""
     # masks are binary (the engine checks), so a mask's zeros are all that is not one
-    return [0 if e.mask is None else e.mask.numel() - int(torch.count_nonzero(e.mask)) for e in entries]
+    ones = iter(to_host([torch.count_nonzero(e.mask) for e in entries if e.mask is not None]))
+    return [0 if e.mask is None else e.mask.numel() - next(ones) for e in entries]
 
 
 def find_cuts(
@@ -125,62 +135,84 @@ def find_cuts(
 
 
 def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence[int]) -> list[Cut] | None:
-    """One shared cut over ``entries`` pruning exactly ``k`` more entries."""
+    """One shared cut over ``entries`` pruning exactly ``k`` more entries.
+
+    Everything stays on the tensors' devices; counts are read once per pass, not once per tensor.
+    """
     if k <= 0:
         return [NOTHING for _ in entries]
     dtype = _dtype(entries, score)
     sizes = [e.values.numel() for e in entries]
     total = sum(sizes)
     target = k + sum(already)  # position (1-based) of the cut among all entries, pruned ones scoring -inf
-    lo, hi = _bracket(entries, sizes, total, target, score, dtype)
+    lo, hi, share = _bracket(entries, sizes, total, target, score, dtype)
+    # room for each tensor's candidates: twice its expected share of the bracket (more is retried)
+    caps = [size if share >= 1 else min(size, math.ceil(2 * share * size) + 256) for size in sizes]
     while True:
-        below: list[int] = []
-        inside: list[torch.Tensor] = []
-        for entry in entries:
+        counts: list[torch.Tensor] = []
+        gathered: list[torch.Tensor] = []
+        for entry, cap in zip(entries, caps, strict=True):
             scores = _scores(entry, score, dtype)
             is_below = scores < lo
-            below.append(int(torch.count_nonzero(is_below)))
-            inside.append(scores[~is_below & (scores <= hi)])  # NaNs are never inside
-        if sum(below) < target <= sum(below) + sum(c.numel() for c in inside):
+            in_bracket = ~is_below & (scores <= hi)  # NaNs are never inside
+            counts += [torch.count_nonzero(is_below), torch.count_nonzero(in_bracket)]
+            gathered.append(_gather(scores, in_bracket, cap))
+        read = to_host(counts)
+        below, found = read[0::2], read[1::2]
+        if any(n > cap for n, cap in zip(found, caps, strict=True)):  # more candidates than room: again
+            caps = [max(n, cap) for n, cap in zip(found, caps, strict=True)]
+            continue
+        if sum(below) < target <= sum(below) + sum(found):
             break
         if isinstance(lo, float) and isinstance(hi, float):  # the whole range: only NaNs are left out
             return None
-        lo, hi = -math.inf, math.inf  # the sample misled us (rare): take everything
+        lo, hi, caps = -math.inf, math.inf, sizes  # the sample misled us (rare): take everything
+    inside = [g[:n] for g, n in zip(gathered, found, strict=True)]  # the padding is at the end
     candidates = torch.cat([c.to(entries[0].values.device) for c in inside])
     exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
     # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
     value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
-    strictly = [b + int(torch.count_nonzero(c < value)) for b, c in zip(below, inside, strict=True)]
+    read = to_host([torch.count_nonzero(c < value) for c in inside] + [torch.count_nonzero(c == value) for c in inside])
+    strictly = [b + n for b, n in zip(below, read[: len(inside)], strict=True)]
     need = target - sum(strictly)
     cuts = []
-    for count, c, done in zip(strictly, inside, already, strict=True):
-        ties = int(torch.count_nonzero(c == value))
+    for count, ties, done in zip(strictly, read[len(inside) :], already, strict=True):
         take = min(ties, need)
         need -= take
         cuts.append(Cut(value, take, count + take - done, ties))
     return cuts
 
 
+def _gather(scores: torch.Tensor, keep: torch.Tensor, cap: int) -> torch.Tensor:
+    """``scores[keep]``, padded to ``cap`` entries at the end. On an accelerator this is done without
+    waiting for the count (``nonzero_static``); on the CPU, where waiting costs nothing, plain boolean
+    indexing is faster."""
+    if scores.device.type == "cpu":
+        return scores[keep]
+    return scores[torch.nonzero_static(keep, size=cap).reshape(-1).clamp(min=0)]
+
+
 def _bracket(
     entries: Sequence[Entry], sizes: list[int], total: int, target: int, score: Score, dtype: torch.dtype
-) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-    # floats mean "unbounded" (-inf / inf); tensors are sampled scores
-    """Score bounds that very likely hold the ``target``-th smallest score, from a uniform sample."""
+) -> tuple[float | torch.Tensor, float | torch.Tensor, float]:
+    """Score bounds that very likely hold the ``target``-th smallest score, from a uniform sample, and the
+    share of all entries expected between them. Floats mean "unbounded" (-inf / inf)."""
     # A bigger sample narrows the bracket (fewer candidates to select from) but costs more to draw and
     # select in: about total ** (2/3) balances the two.
     size = min(SAMPLE, max(MIN_SAMPLE, round(total ** (2 / 3))))
     if total <= 4 * size:
-        return -math.inf, math.inf
+        return -math.inf, math.inf, 1.0
     generator = torch.Generator().manual_seed(_GENERATOR_SEED)
     positions = torch.randint(total, (size,), generator=generator)
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     owner = torch.searchsorted(offsets, positions, right=True) - 1
+    device = entries[0].values.device
     parts = []
     for i, entry in enumerate(entries):
         index = positions[owner == i] - offsets[i]
         if index.numel():
-            parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).cpu())
-    sample = torch.cat(parts).float().nan_to_num(nan=math.inf)  # NaNs rank last; float32 holds any fp16/bf16
+            parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).to(device))
+    sample = torch.cat(parts).cpu().float().nan_to_num(nan=math.inf)  # NaNs rank last; float32 holds fp16/bf16
     middle = target / total * size
     # 8 standard deviations of a sample quantile's position: the bracket misses about never
     spread = 8 * math.sqrt(middle * (1 - target / total)) + 2
@@ -190,16 +222,16 @@ def _bracket(
     hi = sample.kthvalue(high_i + 1).values.to(dtype) if high_i < size else math.inf
     if isinstance(hi, torch.Tensor) and hi.isinf():
         hi = math.inf
-    return lo, hi
+    return lo, hi, (min(high_i, size - 1) - max(low_i, 0) + 1) / size
 
 
-def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The tensor's new mask, in its own dtype (its old zeros, plus what ``cut`` prunes), and how many
-    zeros it has."""
+    zeros it has (a 0-dim tensor on its device: read many at once with :func:`to_host`)."""
     values = entry.values
     if cut.value is None:
         mask = entry.mask.clone() if entry.mask is not None else torch.ones_like(values)
-        return mask, mask.numel() - int(torch.count_nonzero(mask))
+        return mask, mask.numel() - torch.count_nonzero(mask)
     scores = _scores(entry, score, dtype)
     if cut.take == cut.ties:  # every entry at the cut goes (the usual case: one entry, no tie)
         keep = ~(scores <= cut.value)  # NaN compares False: kept
@@ -208,7 +240,7 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple
         if cut.take:
             tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
             keep[tied] = False
-    zeros = keep.numel() - int(torch.count_nonzero(keep))  # counted on the bool mask: 4x fewer bytes than fp32
+    zeros = keep.numel() - torch.count_nonzero(keep)  # counted on the bool mask: 4x fewer bytes than fp32
     return keep.reshape(values.shape).to(values.dtype), zeros
 
 

@@ -19,7 +19,7 @@ def select(tensors: list[torch.Tensor], k: int, masks: list[torch.Tensor | None]
     dtype = group_dtype(entries, torch.abs)
     masks = [apply_cut(e, cut, torch.abs, dtype) for e, cut in zip(entries, cuts, strict=True)]
     for mask, zeros in masks:
-        assert zeros == int((mask == 0).sum())
+        assert int(zeros) == int((mask == 0).sum())
     return [mask for mask, _ in masks]
 
 
