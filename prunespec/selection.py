@@ -187,9 +187,14 @@ def _gather(scores: torch.Tensor, keep: torch.Tensor, cap: int) -> torch.Tensor:
     """``scores[keep]``, padded to ``cap`` entries at the end. On an accelerator this is done without
     waiting for the count (``nonzero_static``); on the CPU, where waiting costs nothing, plain boolean
     indexing is faster."""
-    if scores.device.type == "cpu":
+    if not _padded(scores.device):
         return scores[keep]
     return scores[torch.nonzero_static(keep, size=cap).reshape(-1).clamp(min=0)]
+
+
+def _padded(device: torch.device) -> bool:
+    """Whether to gather without waiting for counts (everywhere but on the CPU)."""
+    return device.type != "cpu"
 
 
 def _bracket(
