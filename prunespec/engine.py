@@ -37,7 +37,7 @@ from torch.nn.utils import prune
 from . import selection
 from .errors import ApplyError
 from .methods.base import MethodInfo, n_to_prune
-from .planner import Plan, Step, bounds_problem, budget_bounds
+from .planner import Plan, Step, bounds_problem, budget_bounds, is_pruned_param, pruned_channels
 
 log = logging.getLogger("prunespec")
 
@@ -168,7 +168,7 @@ def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
 def _stage(model: nn.Module, tensors: dict[int, _Tensor], step: Step) -> _Tensor:
     owners = [(model.get_submodule(module), pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
-    pruned = _pruned(module, pname)
+    pruned = is_pruned_param(module, pname)
     orig = module._parameters[pname + "_orig" if pruned else pname]
     assert orig is not None
     key = id(orig)
@@ -177,10 +177,6 @@ def _stage(model: nn.Module, tensors: dict[int, _Tensor], step: Step) -> _Tensor
         tensors[key] = _Tensor(step.tensor.name, owners, orig, mask)
     tensors[key].rules.append(step.rule)
     return tensors[key]
-
-
-def _pruned(module: nn.Module, pname: str) -> bool:
-    return pname + "_orig" in module._parameters and pname + "_mask" in module._buffers
 
 
 def _fail(step: Step, tensor: str, message: str) -> ApplyError:
@@ -193,14 +189,8 @@ def _amount(step: Step, info: MethodInfo, masks: list[torch.Tensor | None], size
         return step.amount
     if info.pruning_type == "structured":
         dim = int(step.options["dim"])
-        mask = masks[0]
-        channels = step.tensor.shape[dim]
-        done = (
-            0
-            if mask is None
-            else int((mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim % mask.dim()]).sum())
-        )
-        return max(0, round(step.sparsity * channels) - done)
+        done = 0 if masks[0] is None else pruned_channels(masks[0], dim)
+        return max(0, round(step.sparsity * step.tensor.shape[dim]) - done)
     done = sum(0 if m is None else m.numel() - int(torch.count_nonzero(m)) for m in masks)
     return max(0, round(step.sparsity * sum(sizes)) - done)
 
@@ -439,7 +429,7 @@ def _install_one(module: nn.Module, pname: str, tensor: _Tensor) -> None:
         ),
         None,
     )
-    if not _pruned(module, pname):
+    if not is_pruned_param(module, pname):
         orig = module._parameters[pname]
         module.register_parameter(pname + "_orig", orig)
         del module._parameters[pname]

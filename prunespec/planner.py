@@ -310,7 +310,7 @@ class _Planner:
         param = module._parameters.get(pname)
         if param is not None:
             return param
-        if _is_pruned(module, pname):
+        if is_pruned_param(module, pname):
             return module._parameters[pname + "_orig"]
         if pname in module._buffers or pname in getattr(module, "parametrizations", {}):
             kind = "a buffer" if pname in module._buffers else "a parametrized tensor"
@@ -327,13 +327,10 @@ class _Planner:
         if key not in self.state:
             pruned, channels = 0, {}
             module = self.by_name[ref.module]
-            mask = module._buffers.get(ref.param + "_mask") if _is_pruned(module, ref.param) else None
+            mask = module._buffers.get(ref.param + "_mask") if is_pruned_param(module, ref.param) else None
             if mask is not None:
-                zero = mask == 0
-                pruned = int(zero.sum())
-                channels = {
-                    d: int(zero.all(dim=[o for o in range(mask.dim()) if o != d]).sum()) for d in range(mask.dim())
-                }
+                pruned = mask.numel() - int(torch.count_nonzero(mask))
+                channels = {d: pruned_channels(mask, d) for d in range(mask.dim())}
             self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, channels, mask=mask)
         return self.state[key]
 
@@ -519,5 +516,12 @@ def bounds_problem(low: int, target: int, high: int) -> str:
     return f"max_sparsity allows at most {high} entries pruned, but the budget needs {target}; raise max_sparsity"
 
 
-def _is_pruned(module: nn.Module, pname: str) -> bool:
+def is_pruned_param(module: nn.Module, pname: str) -> bool:
+    """Whether ``module``'s parameter ``pname`` is pruned (has ``<pname>_orig`` and ``<pname>_mask``)."""
     return pname + "_orig" in module._parameters and pname + "_mask" in module._buffers
+
+
+def pruned_channels(mask: torch.Tensor, dim: int) -> int:
+    """How many channels along ``dim`` a mask prunes whole (every entry zero)."""
+    dim %= mask.dim()
+    return int((mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim]).sum())

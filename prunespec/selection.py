@@ -49,7 +49,8 @@ class Cut:
 NOTHING = Cut(None)
 
 
-def _dtype(entries: Sequence[Entry], score: Score) -> torch.dtype:
+def group_dtype(entries: Sequence[Entry], score: Score) -> torch.dtype:
+    """The dtype scores are compared in: the promoted dtype of the group, as ``torch.cat`` would give."""
     dtype = score(entries[0].values.reshape(-1)[:1]).dtype
     for entry in entries[1:]:
         dtype = torch.promote_types(dtype, score(entry.values.reshape(-1)[:1]).dtype)
@@ -141,7 +142,7 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
     """
     if k <= 0:
         return [NOTHING for _ in entries]
-    dtype = _dtype(entries, score)
+    dtype = group_dtype(entries, score)
     sizes = [e.values.numel() for e in entries]
     total = sum(sizes)
     target = k + sum(already)  # position (1-based) of the cut among all entries, pruned ones scoring -inf
@@ -247,8 +248,3 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple
             keep[tied] = False
     zeros = keep.numel() - torch.count_nonzero(keep)  # counted on the bool mask: 4x fewer bytes than fp32
     return keep.reshape(values.shape).to(values.dtype), zeros
-
-
-def group_dtype(entries: Sequence[Entry], score: Score) -> torch.dtype:
-    """The dtype scores are compared in: the promoted dtype of the group, as ``torch.cat`` would give."""
-    return _dtype(entries, score)
