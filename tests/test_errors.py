@@ -52,6 +52,16 @@ def files_in(directory: Path) -> dict[str, bytes]:
 
 
 @dataclass
+def only_spec_issue(text: str, tmp_path: Path, methods: prunespec.MethodRegistry) -> Issue:
+    """Load ``text`` from a file; it must fail with exactly one issue, which is returned."""
+    spec_file = tmp_path / "prune.yaml"
+    spec_file.write_text(text, encoding="utf-8")
+    with pytest.raises(prunespec.SpecError) as info:
+        prunespec.load_spec(spec_file, methods=methods)
+    (issue,) = info.value.issues
+    return issue
+
+
 class Case:
     text: str
     error: type[prunespec.PrunespecError]
@@ -540,11 +550,7 @@ def test_non_plain_values_are_rejected_where_they_are(
     value: str, methods: prunespec.MethodRegistry, tmp_path: Path
 ) -> None:
     text = _edit("name: convs", f"name: {value}")
-    spec_file = tmp_path / "prune.yaml"
-    spec_file.write_text(text, encoding="utf-8")
-    with pytest.raises(prunespec.SpecError) as info:
-        prunespec.load_spec(spec_file, methods=methods)
-    (issue,) = info.value.issues
+    issue = only_spec_issue(text, tmp_path, methods)
     assert issue.path == "rules[0].name"
     assert (issue.line, issue.column) == position(text, "name:", value)
 
@@ -827,14 +833,10 @@ def test_nan_sparsity(lenet: nn.Module, methods: prunespec.MethodRegistry, tmp_p
 
 def test_option_model_errors_are_located(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
     text = LN + "    options: {n: .nan, dim: 0}\n"
-    spec_file = tmp_path / "prune.yaml"
-    spec_file.write_text(text, encoding="utf-8")
-    with pytest.raises(prunespec.SpecError) as info:
-        prunespec.load_spec(spec_file, methods=methods)
-    (issue,) = info.value.issues
+    issue = only_spec_issue(text, tmp_path, methods)
     assert issue.path == "rules[0].options.n"
     assert "NaN" in issue.message
-    assert issue.file == str(spec_file)
+    assert issue.file == str(tmp_path / "prune.yaml")
     assert (issue.line, issue.column) == position(text, "options:", ".nan")
 
 
@@ -862,33 +864,21 @@ rules:
 
 def test_omap_tag_gives_a_spec_error(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
     text = _edit("name: convs", "name: !!omap [a: 1]")
-    spec_file = tmp_path / "prune.yaml"
-    spec_file.write_text(text, encoding="utf-8")
-    with pytest.raises(prunespec.SpecError) as info:
-        prunespec.load_spec(spec_file, methods=methods)
-    (issue,) = info.value.issues
+    issue = only_spec_issue(text, tmp_path, methods)
     assert issue.path == "rules[0].name"
     assert (issue.line, issue.column) == position(text, "name:", "!!omap")
 
 
 def test_non_string_method_is_one_issue(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
     text = _edit("method: l1_unstructured", "method: 3")
-    spec_file = tmp_path / "prune.yaml"
-    spec_file.write_text(text, encoding="utf-8")
-    with pytest.raises(prunespec.SpecError) as info:
-        prunespec.load_spec(spec_file, methods=methods)
-    (issue,) = info.value.issues
+    issue = only_spec_issue(text, tmp_path, methods)
     assert issue.path == "rules[0].method"
     assert (issue.line, issue.column) == position(text, "method: 3", "3")
 
 
 def test_non_string_key_is_located_at_the_key(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
     text = BASE + "1: x\n"
-    spec_file = tmp_path / "prune.yaml"
-    spec_file.write_text(text, encoding="utf-8")
-    with pytest.raises(prunespec.SpecError) as info:
-        prunespec.load_spec(spec_file, methods=methods)
-    (issue,) = info.value.issues
+    issue = only_spec_issue(text, tmp_path, methods)
     assert "keys must be strings" in issue.message
     assert (issue.line, issue.column) == position(text, "1: x", "1")
 
