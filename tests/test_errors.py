@@ -51,7 +51,6 @@ def files_in(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@dataclass
 def only_spec_issue(text: str, tmp_path: Path, methods: prunespec.MethodRegistry) -> Issue:
     """Load ``text`` from a file; it must fail with exactly one issue, which is returned."""
     spec_file = tmp_path / "prune.yaml"
@@ -62,6 +61,7 @@ def only_spec_issue(text: str, tmp_path: Path, methods: prunespec.MethodRegistry
     return issue
 
 
+@dataclass
 class Case:
     text: str
     error: type[prunespec.PrunespecError]
