@@ -109,6 +109,32 @@ class MethodInfo:
     # structured methods: (tensor, dim, options) -> one score per channel along dim, the highest kept
     channel_importance: Callable[[torch.Tensor, int, Mapping[str, Any]], torch.Tensor] | None = None
 
+    @property
+    def granularity(self) -> str:
+        """prunespec's word for what the method prunes: ``"unstructured"`` (entries), ``"structured"``
+        (whole channels) or ``"self-directed"`` (it decides alone; torch's ``PRUNING_TYPE = "global"``)."""
+        return {"global": "self-directed"}.get(self.pruning_type, self.pruning_type)
+
+    @property
+    def unit(self) -> str:
+        """What ``amount`` and ``sparsity`` count for this method: ``"entries"`` or ``"channels"``."""
+        return "channels" if self.pruning_type == "structured" else "entries"
+
+    @property
+    def gives_scores(self) -> bool:
+        """Whether the method scores units, so prunespec selects them itself (exact counts, and what
+        ``max_sparsity``/``min_sparsity`` need)."""
+        if self.pruning_type == "unstructured":
+            return self.importance is not None or (
+                issubclass(self.cls, PruningMethod) and self.cls.importance is not PruningMethod.importance
+            )
+        return self.channel_importance is not None
+
+    @property
+    def supports_global(self) -> bool:
+        """Whether ``scope: global`` (one budget across a rule's tensors) works with this method."""
+        return self.pruning_type == "unstructured" and self.takes_amount
+
     def scorer(self, method: prune.BasePruningMethod) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The elementwise scoring of an unstructured method (built by :meth:`build`), if it has one."""
         if self.pruning_type != "unstructured":
