@@ -13,7 +13,8 @@ from .checkpoint import load, save
 from .errors import ApplyError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
 from .hookspecs import hookimpl
 from .loader import load_spec, loads_spec
-from .methods.base import PruningMethod
+from .masks import Blocks, Channels, Entries, Unit
+from .methods.base import Capabilities, MaskContext, PruningMethod
 from .planner import Plan, Step
 from .plugins import MethodRegistry, load_methods
 from .report import Report, sparsity
@@ -24,7 +25,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApplyError",
+    "Blocks",
+    "Capabilities",
+    "Channels",
     "CheckpointError",
+    "Entries",
+    "MaskContext",
     "MethodRegistry",
     "Plan",
     "PlanError",
@@ -36,6 +42,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "Step",
+    "Unit",
     "__version__",
     "apply",
     "finalize",

@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import prune
 
-from . import engine
+from . import engine, layout
 from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
@@ -57,12 +56,7 @@ def finalize(model: nn.Module) -> list[str]:
     """Make all pruning on ``model`` permanent (torch's ``prune.remove`` on every pruned tensor, whoever
     pruned it); returns the names of the tensors finalized."""
     done = []
-    for module_name, module in model.named_modules():
-        names = [
-            h._tensor_name for h in list(module._forward_pre_hooks.values()) if isinstance(h, prune.BasePruningMethod)
-        ]
-        for pname in names:
-            prune.remove(module, pname)
-            done.append(f"{module_name}.{pname}" if module_name else pname)
-        engine.drop_detach_hook(module)
+    for name, module, pname, _ in list(layout.pruned_in(model)):
+        layout.remove(module, pname)
+        done.append(name)
     return done

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .engine import GlobalMask, ensure_detach_hook
 from .errors import CheckpointError, SpecError
+from .layout import GlobalMask, ensure_detach_hook
 from .loader import load_spec, validate_document
 from .plugins import MethodRegistry, load_methods
 from .spec import SourceMap, Spec

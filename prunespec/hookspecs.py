@@ -7,9 +7,11 @@ prunespec's built-in methods (:mod:`prunespec.methods.builtin`) register through
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import pluggy
+from pydantic import BaseModel
+from torch.nn.utils import prune
 
 PROJECT = "prunespec"
 
@@ -20,7 +22,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class Register(Protocol):
     """The callable handed to :func:`prunespec_register_methods`."""
 
-    def __call__(self, method: type, *, name: str | None = None, **kwargs: Any) -> None: ...
+    def __call__(
+        self,
+        method: type[prune.BasePruningMethod],
+        *,
+        name: str | None = None,
+        options: type[BaseModel] | None = None,
+        summary: str | None = None,
+    ) -> None: ...
 
 
 @hookspec
@@ -29,8 +38,9 @@ def prunespec_register_methods(register: Register) -> None:
 
     Called once each time a method registry is built (by ``prunespec.plan``, ``apply``, ``load_spec``
     and the CLI when no registry is passed in). Call ``register(cls)`` once per method, where ``cls``
-    is a :class:`prunespec.PruningMethod` subclass, or ``register(cls, name="snake_case_id")`` for any
-    ``torch.nn.utils.prune.BasePruningMethod`` subclass, whose constructor keyword arguments (other
-    than ``amount``) become its options; pass ``options=SomePydanticModel`` to type them. Returns
+    is a :class:`prunespec.PruningMethod` subclass (its capabilities are declared on the class), or
+    ``register(cls, name="snake_case_id")`` for any ``torch.nn.utils.prune.BasePruningMethod``
+    subclass, whose constructor keyword arguments (other than ``amount``) become its options; pass
+    ``options=SomePydanticModel`` to type them and ``summary=`` for the one-line description. Returns
     nothing; what it registers is what counts.
     """

@@ -20,7 +20,10 @@ from torch import nn
 
 from . import selection
 from .errors import Issue, PlanError
-from .methods.base import MethodInfo, n_to_prune
+from .layout import base_name, is_pruned
+from .layout import mask as mask_of
+from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
+from .methods.base import MethodInfo
 from .plugins import provider_hint
 from .selectors import nearest_names, nearest_types, select_modules
 from .spec import Rule, Spec
@@ -159,7 +162,7 @@ class _Virtual:
     shape: tuple[int, ...]
     pruned: float  # entries
     exact: bool
-    channels: dict[int, int] | None  # pruned channels per dim (None: unknown after unstructured pruning)
+    units: dict[Unit, int] | None  # whole units pruned, per kind of unit (None: unknown after unstructured pruning)
     known: bool = True  # False once a method whose effect cannot be predicted ran
     mask: torch.Tensor | None = None  # the model's mask when planning started
     touched: bool = False  # a step of this plan changed it (so ``mask`` is no longer current)
@@ -191,12 +194,10 @@ class _Planner:
         self.by_name = dict(self.modules)
         self.owners: dict[int, list[Owner]] = {}
         for name, module in self.modules:
-            buffers = module._buffers
             for pname, param in module._parameters.items():
                 if param is None:
                     continue
-                if pname.endswith("_orig") and pname[:-5] + "_mask" in buffers:
-                    pname = pname[:-5]
+                pname = base_name(module, pname)
                 owners = self.owners.get(id(param))
                 if owners is None:
                     self.owners[id(param)] = [(name, pname)]
@@ -310,7 +311,7 @@ class _Planner:
         param = module._parameters.get(pname)
         if param is not None:
             return param
-        if is_pruned_param(module, pname):
+        if is_pruned(module, pname):
             return module._parameters[pname + "_orig"]
         if pname in module._buffers or pname in getattr(module, "parametrizations", {}):
             kind = "a buffer" if pname in module._buffers else "a parametrized tensor"
@@ -325,14 +326,20 @@ class _Planner:
     def _virtual(self, ref: TensorRef, param: torch.Tensor) -> _Virtual:
         key = id(param)
         if key not in self.state:
-            pruned, channels = 0, {}
-            module = self.by_name[ref.module]
-            mask = module._buffers.get(ref.param + "_mask") if is_pruned_param(module, ref.param) else None
-            if mask is not None:
-                pruned = mask.numel() - int(torch.count_nonzero(mask))
-                channels = {d: pruned_channels(mask, d) for d in range(mask.dim())}
-            self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, channels, mask=mask)
+            mask = mask_of(self.by_name[ref.module], ref.param)
+            pruned = 0 if mask is None else zeros(mask)
+            self.state[key] = _Virtual(ref.numel, ref.shape, pruned, True, {}, mask=mask)
         return self.state[key]
+
+    def _pruned_units(self, state: _Virtual, unit: Unit) -> int | None:
+        """Whole units the tensor has pruned when this step runs (None: not known)."""
+        if isinstance(unit, Entries):
+            return round(state.pruned)
+        if state.units is None:
+            return None
+        if unit not in state.units:
+            state.units[unit] = 0 if state.mask is None else unit.pruned(state.mask)
+        return state.units[unit]
 
     def _step(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
         state.touched = True
@@ -375,96 +382,140 @@ class _Planner:
         return k
 
     def _local(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef, param: torch.Tensor, by: str) -> None:
-        problem = info.check_tensor(ref.shape, rule.options)
-        if problem:
-            # point at the option the message starts with ("dim=5 is out of range ..."), if any
-            option = next((key for key in rule.options if problem.startswith(f"{key}=")), None)
-            path = ("rules", index, "options", option) if option else ("rules", index)
-            self.issue(path, f"tensor {ref.name}: {info.name}: {problem}")
+        if not self._fits(index, rule, info, ref):
             return
         state = self._virtual(ref, param)
         before = state.sparsity if state.known else None
         if not info.takes_amount:
             # A method without an amount decides alone how much it prunes: nothing to predict.
             state.known = state.exact = False
-            state.channels = None
+            state.units = None
             self._step(index, rule, ref, by, before, state)
             return
-        if info.pruning_type == "structured":
-            dim = int(rule.options["dim"]) % len(ref.shape)
-            total = ref.shape[dim]
-            pruned_channels = (state.channels or {}).get(dim, 0)
-            k = self._count(
-                index, rule, f"tensor {ref.name}", total - pruned_channels, total, pruned_channels, "channels"
-            )
-            if k is None:
-                return
-            per_channel = state.numel // total if total else 0
-            # exact while every pruned entry lies in a whole pruned channel along this dim
-            whole = state.channels is not None and round(state.pruned) == pruned_channels * per_channel
-            if k == 0:
-                pass
-            elif state.exact and whole:
-                state.pruned = (pruned_channels + k) * per_channel
-            else:
-                alive = state.numel - state.pruned
-                left = max(total - pruned_channels, 1)
-                state.pruned += k * alive / left
-                state.exact = False
-            if state.channels is not None:
-                state.channels[dim] = pruned_channels + k
-        else:
+        unit = info.units(rule.options)
+        if isinstance(unit, Entries):
             remaining = state.numel - round(state.pruned)
             k = self._count(index, rule, f"tensor {ref.name}", remaining, state.numel, state.pruned, "entries")
             if k is None:
                 return
             state.pruned += k
             if k:
-                state.channels = None
+                state.units = None
+            self._step(index, rule, ref, by, before, state)
+            return
+        total = unit.count(ref.shape)
+        done = self._pruned_units(state, unit)
+        known = done is not None
+        done = done or 0
+        k = self._count(index, rule, f"tensor {ref.name}", total - done, total, done, unit.name)
+        if k is None:
+            return
+        per_unit = state.numel // total if total else 0
+        # exact while every pruned entry lies in a whole pruned unit of this kind
+        if k == 0:
+            pass
+        elif state.exact and known and round(state.pruned) == done * per_unit:
+            state.pruned = (done + k) * per_unit
+        else:
+            alive = state.numel - state.pruned
+            state.pruned += k * alive / max(total - done, 1)
+            state.exact = False
+        if state.units is not None:
+            state.units = {unit: done + k}  # other kinds of unit are not known once this one changed
         self._step(index, rule, ref, by, before, state)
+
+    def _fits(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef) -> bool:
+        """Whether the method can prune this tensor; else an issue at the option or the rule."""
+        try:
+            unit = info.units(rule.options)
+        except Exception as exc:  # a plugin's units() failing on these options
+            self.issue(("rules", index, "options"), f"tensor {ref.name}: {info.name}: {type(exc).__name__}: {exc}")
+            return False
+        misfit = unit.check(ref.shape)
+        if misfit:
+            path = ("rules", index, "options", misfit.option) if misfit.option else ("rules", index)
+            self.issue(path, f"tensor {ref.name}: {info.name}: {misfit.message}")
+            return False
+        try:
+            problem = info.method.check_tensor(ref.shape, rule.options)
+        except Exception as exc:
+            problem = f"check_tensor failed: {type(exc).__name__}: {exc}"
+        if problem:
+            self.issue(("rules", index), f"tensor {ref.name}: {info.name}: {problem}")
+            return False
+        return True
 
     def _global(
         self, index: int, rule: Rule, info: MethodInfo, targets: list[tuple[TensorRef, torch.Tensor, str]]
     ) -> None:
-        if info.pruning_type != "unstructured" or not info.takes_amount:
+        if not info.supports_global:
             self.issue(
                 ("rules", index, "scope"),
-                f"scope: global needs an unstructured method with an amount; {info.name!r} is "
-                f"{info.pruning_type}" + ("" if info.takes_amount else " and takes no amount"),
+                f"scope: global needs a method with an amount that scores what it prunes (or prunes entries); "
+                f"{info.name!r} is {info.granularity}" + ("" if info.takes_amount else " and takes no amount"),
                 "use l1_unstructured or random_unstructured, or scope: local",
             )
             return
-        states = [self._virtual(ref, param) for ref, param, _ in targets]
-        total = sum(s.numel for s in states)
-        pruned = sum(s.pruned for s in states)
-        remaining = total - round(pruned)
-        names = ", ".join(ref.name for ref, _, _ in targets[:3]) + (", ..." if len(targets) > 3 else "")
-        group = f"global group of {len(targets)} tensors ({names})"
-        k = self._count(index, rule, group, remaining, total, pruned, "entries")
-        if k is None:
+        if not all(self._fits(index, rule, info, ref) for ref, _, _ in targets):
             return
-        scorer = info.scorer(info.build(k, rule.options))
         bounded = rule.max_sparsity is not None or rule.min_sparsity is not None
-        if bounded and scorer is None:
+        if bounded and not info.gives_scores:
             self.issue(
                 ("rules", index, "method"),
-                f"max_sparsity/min_sparsity need a method that scores entries; {info.name!r} does not",
+                f"max_sparsity/min_sparsity need a method that scores what it prunes; {info.name!r} does not",
                 "use l1_unstructured",
             )
             return
-        sizes = [s.numel for s in states]
-        already = [round(s.pruned) for s in states]
-        low, high = budget_bounds(rule.min_sparsity, rule.max_sparsity, sizes, already)
-        if not sum(low) <= sum(already) + k <= sum(high):
-            self.issue(("rules", index), f"{group}: " + bounds_problem(sum(low), sum(already) + k, sum(high)))
+        unit = info.units(rule.options)
+        states = [self._virtual(ref, param) for ref, param, _ in targets]
+        names = ", ".join(ref.name for ref, _, _ in targets[:3]) + (", ..." if len(targets) > 3 else "")
+        group = f"global group of {len(targets)} tensors ({names})"
+        if isinstance(unit, Entries):
+            sizes = [s.numel for s in states]
+            already = [round(s.pruned) for s in states]
+        else:
+            sizes = [unit.count(ref.shape) for ref, _, _ in targets]
+            done = [self._pruned_units(s, unit) for s in states]
+            already = [d or 0 for d in done]
+            if any(d is None for d in done):
+                for s in states:
+                    s.exact = False
+        total, pruned = sum(sizes), sum(already)
+        k = self._count(index, rule, group, total - pruned, total, pruned, unit.name)
+        if k is None:
             return
-        new = self._global_split(index, targets, states, k, scorer, low, high)
-        for (ref, _, by), state, count in zip(targets, states, new, strict=True):
+        low, high = budget_bounds(rule.min_sparsity, rule.max_sparsity, sizes, already)
+        if not sum(low) <= pruned + k <= sum(high):
+            self.issue(("rules", index), f"{group}: " + bounds_problem(sum(low), pruned + k, sum(high), unit.name))
+            return
+        if isinstance(unit, Entries):
+            scorer = info.instance(k, rule.options).elementwise()
+            new = self._global_split(index, targets, states, k, scorer, low, high)
+        else:
+            new = self._proportional(states, sizes, already, k, low, high)
+        for (ref, _, by), state, size, count in zip(targets, states, sizes, new, strict=True):
             before = state.sparsity if state.known else None
-            state.pruned += count
-            if count:
-                state.channels = None
+            if isinstance(unit, Entries):
+                state.pruned += count
+                if count:
+                    state.units = None
+            else:
+                state.pruned += count * (state.numel / size if size else 0)
+                if state.units is not None:
+                    state.units = {unit: round(state.units.get(unit, 0) + count)}
             self._step(index, rule, ref, by, before, state)
+
+    @staticmethod
+    def _proportional(
+        states: list[_Virtual], sizes: list[int], already: list[int], k: int, low: list[int], high: list[int]
+    ) -> list[float]:
+        """An estimate of each tensor's share of ``k`` units: in proportion to what it has left."""
+        for state in states:
+            state.exact = False
+        left = [n - a for n, a in zip(sizes, already, strict=True)]
+        remaining = sum(left)
+        shares = [k * n / remaining if remaining else 0.0 for n in left]
+        return [min(max(share, lo - a), hi - a) for share, a, lo, hi in zip(shares, already, low, high, strict=True)]
 
     def _global_split(
         self,
@@ -496,32 +547,3 @@ class _Planner:
             min(max(share, lo - s.pruned), hi - s.pruned)
             for share, s, lo, hi in zip(shares, states, low, high, strict=True)
         ]
-
-
-def budget_bounds(
-    min_sparsity: float | None, max_sparsity: float | None, sizes: list[int], already: list[int]
-) -> tuple[list[int], list[int]]:
-    """Each tensor's least and most pruned entries under a global rule's min/max_sparsity (never below
-    what is already pruned: masks only grow). Bounds round inwards: ceil for the least, floor for the most."""
-    low = [max(done, math.ceil((min_sparsity or 0.0) * n)) for n, done in zip(sizes, already, strict=True)]
-    cap = 1.0 if max_sparsity is None else max_sparsity
-    high = [max(done, math.floor(cap * n)) for n, done in zip(sizes, already, strict=True)]
-    return low, high
-
-
-def bounds_problem(low: int, target: int, high: int) -> str:
-    """Why a global budget cannot meet its per-tensor bounds."""
-    if target < low:
-        return f"min_sparsity needs at least {low} entries pruned, but the budget prunes {target}; lower min_sparsity"
-    return f"max_sparsity allows at most {high} entries pruned, but the budget needs {target}; raise max_sparsity"
-
-
-def is_pruned_param(module: nn.Module, pname: str) -> bool:
-    """Whether ``module``'s parameter ``pname`` is pruned (has ``<pname>_orig`` and ``<pname>_mask``)."""
-    return pname + "_orig" in module._parameters and pname + "_mask" in module._buffers
-
-
-def pruned_channels(mask: torch.Tensor, dim: int) -> int:
-    """How many channels along ``dim`` a mask prunes whole (every entry zero)."""
-    dim %= mask.dim()
-    return int((mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim]).sum())

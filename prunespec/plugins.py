@@ -18,9 +18,10 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import pluggy
+from pydantic import BaseModel
+from torch.nn.utils import prune
 
 from . import hookspecs
 from .errors import PluginError
@@ -219,9 +220,21 @@ class MethodRegistry(Mapping[str, MethodInfo]):
 def _registrar(source: PluginSource, staged: list[MethodInfo]) -> hookspecs.Register:
     """The ``register`` callable handed to one plugin: it records where each method came from."""
 
-    def register(method: type, *, name: str | None = None, **kwargs: Any) -> None:
+    def register(
+        method: type[prune.BasePruningMethod],
+        *,
+        name: str | None = None,
+        options: type[BaseModel] | None = None,
+        summary: str | None = None,
+    ) -> None:
         info = MethodInfo.from_class(
-            method, name=name, provider=source.name, package=source.package, version=source.version, **kwargs
+            method,
+            name=name,
+            options=options,
+            summary=summary,
+            provider=source.name,
+            package=source.package,
+            version=source.version,
         )
         staged.append(info)
 

@@ -50,16 +50,18 @@ import contextlib
 import inspect
 import json
 import pickle
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pluggy
 import torch
 from pydantic import BaseModel, ValidationError
+from torch import nn
 from torch.nn.utils import prune
 
 from . import hookspecs
-from .methods.base import MethodInfo, PruningMethod, n_to_prune
+from .masks import Channels, Entries, Unit, n_to_prune
+from .methods.base import MaskContext, MethodInfo, PruningMethod
 from .plugins import MethodRegistry, PluginSource, _registrar
 from .schema import build_schema
 
@@ -104,15 +106,14 @@ def check_method(
     seed: int = 0,
     options_model: type[BaseModel] | None = None,
     summary: str | None = None,
-    importance: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MethodInfo:
     """Check that a pruning method keeps prunespec's method contract; raise ``AssertionError`` if not.
 
     ``method`` is the class you register (a :class:`prunespec.PruningMethod` subclass, or any
     ``torch.nn.utils.prune.BasePruningMethod`` subclass together with the ``name=`` you register it
     under), or a :class:`MethodInfo` from a registry. ``options`` are option values for the check (the
-    method's required options must be given); ``options_model``, ``summary`` and ``importance`` are what
-    you pass to ``register(...)`` as ``options=``, ``summary=`` and ``importance=``, if anything.
+    method's required options must be given); ``options_model`` and ``summary`` are what you pass to
+    ``register(...)`` as ``options=`` and ``summary=``, if anything (for an adapted torch class).
     ``amount`` is used for methods that take one (a float is a fraction, an int a count). ``shapes`` and
     ``dtypes`` are the tensors tried; shapes the method's ``check_tensor`` refuses are skipped, but at
     least one must be accepted. Random tensors and masks are drawn from ``seed``; the caller's random
@@ -124,9 +125,7 @@ def check_method(
         info = method
     else:
         try:
-            info = MethodInfo.from_class(
-                method, name=name, options=options_model, summary=summary, importance=importance
-            )
+            info = MethodInfo.from_class(method, name=name, options=options_model, summary=summary)
         except Exception as exc:
             raise AssertionError(
                 f"method {name or getattr(method, '__qualname__', method)!r} breaks the rule 'registers': "
@@ -149,7 +148,7 @@ class _Checker:
 
     @property
     def label(self) -> str:
-        return f"method {self.info.name!r} ({self.info.cls.__module__}.{self.info.cls.__qualname__})"
+        return f"method {self.info.name!r} ({self.info.method.__module__}.{self.info.method.__qualname__})"
 
     def fail(self, rule: str, detail: str, case: str | None = None) -> None:
         self.failures.setdefault(rule, []).append(f"{detail} [{case}]" if case else detail)
@@ -293,6 +292,17 @@ class _Checker:
             return None
         return mask
 
+    @property
+    def computes_masks(self) -> bool:
+        """Whether the method computes masks itself (torch's ``compute_mask``), rather than only scoring."""
+        method = self.info.method
+        return (
+            method.hook_class is not None
+            or method.compute_mask is not PruningMethod.compute_mask
+            or method.mask is not PruningMethod.mask
+            or method.capabilities().elementwise
+        )
+
     def check_case(self, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> None:
         case = f"shape {list(shape)}, {str(dtype).removeprefix('torch.')}"
         gen = torch.Generator().manual_seed(seed)
@@ -302,6 +312,10 @@ class _Checker:
         default.view(-1)[0] = 1  # never all zeros
         masked = t * default  # what prunespec hands a method: the weight with earlier pruning applied
 
+        self.check_through_prunespec(case, t)
+        if not self.computes_masks:
+            self.check_scores(case, t, None)
+            return
         fresh = self.build()
         if fresh is None:
             return
@@ -309,7 +323,7 @@ class _Checker:
         if dense is not None and self.info.takes_amount:
             self.check_amount(case, dense, ones)
         if dense is not None:
-            self.check_importance(case, fresh, t, dense)
+            self.check_scores(case, t, dense)
         if dense is not None:
             again = self.build()
             repeat = None if again is None else self.compute("deterministic under a seed", case, again, t, ones)
@@ -343,66 +357,118 @@ class _Checker:
         if revived:
             self.fail(rule, f"{how} set {revived} entries to 1 that are 0 in default_mask", case)
 
+    def unit(self) -> Unit | None:
+        try:
+            return self.info.units(self.options)
+        except Exception as exc:
+            self.fail("units", f"units({self.options}) raised {type(exc).__name__}: {exc}")
+            return None
+
     def check_amount(self, case: str, mask: torch.Tensor, default: torch.Tensor) -> None:
-        """After pruning from ``default``: exactly the amount of what remained is newly pruned."""
-        kind = self.info.pruning_type
-        if kind == "structured":
-            dim = getattr(self.build(), "dim", None)
-            if not isinstance(dim, int):
-                self.fail("honours the amount", "a structured method needs an integer `dim` attribute", case)
-                return
-            dim %= mask.dim()
-            others = [d for d in range(mask.dim()) if d != dim]
-            alive_before = int((default != 0).any(dim=others).sum()) if others else int((default != 0).sum())
-            alive_after = int((mask != 0).any(dim=others).sum()) if others else int((mask != 0).sum())
-            unit = f"channels along dim {dim}"
-            if torch.equal(default, torch.ones_like(default)) and others:
-                whole = (mask != 0).all(dim=others) | (mask == 0).all(dim=others)
-                if not bool(whole.all()):
-                    self.fail("honours the amount", f"{int((~whole).sum())} {unit} are only partly pruned", case)
-        elif kind == "unstructured" or torch.equal(default, torch.ones_like(default)):
-            alive_before, alive_after, unit = int((default != 0).sum()), int((mask != 0).sum()), "entries"
-        else:  # a "global" method through a container: what the amount counts is the method's own business
+        """After pruning from ``default``: exactly the amount of what remained is newly pruned, counted in
+        the method's declared units, and (from a dense start) every unit kept or pruned whole."""
+        unit = self.unit()
+        if unit is None:
             return
+        if self.info.pruning_type == "global" and not torch.equal(default, torch.ones_like(default)):
+            return  # through a container a self-directed method sees the whole tensor: its amount is its own
+        shape = tuple(mask.shape)
+        count = unit.count(shape)
+        alive_before = count - unit.pruned(default)
+        alive_after = count - unit.pruned(mask)
+        name = unit.name if not isinstance(unit, Channels) else f"channels along dim {unit.dim % mask.dim()}"
+        if not isinstance(unit, Entries) and torch.equal(default, torch.ones_like(default)):
+            partly = ~unit.reduce(mask) & ~unit.reduce(1 - mask)  # neither all pruned nor all kept
+            if bool(partly.any()):
+                self.fail("honours the amount", f"{int(partly.sum())} {name} are only partly pruned", case)
         expected = n_to_prune(self.amount, alive_before)
         pruned = alive_before - alive_after
         if pruned != expected:
             self.fail(
                 "honours the amount",
-                f"amount={self.amount} of {alive_before} remaining {unit} should prune {expected} "
+                f"amount={self.amount} of {alive_before} remaining {name} should prune {expected} "
                 f"(round(amount * remaining), as torch rounds), but {pruned} were pruned",
                 case,
             )
 
-    def check_importance(self, case: str, method: prune.BasePruningMethod, t: torch.Tensor, mask: torch.Tensor) -> None:
-        """Scores that prunespec ranks by must rank as compute_mask does."""
-        rule = "importance agrees with compute_mask"
+    def check_scores(self, case: str, t: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Scores that prunespec ranks by: of the unit grid's shape, elementwise when declared so, and
+        ranking as ``compute_mask`` does when the method has one."""
+        caps = self.info.capabilities
+        if not caps.scores:
+            return
+        rule = "scores agree with compute_mask"
+        unit = self.unit()
+        if unit is None:
+            return
         try:
-            score = self.info.scorer(method)
-            if score is None:
-                return
-            scores = score(t)
-            flat = score(t.reshape(-1))
+            method = self.info.instance(self.amount if self.info.takes_amount else None, self.options)
+            ctx = MaskContext("weight", "", "weight", nn.Module(), t, None, self.options)
+            scores = method.score(ctx)
+            again = method.score(ctx)
+            flat = method.importance(t.reshape(-1)) if caps.elementwise else None
         except Exception as exc:
             self.fail(rule, f"scoring raised {type(exc).__name__}: {exc}", case)
             return
-        if not isinstance(scores, torch.Tensor) or scores.shape != t.shape:
+        grid = unit.grid(tuple(t.shape))
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != grid:
             got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            self.fail(rule, f"the scores have shape {got}, expected the tensor's {list(t.shape)}", case)
+            self.fail(
+                rule, f"the scores have shape {got}, expected {list(grid)} (one score per unit: {unit.name})", case
+            )
             return
-        if not torch.equal(flat.reshape(t.shape), scores):
+        if not isinstance(again, torch.Tensor) or not torch.equal(scores, again):
+            self.fail(rule, "scoring the same tensor twice gives different scores", case)
+            return
+        if flat is not None and not torch.equal(flat.reshape(scores.shape), scores):
             self.fail(rule, "the scores are not elementwise: scoring the flattened tensor gives other values", case)
             return
-        pruned = mask == 0
+        if mask is None:
+            return
+        pruned = unit.reduce(mask)
         if bool(pruned.any()) and bool((~pruned).any()):
             highest_pruned, lowest_kept = scores[pruned].max(), scores[~pruned].min()
             if bool(highest_pruned > lowest_kept):
                 self.fail(
                     rule,
-                    f"compute_mask pruned an entry scoring {float(highest_pruned):.4g} but kept one scoring "
+                    f"compute_mask pruned a unit scoring {float(highest_pruned):.4g} but kept one scoring "
                     f"{float(lowest_kept):.4g}; prunespec selects by the scores, so the two must agree",
                     case,
                 )
+
+    def check_through_prunespec(self, case: str, t: torch.Tensor) -> None:
+        """The method run by prunespec itself (plan, apply) on a module holding ``t``: with ``amount`` and
+        with ``sparsity``, each counted in the method's units."""
+        rule = "works through prunespec"
+        unit = self.unit()
+        if unit is None:
+            return
+        count = unit.count(tuple(t.shape))
+        how: list[dict[str, Any]] = [{"amount": self.amount}, {"sparsity": 0.5}] if self.info.takes_amount else [{}]
+        for extra in how:
+            holder = nn.Module()
+            holder.weight = nn.Parameter(t.clone())
+            spec = {
+                "version": 1,
+                "seed": self.seed,
+                "rules": [
+                    {"select": {"names": ["**"]}, "method": self.info.name, "options": self.raw_options, **extra}
+                ],
+            }
+            registry = MethodRegistry({self.info.name: self.info})
+            try:
+                from .api import apply
+
+                apply(holder, spec, methods=registry)
+            except Exception as exc:
+                self.fail(rule, f"prunespec.apply with {extra or 'no amount'} raised {type(exc).__name__}: {exc}", case)
+                return
+            if not self.info.takes_amount:
+                continue
+            wanted = n_to_prune(self.amount, count) if "amount" in extra else round(0.5 * count)
+            got = unit.pruned(holder.get_buffer("weight_mask"))
+            if got != wanted:
+                self.fail(rule, f"{extra} of {count} {unit.name} should prune {wanted}, pruned {got}", case)
 
     def check_pickle(self, shape: tuple[int, ...]) -> None:
         method = self.build()
@@ -417,6 +483,8 @@ class _Checker:
                 "pre-hook, so torch.save(model) pickles it: keep lambdas, open files and locks out of it",
             )
             return
+        if not self.computes_masks:
+            return  # its masks come from scores, which prunespec computes at apply, never from the hook
         gen = torch.Generator().manual_seed(self.seed)
         t = torch.randn(shape, generator=gen)
         ones = torch.ones(shape)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
-from prunespec.engine import DetachAfterForward
+from prunespec.layout import DetachAfterForward
 from prunespec.methods.base import MethodInfo
 
 transformers = pytest.importorskip("transformers")

@@ -397,12 +397,12 @@ CASES: dict[str, Case] = {
         ["tensor conv1.bias", "2 or more dims", "[6]"],
     ),
     "global-structured": Case(
-        LN + "    scope: global\n    options: {n: 2, dim: 0}\n",
+        _edit("method: l1_unstructured", "method: random_structured") + "    scope: global\n    options: {dim: 0}\n",
         prunespec.PlanError,
         1,
         "rules[0].scope",
         ("scope: global", "global"),
-        ["scope: global needs an unstructured method", "'ln_structured' is structured"],
+        ["scope: global needs a method", "'random_structured' is structured"],
         ["l1_unstructured", "scope: local"],
     ),
     # --- tags: YAML never builds objects --------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
-from prunespec.engine import DetachAfterForward
+from prunespec.layout import DetachAfterForward
 
 METHODS = prunespec.load_methods(builtins_only=True)
 UNSTRUCTURED = ["l1_unstructured", "random_unstructured"]

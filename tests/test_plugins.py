@@ -30,6 +30,7 @@ from torch.nn.utils import prune
 import prunespec
 import prunespec.plugins
 from prunespec.cli import main
+from prunespec.masks import Blocks
 from prunespec.methods.base import MethodInfo, NoOptions
 from prunespec.plugins import KNOWN_PLUGINS, PluginWarning, provider_hint
 from prunespec.testing import check_method, registered_methods
@@ -655,6 +656,42 @@ class RenamesItsOption(_Base):
         self.keep = k
 
 
+class ScoresBackwards(prunespec.PruningMethod):
+    """Claims to rank as torch's L1 does, but scores the largest lowest."""
+
+    name = "scores_backwards"
+    hook_class = prune.L1Unstructured
+
+    def importance(self, t: torch.Tensor) -> torch.Tensor:
+        return -t.abs()
+
+
+class NotElementwise(ScoresBackwards):
+    def importance(self, t: torch.Tensor) -> torch.Tensor:
+        return t.abs().cumsum(-1)
+
+
+class ScoresOfTheWrongShape(prunespec.PruningMethod):
+    name = "wrong_shape_scores"
+
+    def score(self, ctx: prunespec.MaskContext) -> torch.Tensor:
+        return ctx.values.abs().reshape(-1)
+
+
+class MiscountsBlocks(prunespec.PruningMethod):
+    """Declares 2x2 blocks as its unit, but prunes every block whatever the amount."""
+
+    name = "miscounts_blocks"
+    unit = "blocks"
+
+    @classmethod
+    def units(cls, options: Any) -> Blocks:
+        return Blocks(2, 2)
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(default_mask)
+
+
 class NeedsK(_Base):
     def __init__(self, k: int) -> None:
         self.k = k
@@ -675,18 +712,10 @@ class NeedsK(_Base):
         (PartlyStructured, {"amount": 0.5}, "honours the amount", "only partly pruned"),
         (NeedsK, {"options_model": NoOptions}, "options schema", "constructor arguments ['k']"),
         (RenamesItsOption, {"options": {"k": 2}}, "options kept on the instance", "option k=2 is not the method"),
-        (
-            prune.L1Unstructured,
-            {"importance": lambda t: -t.abs()},
-            "importance agrees with compute_mask",
-            "compute_mask pruned an entry scoring",
-        ),
-        (
-            prune.L1Unstructured,
-            {"importance": lambda t: t.abs().cumsum(-1), "shapes": [(4, 8)]},
-            "importance agrees with compute_mask",
-            "the scores are not elementwise",
-        ),
+        (ScoresBackwards, {}, "scores agree with compute_mask", "compute_mask pruned a unit scoring"),
+        (NotElementwise, {"shapes": [(4, 8)]}, "scores agree with compute_mask", "the scores are not elementwise"),
+        (ScoresOfTheWrongShape, {}, "scores agree with compute_mask", "expected [8, 16] (one score per unit: entries)"),
+        (MiscountsBlocks, {}, "works through prunespec", "of 32 blocks should prune 16, pruned 32"),
     ],
 )
 def test_check_method_catches_a_broken_method(cls: type, kwargs: dict[str, Any], rule: str, detail: str) -> None:

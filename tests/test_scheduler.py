@@ -23,7 +23,7 @@ import prunespec
 import prunespec.api
 import prunespec.engine
 from prunespec.checkpoint import load_state_dict
-from prunespec.engine import DetachAfterForward
+from prunespec.layout import DetachAfterForward
 from prunespec.scheduler import Scheduler, Timeline, ordered_parameters
 from prunespec.spec import Schedule
 

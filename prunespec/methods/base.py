@@ -1,14 +1,17 @@
 """What a pruning method is to prunespec.
 
-A method is a ``torch.nn.utils.prune.BasePruningMethod`` subclass: its instances compute masks and are
-the forward pre-hooks installed on pruned modules, exactly as in torch. Two ways to write one:
+A method is a :class:`PruningMethod` subclass. Everything prunespec may rely on is declared on the class,
+in one place (the *capabilities*, see :class:`Capabilities`): whether it takes an amount, what the
+amount counts (:mod:`prunespec.masks` units), whether it scores units (then prunespec selects them itself,
+exactly, locally or across a global group), which calibration statistics it needs. It computes masks with
+torch's ``compute_mask(t, default_mask)``, or with :meth:`PruningMethod.mask` when it needs more context
+(:class:`MaskContext`: the module, its name, the mask so far, its options, statistics).
 
-* subclass :class:`PruningMethod` (a name, ``PRUNING_TYPE``, a pydantic ``Options`` model and
-  ``compute_mask``), or
-* take any existing ``BasePruningMethod`` subclass and register it with a name; its constructor's
-  keyword arguments become its options.
+A plain ``torch.nn.utils.prune.BasePruningMethod`` subclass can be registered too (with a name): it is
+adapted into a :class:`PruningMethod` whose ``hook_class`` is that class, so its instances are what gets
+installed, and it has no capabilities beyond torch's ``PRUNING_TYPE``.
 
-:class:`MethodInfo` is the registry's view of either kind.
+:class:`MethodInfo` is the registry's view of a registered method.
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, create_model
+from torch import nn
 from torch.nn.utils import prune
+
+from ..masks import Channels, Entries, Unit, n_to_prune
 
 PRUNING_TYPES = ("unstructured", "structured", "global")
 METHOD_ID = re.compile(r"^[a-z][a-z0-9_]*$")
+Granularity = Literal["unstructured", "structured", "self-directed"]
+UnitName = Literal["entries", "channels", "blocks", "units"]
 
 
 class NoOptions(BaseModel):
@@ -34,27 +42,76 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def n_to_prune(amount: float | int, size: int) -> int:
-    """How many of ``size`` units ``amount`` prunes, rounded exactly as ``torch.nn.utils.prune`` does:
-    an integer is a count, a float is ``round(amount * size)`` (round half to even)."""
-    if isinstance(amount, Integral):
-        return int(amount)
-    return round(float(amount) * size)
+@dataclass(frozen=True)
+class MaskContext:
+    """What a method sees of one tensor when it scores or masks it.
+
+    ``values`` are the parameter's original values (``<name>_orig``, detached; never write into them),
+    ``mask`` the mask so far (None: nothing pruned yet). ``statistics`` holds what the method declared in
+    ``statistics`` (calibration data; empty otherwise). The context grows (coupled groups, weight updates)
+    without breaking methods that ignore what they do not use.
+    """
+
+    name: str  # "features.0.weight"
+    module_name: str
+    param: str
+    module: nn.Module
+    values: torch.Tensor
+    mask: torch.Tensor | None
+    options: Mapping[str, Any]
+    statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """The values as the model sees them: original values times the mask so far."""
+        return self.values if self.mask is None else self.values * self.mask.to(self.values.dtype)
+
+    @property
+    def default_mask(self) -> torch.Tensor:
+        """The mask so far, or all ones: what torch's ``compute_mask`` takes as ``default_mask``."""
+        return torch.ones_like(self.values) if self.mask is None else self.mask
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares, read from its class. Each is checked by ``prunespec.testing.check_method``."""
+
+    granularity: Granularity  # prunespec's word; torch's PRUNING_TYPE is separate
+    unit: UnitName  # what `amount`/`sparsity` count
+    takes_amount: bool
+    scores: bool  # gives per-unit scores: prunespec selects the lowest itself
+    elementwise: bool  # its scores are per entry, from each value alone (computed lazily, never stored)
+    supports_global: bool  # `scope: global` works
+    statistics: tuple[str, ...]  # calibration statistics it needs
 
 
 class PruningMethod(prune.BasePruningMethod):
-    """Base class for prunespec pruning methods.
+    """Base class of prunespec methods.
 
-    Subclasses set ``name`` (a snake_case id), ``PRUNING_TYPE`` (``"unstructured"``, ``"structured"``
-    or ``"global"``), optionally ``Options`` (a pydantic model; its fields become instance attributes,
-    so a structured method's ``dim`` option is where torch's containers look for it) and
-    ``takes_amount = False`` for methods without an amount, and implement
-    ``compute_mask(t, default_mask)``. Override :meth:`importance` to support ``scope: global``.
+    Set ``name`` (a snake_case id), ``PRUNING_TYPE`` (torch's word, which its ``PruningContainer`` reads:
+    ``"unstructured"``, ``"structured"`` or ``"global"``) and optionally ``Options`` (a pydantic model whose
+    fields become instance attributes). Then the capabilities, all on the class:
+
+    * ``takes_amount = False`` for a method that decides alone how much it prunes;
+    * ``unit``: what an amount counts, ``"entries"`` (default), ``"channels"`` (along the ``dim`` option),
+      or any other :class:`~prunespec.masks.Unit` returned by :meth:`units`;
+    * override :meth:`score` (per-unit scores from a :class:`MaskContext`) or :meth:`importance`
+      (elementwise, from the values alone): prunespec then selects the lowest scores itself, exactly,
+      for ``scope: local`` and ``scope: global``, with ``max_sparsity``/``min_sparsity``;
+    * ``statistics``: names of the calibration statistics :meth:`score` or :meth:`mask` read;
+    * ``hook_class``: the class whose instance is installed as the forward pre-hook (default: this class).
+
+    Masks come from :meth:`score` (when given), else :meth:`mask`, which by default calls torch's
+    ``compute_mask(t, default_mask)``.
     """
 
     name: ClassVar[str]
+    PRUNING_TYPE: ClassVar[str] = "unstructured"
     Options: ClassVar[type[BaseModel]] = NoOptions
     takes_amount: ClassVar[bool] = True
+    unit: ClassVar[UnitName] = "entries"
+    statistics: ClassVar[tuple[str, ...]] = ()
+    hook_class: ClassVar[type[prune.BasePruningMethod] | None] = None
 
     def __init__(self, amount: float | int | None = None, **options: Any) -> None:
         if self.takes_amount:
@@ -66,13 +123,32 @@ class PruningMethod(prune.BasePruningMethod):
         for key, value in self.Options(**options).model_dump().items():
             setattr(self, key, value)
 
-    def n_to_prune(self, size: int) -> int:
-        """Units to prune out of ``size``; raises ValueError when a count exceeds ``size``."""
-        assert self.amount is not None
-        k = n_to_prune(self.amount, size)
-        if k > size:
-            raise ValueError(f"amount={self.amount} is larger than the {size} units left to prune")
-        return k
+    # --- capabilities ------------------------------------------------------------------------------
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """What this class declares (see the class docstring)."""
+        elementwise = cls.importance is not PruningMethod.importance
+        scores = elementwise or cls.score is not PruningMethod.score
+        granularity: Granularity = {"global": "self-directed"}.get(cls.PRUNING_TYPE, cls.PRUNING_TYPE)  # type: ignore[assignment]
+        return Capabilities(
+            granularity=granularity,
+            unit=cls.unit,
+            takes_amount=cls.takes_amount,
+            scores=scores,
+            elementwise=elementwise,
+            supports_global=cls.takes_amount and (scores or cls.PRUNING_TYPE == "unstructured"),
+            statistics=tuple(cls.statistics),
+        )
+
+    @classmethod
+    def units(cls, options: Mapping[str, Any]) -> Unit:
+        """The units an amount counts, for these options."""
+        if cls.unit == "channels":
+            return Channels(int(options["dim"]))
+        if cls.unit == "entries":
+            return Entries()
+        raise NotImplementedError(f"{cls.__qualname__} declares unit {cls.unit!r}: override units()")
 
     @classmethod
     def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
@@ -82,14 +158,77 @@ class PruningMethod(prune.BasePruningMethod):
         """
         return None
 
-    def importance(self, t: torch.Tensor) -> torch.Tensor | None:
-        """Per-entry scores, lower pruned first, computed entry by entry (elementwise), or None.
+    # --- the work ----------------------------------------------------------------------------------
 
-        A method that gives scores can be used with ``scope: global``, and prunespec then selects the
-        entries itself (exact counts, no concatenation; see :mod:`prunespec.selection`) instead of
-        calling ``compute_mask``.
+    def n_to_prune(self, size: int) -> int:
+        """Units to prune out of ``size``; raises ValueError when a count exceeds ``size``."""
+        assert self.amount is not None
+        k = n_to_prune(self.amount, size)
+        if k > size:
+            raise ValueError(f"amount={self.amount} is larger than the {size} units left to prune")
+        return k
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """torch's mask computation. A method with ``hook_class`` uses that class's; a method that
+        only scores (:meth:`score`, :meth:`importance`) needs none: prunespec selects from the scores."""
+        if self.hook_class is not None:
+            return self.hook().compute_mask(t, default_mask)  # type: ignore[no-any-return]
+        scores = self.importance(t)
+        if scores is None:
+            raise NotImplementedError(
+                f"{type(self).__qualname__} has no compute_mask: prunespec computes its masks from score() at apply"
+            )
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        k = self.n_to_prune(t.numel())
+        if k:  # torch's own way for elementwise scores: the k lowest by topk
+            mask.view(-1)[torch.topk(scores.reshape(-1), k=k, largest=False).indices] = 0
+        return mask
+
+    def importance(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-entry scores computed entry by entry from the values alone (lower pruned first), or None.
+
+        Elementwise scores cost no memory: prunespec computes them as it goes, also across a global group.
         """
         return None
+
+    def elementwise(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The elementwise scoring (:meth:`importance`) as a function, if the method has one."""
+        if type(self).importance is PruningMethod.importance:
+            return None
+
+        def score(t: torch.Tensor) -> torch.Tensor:
+            out = self.importance(t)
+            if out is None:
+                raise TypeError(f"{type(self).__qualname__}.importance returned None")
+            return out
+
+        return score
+
+    def score(self, ctx: MaskContext) -> torch.Tensor | None:
+        """Per-unit scores for one tensor (shape: the unit grid, e.g. the tensor's shape for entries, one
+        per channel for channels), lower pruned first; or None. Override for scores that need more than
+        each value alone (statistics, neighbours, the module). The default uses :meth:`importance`."""
+        return self.importance(ctx.values)
+
+    def mask(self, ctx: MaskContext) -> torch.Tensor:
+        """The new mask for a method without scores: torch's ``compute_mask``, composed with the mask so
+        far exactly as torch composes (its ``PruningContainer``: an unstructured method sees only the
+        entries left, a structured one the channels left). Must keep every zero of ``ctx.mask``."""
+        hook = self.hook()
+        if not hasattr(hook, "_tensor_name"):
+            hook._tensor_name = ctx.param  # torch's container reads it
+        default = ctx.default_mask.clone(memory_format=torch.contiguous_format)
+        if ctx.mask is None:
+            return hook.compute_mask(ctx.values, default_mask=default)  # type: ignore[no-any-return]
+        return prune.PruningContainer(hook).compute_mask(ctx.masked, default_mask=default)  # type: ignore[no-any-return]
+
+    def hook(self) -> prune.BasePruningMethod:
+        """The object installed as the module's forward pre-hook (and recorded in checkpoints)."""
+        if self.hook_class is None:
+            return self
+        factory: Any = self.hook_class
+        options = {key: getattr(self, key) for key in self.Options.model_fields}
+        return factory(amount=self.amount, **options) if self.takes_amount else factory(**options)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -97,79 +236,78 @@ class MethodInfo:
     """A registered method, as the planner and the engine see it."""
 
     name: str
-    cls: type[prune.BasePruningMethod]
-    pruning_type: str
-    options_model: type[BaseModel]
-    takes_amount: bool
+    method: type[PruningMethod]
     summary: str
     provider: str = "prunespec"
     package: str | None = None
     version: str | None = None
-    importance: Callable[[torch.Tensor], torch.Tensor] | None = None  # elementwise scores, lower pruned first
-    # structured methods: (tensor, dim, options) -> one score per channel along dim, the highest kept
-    channel_importance: Callable[[torch.Tensor, int, Mapping[str, Any]], torch.Tensor] | None = None
+
+    @property
+    def cls(self) -> type[prune.BasePruningMethod]:
+        """The class of the installed hooks."""
+        return self.method.hook_class or self.method
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.method.capabilities()
+
+    @property
+    def pruning_type(self) -> str:
+        """torch's ``PRUNING_TYPE`` of the hooks (what its ``PruningContainer`` reads)."""
+        return self.method.PRUNING_TYPE
+
+    @property
+    def options_model(self) -> type[BaseModel]:
+        return self.method.Options
+
+    @property
+    def takes_amount(self) -> bool:
+        return self.method.takes_amount
 
     @property
     def granularity(self) -> str:
         """prunespec's word for what the method prunes: ``"unstructured"`` (entries), ``"structured"``
         (whole channels) or ``"self-directed"`` (it decides alone; torch's ``PRUNING_TYPE = "global"``)."""
-        return {"global": "self-directed"}.get(self.pruning_type, self.pruning_type)
+        return self.capabilities.granularity
 
     @property
     def unit(self) -> str:
-        """What ``amount`` and ``sparsity`` count for this method: ``"entries"`` or ``"channels"``."""
-        return "channels" if self.pruning_type == "structured" else "entries"
+        """What ``amount`` and ``sparsity`` count for this method (``"entries"``, ``"channels"``, ...)."""
+        return self.method.unit
 
     @property
     def gives_scores(self) -> bool:
         """Whether the method scores units, so prunespec selects them itself (exact counts, and what
         ``max_sparsity``/``min_sparsity`` need)."""
-        if self.pruning_type == "unstructured":
-            return self.importance is not None or (
-                issubclass(self.cls, PruningMethod) and self.cls.importance is not PruningMethod.importance
-            )
-        return self.channel_importance is not None
+        return self.capabilities.scores
 
     @property
     def supports_global(self) -> bool:
         """Whether ``scope: global`` (one budget across a rule's tensors) works with this method."""
-        return self.pruning_type == "unstructured" and self.takes_amount
+        return self.capabilities.supports_global
 
-    def scorer(self, method: prune.BasePruningMethod) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The elementwise scoring of an unstructured method (built by :meth:`build`), if it has one."""
-        if self.pruning_type != "unstructured":
-            return None
-        if self.importance is not None:
-            return self.importance
-        if isinstance(method, PruningMethod) and type(method).importance is not PruningMethod.importance:
-            return lambda t: method.importance(t)  # type: ignore[return-value]
-        return None
+    def units(self, options: Mapping[str, Any]) -> Unit:
+        """What an amount counts in a tensor, for these options."""
+        return self.method.units(options)
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Options checked and completed with defaults; raises pydantic's ValidationError."""
         return self.options_model(**options).model_dump()
 
+    def instance(self, amount: float | int | None, options: Mapping[str, Any]) -> PruningMethod:
+        """A fresh method object (scores and masks come from it)."""
+        return self.method(amount, **options) if self.takes_amount else self.method(**options)
+
     def build(self, amount: float | int | None, options: Mapping[str, Any]) -> prune.BasePruningMethod:
-        """A fresh method instance: the object that computes the mask and becomes the hook."""
-        factory: Any = self.cls  # torch's method classes take their own keyword arguments
-        method: prune.BasePruningMethod = factory(amount=amount, **options) if self.takes_amount else factory(**options)
-        return method
+        """A fresh hook: the object installed on the module."""
+        return self.instance(amount, options).hook()
 
     def check_tensor(self, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
         """Why this method cannot prune a tensor of ``shape`` with ``options``, or None if it can."""
-        if self.pruning_type == "structured":
-            if len(shape) < 2:
-                return f"structured pruning needs a tensor of 2 or more dims; this one has shape {list(shape)}"
-            dim = options.get("dim")
-            if not isinstance(dim, int):
-                return "a structured method needs an integer `dim` option"
-            if not -len(shape) <= dim < len(shape):
-                return (
-                    f"dim={dim} is out of range for shape {list(shape)}; use a dim in [{-len(shape)}, {len(shape) - 1}]"
-                )
-        if issubclass(self.cls, PruningMethod):
-            return self.cls.check_tensor(shape, options)
-        return None
+        if self.unit == "channels" and not isinstance(options.get("dim"), int):
+            return "a structured method needs an integer `dim` option"
+        misfit = self.units(options).check(shape)
+        return misfit.message if misfit else self.method.check_tensor(shape, options)
 
     @classmethod
     def from_class(
@@ -179,8 +317,6 @@ class MethodInfo:
         name: str | None = None,
         options: type[BaseModel] | None = None,
         summary: str | None = None,
-        importance: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        channel_importance: Callable[[torch.Tensor, int, Mapping[str, Any]], torch.Tensor] | None = None,
         provider: str = "prunespec",
         package: str | None = None,
         version: str | None = None,
@@ -188,9 +324,8 @@ class MethodInfo:
         """Describe ``method`` (a :class:`PruningMethod` or ``BasePruningMethod`` subclass)."""
         if not (isinstance(method, type) and issubclass(method, prune.BasePruningMethod)):
             raise TypeError(f"{method!r} is not a torch.nn.utils.prune.BasePruningMethod subclass")
-        native = issubclass(method, PruningMethod)
-        if native and not name:
-            name = getattr(method, "name", None)
+        if issubclass(method, PruningMethod):
+            name = name or getattr(method, "name", None)
         if not name:
             raise TypeError(f"{method.__qualname__} needs a method name: pass name='snake_case_id'")
         if not METHOD_ID.match(name):
@@ -198,30 +333,38 @@ class MethodInfo:
         pruning_type = getattr(method, "PRUNING_TYPE", None)
         if pruning_type not in PRUNING_TYPES:
             raise ValueError(f"{method.__qualname__}.PRUNING_TYPE must be one of {PRUNING_TYPES}, got {pruning_type!r}")
-        if native:
-            assert issubclass(method, PruningMethod)
-            options_model = options or method.Options
-            takes_amount = method.takes_amount
+        if options is not None and not (isinstance(options, type) and issubclass(options, BaseModel)):
+            raise TypeError(f"options must be a pydantic BaseModel subclass, got {options!r}")
+        if issubclass(method, PruningMethod):
+            if options is not None and options is not method.Options:
+                raise TypeError(
+                    f"{method.__qualname__} is a PruningMethod: declare its options on the class (Options = ...), "
+                    "not in register(..., options=)"
+                )
+            native: type[PruningMethod] = method
         else:
-            options_model, takes_amount = options or _options_from_signature(method), _takes_amount(method)
+            native = _adapt(method, name, options)
         doc = summary or inspect.getdoc(method) or ""
-        return cls(
-            name=name,
-            cls=method,
-            pruning_type=pruning_type,
-            options_model=options_model,
-            takes_amount=takes_amount,
-            summary=doc.strip().splitlines()[0] if doc.strip() else "",
-            provider=provider,
-            package=package,
-            version=version,
-            importance=importance,
-            channel_importance=channel_importance,
-        )
+        first = doc.strip().splitlines()[0] if doc.strip() else ""
+        return cls(name, native, first, provider, package, version)
 
 
-def _takes_amount(method: type) -> bool:
-    return "amount" in inspect.signature(method).parameters
+def _adapt(method: type[prune.BasePruningMethod], name: str, options: type[BaseModel] | None) -> type[PruningMethod]:
+    """A :class:`PruningMethod` that installs ``method``'s instances and masks with its ``compute_mask``."""
+    pruning_type = getattr(method, "PRUNING_TYPE", "unstructured")
+    attrs: dict[str, Any] = {
+        "name": name,
+        "PRUNING_TYPE": pruning_type,
+        "Options": options or _options_from_signature(method),
+        "takes_amount": "amount" in inspect.signature(method).parameters,
+        "unit": "channels" if pruning_type == "structured" else "entries",
+        "hook_class": method,
+        "__module__": method.__module__,
+        "__qualname__": method.__qualname__,
+        "__doc__": method.__doc__,
+    }
+    adapted: type[PruningMethod] = type(method.__name__, (PruningMethod,), attrs)
+    return adapted
 
 
 def _options_from_signature(method: type) -> type[BaseModel]:

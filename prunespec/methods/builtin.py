@@ -1,20 +1,21 @@
 """prunespec's built-in methods: torch's own pruning classes, registered like any plugin's.
 
-Because the registered classes *are* ``torch.nn.utils.prune``'s, the masks and the installed hooks are
-exactly what the equivalent ``prune.*`` calls give.
+Each is a :class:`~prunespec.PruningMethod` whose ``hook_class`` is ``torch.nn.utils.prune``'s own class:
+the installed hooks are torch's objects, and the masks exactly what the equivalent ``prune.*`` calls give.
+They are the first examples of the plugin API: capabilities on the class, registered through the hook.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.nn.utils import prune
 
 from ..hookspecs import Register, hookimpl
+from .base import MaskContext, PruningMethod
 
 
 class DimOptions(BaseModel):
@@ -40,36 +41,57 @@ class LnOptions(DimOptions):
         return n
 
 
+class Identity(PruningMethod):
+    """Prune nothing; installs an all-ones mask."""
+
+    name = "identity"
+    hook_class = prune.Identity
+    takes_amount = False
+
+
+class RandomUnstructured(PruningMethod):
+    """Prune entries chosen at random (uniformly)."""
+
+    name = "random_unstructured"
+    hook_class = prune.RandomUnstructured
+
+
+class L1Unstructured(PruningMethod):
+    """Prune the entries with the smallest absolute value."""
+
+    name = "l1_unstructured"
+    hook_class = prune.L1Unstructured
+
+    def importance(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.abs(t)  # elementwise: prunespec selects exactly, without topk or concatenation
+
+
+class RandomStructured(PruningMethod):
+    """Prune whole channels along `dim`, chosen at random."""
+
+    name = "random_structured"
+    PRUNING_TYPE = "structured"
+    Options = DimOptions
+    unit = "channels"
+    hook_class = prune.RandomStructured
+
+
+class LnStructured(PruningMethod):
+    """Prune whole channels along `dim` with the smallest L`n` norm."""
+
+    name = "ln_structured"
+    PRUNING_TYPE = "structured"
+    Options = LnOptions
+    unit = "channels"
+    hook_class = prune.LnStructured
+
+    def score(self, ctx: MaskContext) -> torch.Tensor:
+        # torch's own helper on the masked values: the norms LnStructured ranks channels by
+        norms: torch.Tensor = prune._compute_norm(ctx.masked, ctx.options["n"], int(ctx.options["dim"]))
+        return norms
+
+
 @hookimpl
 def prunespec_register_methods(register: Register) -> None:
-    register(prune.Identity, name="identity", summary="Prune nothing; installs an all-ones mask.")
-    register(
-        prune.RandomUnstructured,
-        name="random_unstructured",
-        summary="Prune entries chosen at random (uniformly).",
-    )
-    register(
-        prune.L1Unstructured,
-        name="l1_unstructured",
-        summary="Prune the entries with the smallest absolute value.",
-        importance=torch.abs,  # lets prunespec select exactly, without topk or concatenation
-    )
-    register(
-        prune.RandomStructured,
-        name="random_structured",
-        options=DimOptions,
-        summary="Prune whole channels along `dim`, chosen at random.",
-    )
-    register(
-        prune.LnStructured,
-        name="ln_structured",
-        options=LnOptions,
-        summary="Prune whole channels along `dim` with the smallest L`n` norm.",
-        channel_importance=_channel_norms,  # lets prunespec build the mask in one pass
-    )
-
-
-def _channel_norms(t: torch.Tensor, dim: int, options: Mapping[str, Any]) -> torch.Tensor:
-    """The norms ``LnStructured`` ranks channels by, computed by torch's own helper."""
-    norms: torch.Tensor = prune._compute_norm(t, options["n"], dim)
-    return norms
+    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured):
+        register(method)

@@ -1,0 +1,231 @@
+"""torch's pruning layout, in one place.
+
+A pruned parameter ``<name>`` of a module, as ``torch.nn.utils.prune`` leaves it:
+
+* ``<name>_orig``: the original Parameter (the same object);
+* ``<name>_mask``: a buffer of 0s and 1s, of the parameter's shape;
+* ``<name>``: a plain attribute, ``<name>_orig * <name>_mask``, recomputed before every forward by
+* a forward pre-hook that is the method object (a ``BasePruningMethod`` whose ``_tensor_name`` is
+  ``<name>``), or a ``PruningContainer`` of them after several prunes.
+
+Everything that reads or writes this layout goes through here. Deliberate differences from torch: a
+re-prune keeps the hook at its key (pytorch/pytorch#37138); :class:`DetachAfterForward` keeps
+``copy.deepcopy`` working after a forward (pytorch/pytorch#37322); :class:`GlobalMask` records a global
+step without holding the group's mask (pytorch/pytorch#49332); tied owners share one ``_orig`` and mask.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+ORIG = "_orig"
+MASK = "_mask"
+
+
+class GlobalMask(prune.BasePruningMethod):
+    """The hook left by a ``scope: global`` step: a record of what ran.
+
+    The mask it produced is the module's ``<name>_mask`` buffer; unlike torch's ``CustomFromMask`` it
+    keeps no reference to the group's flat mask (pytorch/pytorch#49332).
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, method: str, amount: float | int, group_size: int) -> None:
+        self.method = method
+        self.amount = amount
+        self.group_size = group_size
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask
+
+
+class DetachAfterForward:
+    """Forward hook prunespec adds to each pruned module: after the forward, the masked ``<name>``
+    attribute is replaced by a detached view of itself.
+
+    The forward has used (and autograd has recorded) the attached one, so gradients still reach
+    ``<name>_orig``; what stays behind is a leaf, so ``copy.deepcopy`` of a model works after a forward
+    with grad (torch's own pruning fails there: pytorch/pytorch#37322).
+    """
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        for _, hook in pruning_hooks(module):
+            value = module.__dict__.get(hook._tensor_name)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                module.__dict__[hook._tensor_name] = value.detach()
+
+
+def is_pruned(module: nn.Module, pname: str) -> bool:
+    """Whether ``module``'s parameter ``pname`` is pruned (has ``<pname>_orig`` and ``<pname>_mask``)."""
+    return pname + ORIG in module._parameters and pname + MASK in module._buffers
+
+
+def base_name(module: nn.Module, pname: str) -> str:
+    """A parameter's name as users know it: ``weight`` for ``weight_orig`` when that is pruned."""
+    if pname.endswith(ORIG) and pname[: -len(ORIG)] + MASK in module._buffers:
+        return pname[: -len(ORIG)]
+    return pname
+
+
+def original(module: nn.Module, pname: str) -> torch.Tensor | None:
+    """The Parameter behind ``pname``: ``<pname>_orig`` when pruned, else ``pname`` itself."""
+    return module._parameters.get(pname + ORIG if is_pruned(module, pname) else pname)
+
+
+def mask(module: nn.Module, pname: str) -> torch.Tensor | None:
+    """The mask of a pruned parameter, None for a dense one."""
+    return module._buffers.get(pname + MASK) if is_pruned(module, pname) else None
+
+
+def named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``(name, Parameter, mask or None)`` for each parameter of ``module`` (pruned ones by base name)."""
+    for pname, param in module._parameters.items():
+        if param is None:
+            continue
+        name = base_name(module, pname)
+        yield name, param, (module._buffers[name + MASK] if name != pname else None)
+
+
+def pruning_hooks(module: nn.Module) -> Iterator[tuple[int, prune.BasePruningMethod]]:
+    """The module's pruning pre-hooks with their keys."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, prune.BasePruningMethod):
+            yield key, hook
+
+
+def hook_key(module: nn.Module, pname: str) -> int | None:
+    """The key of the pruning hook that recomputes ``pname``, if any."""
+    return next((key for key, hook in pruning_hooks(module) if getattr(hook, "_tensor_name", None) == pname), None)
+
+
+def methods_of(hook: prune.BasePruningMethod) -> list[prune.BasePruningMethod]:
+    """The method records in a hook: a container's parts, or the hook itself."""
+    return list(hook) if isinstance(hook, prune.PruningContainer) else [hook]
+
+
+def container(methods: Sequence[prune.BasePruningMethod]) -> prune.BasePruningMethod:
+    """One hook for ``methods``: the method alone, or a ``PruningContainer`` of them in order."""
+    if len(methods) == 1:
+        return methods[0]
+    out = prune.PruningContainer(methods[0])
+    for method in methods[1:]:
+        out.add_pruning_method(method)
+    return out
+
+
+def ensure_detach_hook(module: nn.Module) -> None:
+    """Add :class:`DetachAfterForward` to ``module`` unless it has it."""
+    if not any(isinstance(h, DetachAfterForward) for h in module._forward_hooks.values()):
+        module.register_forward_hook(DetachAfterForward())
+
+
+def drop_detach_hook(module: nn.Module) -> None:
+    """Remove :class:`DetachAfterForward` from a module that has no pruned tensor left."""
+    if next(pruning_hooks(module), None) is not None:
+        return
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, DetachAfterForward)]:
+        del module._forward_hooks[key]
+
+
+def install(
+    module: nn.Module,
+    pname: str,
+    new_mask: torch.Tensor,
+    new_hooks: Sequence[prune.BasePruningMethod],
+    *,
+    merge: bool = False,
+) -> None:
+    """Make ``pname`` pruned by ``new_mask``, its hook chain extended by ``new_hooks``, exactly in torch's
+    layout. ``merge`` folds each new record into the chain's last one where they can be (see
+    :func:`merged`): a schedule re-prunes with one method at every update, and torch's chain would grow by
+    one record each time."""
+    hooks = [copy.copy(h) for h in new_hooks]
+    for new in hooks:
+        new._tensor_name = pname
+    old_key = hook_key(module, pname)
+    if not is_pruned(module, pname):
+        orig = module._parameters[pname]
+        module.register_parameter(pname + ORIG, orig)
+        del module._parameters[pname]
+    module.register_buffer(pname + MASK, new_mask)
+    old = None if old_key is None else module._forward_pre_hooks[old_key]
+    chain = methods_of(old) if isinstance(old, prune.BasePruningMethod) else []
+    for new in hooks:
+        folded = merged(chain[-1], new) if merge and chain else None
+        if folded is not None:
+            chain[-1] = folded
+        else:
+            chain.append(new)
+    hook = container(chain)
+    if old_key is not None:
+        module._forward_pre_hooks[old_key] = hook  # same key: the hook keeps its place (pytorch#37138)
+    else:
+        module.register_forward_pre_hook(hook)
+    ensure_detach_hook(module)
+    with torch.no_grad():
+        setattr(module, pname, hook.apply_mask(module))
+
+
+def merged(a: prune.BasePruningMethod, b: prune.BasePruningMethod) -> prune.BasePruningMethod | None:
+    """One record saying what ``a`` then ``b`` did, or None: the same class and options, and counts as
+    amounts (which add up: each counts entries or channels of what was left)."""
+    if type(a) is not type(b):
+        return None
+    amount_a, amount_b = getattr(a, "amount", None), getattr(b, "amount", None)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (amount_a, amount_b)):
+        return None
+    if {k: v for k, v in vars(a).items() if k != "amount"} != {k: v for k, v in vars(b).items() if k != "amount"}:
+        return None
+    out = copy.copy(b)
+    out.amount = amount_a + amount_b  # type: ignore[attr-defined,operator]
+    return out
+
+
+def remove(module: nn.Module, pname: str) -> None:
+    """Make ``pname``'s pruning permanent (torch's ``prune.remove``) and tidy prunespec's hook."""
+    prune.remove(module, pname)
+    drop_detach_hook(module)
+
+
+_MISSING = object()
+
+
+def snapshot(module: nn.Module, pname: str | None = None) -> Callable[[], None]:
+    """A function that puts ``module``'s parameters, buffers, hooks (and ``pname``'s attribute, or every
+    pruned attribute) back as they are now."""
+    params, buffers = dict(module._parameters), dict(module._buffers)
+    hooks, post_hooks = OrderedDict(module._forward_pre_hooks), OrderedDict(module._forward_hooks)
+    names = [pname] if pname is not None else [h._tensor_name for _, h in pruning_hooks(module)]
+    attrs = {name: module.__dict__.get(name, _MISSING) for name in names}
+
+    def restore() -> None:
+        module._parameters.clear()
+        module._parameters.update(params)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks.update(hooks)
+        module._forward_hooks.clear()
+        module._forward_hooks.update(post_hooks)
+        for name, attr in attrs.items():
+            module.__dict__.pop(name, None)
+            if attr is not _MISSING:
+                module.__dict__[name] = attr
+
+    return restore
+
+
+def pruned_in(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, prune.BasePruningMethod]]:
+    """Every pruning hook in ``model``: ``(qualified tensor name, module, parameter name, hook)``."""
+    for module_name, module in model.named_modules():
+        for _, hook in pruning_hooks(module):
+            pname = hook._tensor_name
+            yield (f"{module_name}.{pname}" if module_name else pname), module, pname, hook

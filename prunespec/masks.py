@@ -1,0 +1,159 @@
+"""Mask arithmetic shared by the planner, the engine and the methods: what an amount counts, how many
+units are pruned, and the bounds of a global budget.
+
+A *unit* is what a method's ``amount`` and ``sparsity`` count: single entries, whole channels along a
+``dim``, or blocks. Each :class:`Unit` maps a tensor's shape to a grid of units (the shape of per-unit
+scores), reads which units a mask prunes whole, and expands a per-unit decision back to an entry mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+
+
+def n_to_prune(amount: float | int, size: int) -> int:
+    """How many of ``size`` units ``amount`` prunes, rounded exactly as ``torch.nn.utils.prune`` does:
+    an integer is a count, a float is ``round(amount * size)`` (round half to even)."""
+    if isinstance(amount, Integral):
+        return int(amount)
+    return round(float(amount) * size)
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """Why a tensor cannot be cut into a method's units; ``option``: the option at fault, if one is."""
+
+    message: str
+    option: str | None = None
+
+
+class Unit:
+    """What an amount counts in a tensor. Subclasses say how units tile the tensor."""
+
+    name = "units"
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one score (or one keep flag) per unit."""
+        raise NotImplementedError
+
+    def check(self, shape: tuple[int, ...]) -> Misfit | None:
+        """Why a tensor of ``shape`` cannot be cut into these units, or None."""
+        return None
+
+    def count(self, shape: tuple[int, ...]) -> int:
+        """How many units a tensor of ``shape`` has."""
+        return math.prod(self.grid(shape))
+
+    def reduce(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per unit (a bool tensor of :meth:`grid` shape): True where the mask prunes the unit whole."""
+        raise NotImplementedError
+
+    def expand(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """An entry mask (bool, ``shape``) from a per-unit keep flag."""
+        raise NotImplementedError
+
+    def pruned(self, mask: torch.Tensor) -> int:
+        """How many units ``mask`` prunes whole."""
+        return int(self.reduce(mask).sum())
+
+
+@dataclass(frozen=True)
+class Entries(Unit):
+    """Every entry is a unit (unstructured pruning)."""
+
+    name = "entries"
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
+    def reduce(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask == 0
+
+    def expand(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return keep.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Channels(Unit):
+    """Whole slices along ``dim`` (structured pruning: ``dim=0`` is output channels, rows of a Linear)."""
+
+    dim: int
+    name = "channels"
+
+    def check(self, shape: tuple[int, ...]) -> Misfit | None:
+        if len(shape) < 2:
+            return Misfit(f"structured pruning needs a tensor of 2 or more dims; this one has shape {list(shape)}")
+        if not -len(shape) <= self.dim < len(shape):
+            bounds = f"[{-len(shape)}, {len(shape) - 1}]"
+            return Misfit(f"dim={self.dim} is out of range for shape {list(shape)}; use a dim in {bounds}", "dim")
+        return None
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[self.dim % len(shape)],)
+
+    def reduce(self, mask: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % mask.dim()
+        return (mask == 0).all(dim=[d for d in range(mask.dim()) if d != dim])
+
+    def expand(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        view = [1] * len(shape)
+        view[self.dim % len(shape)] = -1
+        return keep.reshape(view).expand(shape)
+
+
+@dataclass(frozen=True)
+class Blocks(Unit):
+    """Rectangular blocks of ``rows`` x ``cols`` entries of a 2-D tensor (block sparsity)."""
+
+    rows: int
+    cols: int
+    name = "blocks"
+
+    def check(self, shape: tuple[int, ...]) -> Misfit | None:
+        if len(shape) != 2:
+            return Misfit(f"block pruning needs a 2-D tensor; this one has shape {list(shape)}")
+        if shape[0] % self.rows or shape[1] % self.cols:
+            return Misfit(f"shape {list(shape)} does not divide into {self.rows}x{self.cols} blocks")
+        return None
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0] // self.rows, shape[1] // self.cols)
+
+    def reduce(self, mask: torch.Tensor) -> torch.Tensor:
+        r, c = self.grid(tuple(mask.shape))
+        return (mask == 0).reshape(r, self.rows, c, self.cols).all(dim=3).all(dim=1)
+
+    def expand(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return keep.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1).reshape(shape)
+
+
+def pruned_channels(mask: torch.Tensor, dim: int) -> int:
+    """How many channels along ``dim`` a mask prunes whole (every entry zero)."""
+    return Channels(dim).pruned(mask)
+
+
+def zeros(mask: torch.Tensor) -> int:
+    """The entries a (binary) mask prunes."""
+    return mask.numel() - int(torch.count_nonzero(mask))
+
+
+def budget_bounds(
+    min_sparsity: float | None, max_sparsity: float | None, sizes: list[int], already: list[int]
+) -> tuple[list[int], list[int]]:
+    """Each tensor's least and most pruned units under a global rule's min/max_sparsity (never below
+    what is already pruned: masks only grow). Bounds round inwards: ceil for the least, floor for the most."""
+    low = [max(done, math.ceil((min_sparsity or 0.0) * n)) for n, done in zip(sizes, already, strict=True)]
+    cap = 1.0 if max_sparsity is None else max_sparsity
+    high = [max(done, math.floor(cap * n)) for n, done in zip(sizes, already, strict=True)]
+    return low, high
+
+
+def bounds_problem(low: int, target: int, high: int, unit: str = "entries") -> str:
+    """Why a global budget cannot meet its per-tensor bounds."""
+    if target < low:
+        return f"min_sparsity needs at least {low} {unit} pruned, but the budget prunes {target}; lower min_sparsity"
+    return f"max_sparsity allows at most {high} {unit} pruned, but the budget needs {target}; raise max_sparsity"
