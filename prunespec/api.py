@@ -43,11 +43,18 @@ def apply(
     the model is left exactly as it was.
     """
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
-    pruned = engine.execute(model, the_plan, progress)
+    return run(model, the_plan, finalize=the_plan.spec.finalize if finalize is None else finalize, progress=progress)
+
+
+def run(
+    model: nn.Module, the_plan: Plan, *, finalize: bool, progress: Progress | None = None, merge: bool = False
+) -> Report:
+    """Execute a plan and report on what it pruned (``merge``: see :func:`prunespec.engine.execute`)."""
+    pruned = engine.execute(model, the_plan, progress, merge=merge)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
     report = collect(model, [p.name for p in pruned], predicted, counted)  # from the masks, before any finalize
-    if the_plan.spec.finalize if finalize is None else finalize:
+    if finalize:
         engine.make_permanent(pruned)
     return report
 

@@ -95,3 +95,7 @@ class CheckpointError(PrunespecError):
 
 class ModelRefError(PrunespecError):
     """A `path/to/file.py:factory` or `package.module:factory` reference cannot be resolved."""
+
+
+class SchedulerError(PrunespecError, ValueError):
+    """A Scheduler was given a state it cannot resume from, or a step it cannot take; it was left as it was."""

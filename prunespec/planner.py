@@ -172,10 +172,16 @@ class _Virtual:
         return self.pruned / self.numel if self.numel else 0.0
 
 
-def make_plan(model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]) -> Plan:
-    """Resolve ``spec`` against ``model``. Raises PlanError listing every problem found."""
+def make_plan(
+    model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo], *, rules: Mapping[int, Rule] | None = None
+) -> Plan:
+    """Resolve ``spec`` against ``model``. Raises PlanError listing every problem found.
+
+    ``rules`` plans only those rules (by index in the spec, so errors keep their locations), each as
+    given there: the Scheduler's update runs the rules that are due, at their current targets.
+    """
     planner = _Planner(model, spec, methods)
-    for index, rule in enumerate(spec.rules):
+    for index, rule in enumerate(spec.rules) if rules is None else sorted(rules.items()):
         planner.add_rule(index, rule)
     if planner.issues:
         raise PlanError(sorted(planner.issues, key=lambda i: (i.line or 0, i.column or 0)))

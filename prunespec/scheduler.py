@@ -39,19 +39,17 @@ from torch import nn
 
 from . import api
 from .engine import Progress
-from .errors import SpecError
+from .errors import SchedulerError, SpecError
 from .loader import load_spec, schedule_issues
+from .planner import make_plan
 from .plugins import MethodRegistry, load_methods
 from .report import Report
-from .spec import Rule, Schedule, Select, Spec
+from .spec import Rule, Schedule, Spec
 
 log = logging.getLogger("prunespec")
 
 STATE_FORMAT = 1
 _EPS = 1e-9  # float slack when counting update points: (0.3 - 0) / 0.1 is 2.9999999999999996
-# Stands in for a rule with nothing due at an update, so that every other rule keeps its index (and the
-# spec's source map keeps locating errors): it selects nothing, and may.
-_NOWHERE = Select(names=["re:(?!)"])
 
 History = tuple[float, int, float | None, float | None]  # (t, rule index, target, achieved)
 
@@ -132,8 +130,9 @@ class Scheduler:
             self.timelines.append(
                 None if schedule is None or rule.sparsity is None else Timeline(schedule, rule.sparsity)
             )
-        final = self._derive({i: rule.sparsity for i, rule in enumerate(self.spec.rules)})
-        plan = api.plan(model, final, methods=self.methods)
+        plan = make_plan(
+            model, self.spec, self.methods, rules=self._due_rules(dict.fromkeys(range(len(self.spec.rules))))
+        )
         for warning in plan.warnings:
             log.warning("%s", warning)
         self._tensors: list[list[tuple[str, str]]] = [[] for _ in self.spec.rules]
@@ -157,6 +156,8 @@ class Scheduler:
         Returns the report of the update, or None when nothing was due (the common case, which costs a
         comparison).
         """
+        if isinstance(t, bool) or not _is_finite(t):
+            raise SchedulerError(f"step(t) needs a finite number (the step or epoch reached), got {t!r}")
         self.last_step = t
         if t < self._next:
             return None
@@ -237,30 +238,52 @@ class Scheduler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict`), on a model restored from the same moment.
 
-        Raises ValueError when the state is not a scheduler state or was saved for another spec (other
-        rules, targets or schedules): resuming would not continue the same curves.
+        The whole state is checked before any of it is adopted. Raises :class:`SchedulerError` (a
+        ValueError) when it is not a scheduler state or was saved for another spec (other rules, targets
+        or schedules): resuming would not continue the same curves.
         """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a prunespec scheduler state (format {STATE_FORMAT})")
+            raise SchedulerError(f"not a prunespec scheduler state (format {STATE_FORMAT})")
         saved, ours = state.get("rules"), self._fingerprint()
         if not isinstance(saved, list) or len(saved) != len(ours):
             count = len(saved) if isinstance(saved, list) else "?"
-            raise ValueError(f"the scheduler state was saved for another spec ({count} rules, not {len(ours)})")
+            raise SchedulerError(f"the scheduler state was saved for another spec ({count} rules, not {len(ours)})")
         differ = [self.spec.rules[i].label(i) for i, (a, b) in enumerate(zip(saved, ours, strict=True)) if a != b]
         if differ:
-            raise ValueError(
+            raise SchedulerError(
                 f"the scheduler state was saved for another spec: the `sparsity` or `schedule` of "
                 f"{', '.join(differ)} differ"
             )
-        points, targets = list(state["points"]), list(state["targets"])
-        if len(points) != len(self.spec.rules) or len(targets) != len(self.spec.rules):
-            raise ValueError("the scheduler state has one entry per rule in `points` and `targets`")
+        points, targets, history = state.get("points"), state.get("targets"), state.get("history")
+        n = len(self.spec.rules)
+        problems = []
+        if not (isinstance(points, list) and len(points) == n and all(_is_int(p) for p in points)):
+            problems.append(f"`points` must be a list of {n} integers")
+        else:
+            for i, (p, timeline) in enumerate(zip(points, self.timelines, strict=True)):
+                last = 0 if timeline is None else timeline.last
+                if not -1 <= p <= last:
+                    problems.append(f"`points[{i}]` is {p}, outside -1..{last} for {self.spec.rules[i].label(i)}")
+        if not (isinstance(targets, list) and len(targets) == n and all(t is None or _is_fraction(t) for t in targets)):
+            problems.append(f"`targets` must be a list of {n} sparsities in [0, 1] or null")
+        last_step = state.get("last_step")
+        if not (last_step is None or _is_finite(last_step)):
+            problems.append("`last_step` must be a finite number or null")
+        if not (_is_int(state.get("updates")) and state["updates"] >= 0):
+            problems.append("`updates` must be an integer >= 0")
+        if not isinstance(state.get("finalized"), bool):
+            problems.append("`finalized` must be true or false")
+        if not (isinstance(history, list) and all(_is_history(e, n) for e in history)):
+            problems.append("`history` must be a list of [t, rule index, target, achieved]")
+        if problems:
+            raise SchedulerError("the scheduler state is damaged: " + "; ".join(problems))
+        assert isinstance(points, list) and isinstance(targets, list) and isinstance(history, list)
         self._points = [int(p) for p in points]
         self._targets = [None if v is None else float(v) for v in targets]
-        self.last_step = state["last_step"]
+        self.last_step = last_step
         self.updates = int(state["updates"])
         self.finalized = bool(state["finalized"])
-        self.history = [(e[0], int(e[1]), e[2], e[3]) for e in state["history"]]
+        self.history = [(e[0], int(e[1]), e[2], e[3]) for e in history]
         self._next = self._next_point()
 
     # --- internals -----------------------------------------------------------------------------
@@ -283,22 +306,19 @@ class Scheduler:
         ]
         return min(times, default=math.inf)
 
-    def _derive(self, due: Mapping[int, float | None]) -> Spec:
-        """The spec the engine runs: due rules at their targets, every other rule selecting nothing."""
-        rules: list[Rule] = []
-        for i, rule in enumerate(self.spec.rules):
-            if i not in due:
-                rules.append(rule.model_copy(update={"select": _NOWHERE, "optional": True, "schedule": None}))
-                continue
+    def _due_rules(self, due: Mapping[int, float | None]) -> dict[int, Rule]:
+        """The rules an update runs, by index: each due rule at its target (None: its final sparsity)."""
+        rules: dict[int, Rule] = {}
+        for i, target in due.items():
+            rule = self.spec.rules[i]
             update: dict[str, Any] = {"schedule": None}
-            target = due[i]
             if target is not None and rule.sparsity is not None:
                 update["sparsity"] = target
                 if rule.min_sparsity is not None and target < rule.sparsity:
                     # a global floor grows with the group's target, reaching min_sparsity at the end
                     update["min_sparsity"] = rule.min_sparsity * target / rule.sparsity
-            rules.append(rule.model_copy(update=update))
-        return self.spec.model_copy(update={"rules": rules, "schedule": None, "finalize": False})
+            rules[i] = rule.model_copy(update=update)
+        return rules
 
     def _update(self, t: float, due: Mapping[int, float | None]) -> Report:
         progress = self.progress
@@ -308,7 +328,8 @@ class Scheduler:
                 progress(done, total, f"{self._unit()} {t}: {what}")
 
         hook = relay if progress is not None else None
-        report = api.apply(self.model, self._derive(due), methods=self.methods, progress=hook)
+        plan = make_plan(self.model, self.spec, self.methods, rules=self._due_rules(due))
+        report = api.run(self.model, plan, finalize=False, progress=hook, merge=True)
         self.updates += 1
         for i, target in due.items():
             self._targets[i] = target
@@ -347,6 +368,29 @@ def ordered_parameters(model: nn.Module) -> list[nn.Parameter]:
     """
     named = model.named_parameters()
     return [param for _, param in sorted(named, key=lambda item: item[0].removesuffix("_orig"))]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_fraction(value: Any) -> bool:
+    return _is_finite(value) and 0 <= value <= 1
+
+
+def _is_history(entry: Any, rules: int) -> bool:
+    return (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 4
+        and _is_finite(entry[0])
+        and _is_int(entry[1])
+        and 0 <= entry[1] < rules
+        and all(v is None or _is_fraction(v) for v in entry[2:])
+    )
 
 
 def _pct(value: float | None) -> str:

@@ -8,6 +8,7 @@ import copy
 import io
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -99,7 +100,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts of engine runs and plans made (``api.plan`` and ``api.apply`` both go through make_plan)."""
+    """Counts of engine runs and plans made (``api.plan``, ``api.apply`` and the Scheduler all go through
+    make_plan)."""
     counts = {"execute": 0, "plan": 0}
     execute, make_plan = prunespec.engine.execute, prunespec.api.make_plan
 
@@ -113,6 +115,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(prunespec.engine, "execute", counted_execute)
     monkeypatch.setattr(prunespec.api, "make_plan", counted_plan)
+    monkeypatch.setattr(prunespec.scheduler, "make_plan", counted_plan)  # the Scheduler plans its updates itself
     return counts
 
 
@@ -717,3 +720,48 @@ def test_schedules_must_share_one_unit(methods: prunespec.MethodRegistry) -> Non
             },
             methods=methods,
         )
+
+
+def test_updates_merge_into_one_hook_record_per_tensor(methods: Registry) -> None:
+    model = mlp()
+    scheduler = Scheduler(model, scheduled({"end": 40}, 0.8), methods=methods)
+    for t in range(41):
+        scheduler.step(t)
+    assert scheduler.updates == 41
+    for name in LINEARS:
+        hook = next(h for h in model.get_submodule(name)._forward_pre_hooks.values())
+        assert isinstance(hook, torch.nn.utils.prune.L1Unstructured)  # one record, not a container of 41
+        # the record says what all the updates did together: the count it prunes is the mask's
+        assert hook.amount == zeros(mask(model, name))
+
+
+def test_a_step_that_is_not_a_finite_number_is_refused(methods: Registry) -> None:
+    scheduler = Scheduler(mlp(), scheduled({"end": 4}, 0.5), methods=methods)
+    for bad in (math.nan, math.inf, True, "3"):
+        with pytest.raises(prunespec.PrunespecError, match="finite number"):
+            scheduler.step(bad)  # type: ignore[arg-type]
+    assert scheduler.last_step is None and scheduler.updates == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("points", [1, "x"], "`points` must be a list of 2 integers"),
+        ("points", [99, 0], "`points[0]` is 99"),
+        ("targets", [0.5, 2.0], "`targets` must be a list"),
+        ("updates", -1, "`updates` must be an integer"),
+        ("last_step", math.nan, "`last_step` must be a finite number"),
+        ("finalized", "no", "`finalized` must be true or false"),
+        ("history", [[0, 7, 0.1, 0.1]], "`history` must be a list"),
+    ],
+)
+def test_a_damaged_state_is_refused_whole(key: str, value: Any, problem: str, methods: Registry) -> None:
+    scheduler = Scheduler(mlp(), prunespec.load_spec(RESUME_SPEC), methods=methods)
+    for t in range(3):
+        scheduler.step(t)
+    state = scheduler.state_dict()
+    fresh = Scheduler(mlp(), prunespec.load_spec(RESUME_SPEC), methods=methods)
+    before = fresh.state_dict()
+    with pytest.raises(prunespec.PrunespecError, match=re.escape(problem)):
+        fresh.load_state_dict({**state, key: value})
+    assert fresh.state_dict() == before  # nothing of the damaged state was adopted
