@@ -23,7 +23,9 @@ from .engine import Progress
 from .errors import ModelRefError, PrunespecError, SpecError
 from .loader import load_spec
 from .plugins import MethodRegistry, load_methods
-from .report import sparsity, table
+from .render import options as format_options
+from .render import table
+from .report import sparsity
 from .schema import schema_json
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -125,7 +127,7 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
         [
             str(r["name"]),
             str(r["PRUNING_TYPE"]),
-            ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-",
+            format_options(r["options"]) or "-",
             f"{r['package'] or r['provider']} {r['version'] or ''}".strip(),
             r["summary"],
         ]

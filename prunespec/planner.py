@@ -146,9 +146,9 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        from .report import format_plan
+        from . import render
 
-        return format_plan(self)
+        return render.format_plan(self)
 
 
 @dataclass

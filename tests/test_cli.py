@@ -198,7 +198,8 @@ def test_plan_prints_a_table_and_json(
     expected = prunespec.plan(direct_lenet(), spec, methods=methods)
     code, out, err = run(capsys, "plan", spec, "--model", MODEL, "--builtins-only")
     assert code == 0, err
-    assert out.startswith(f"Plan: {len(expected.spec.rules)} rules, {len(expected.steps)} steps")
+    rules, steps = len(expected.spec.rules), len(expected.steps)
+    assert out.startswith(f"Plan: {rules} rule{'s' * (rules != 1)}, {steps} step{'s' * (steps != 1)}")
     assert re.search(r"^#\s+rule\s+tensor\s+shape\s+method", out, re.MULTILINE)
     for step in expected.steps:
         assert step.tensor.name in out
@@ -279,13 +280,18 @@ def test_apply_finalize_saves_no_masks(capsys: pytest.CaptureFixture[str], tmp_p
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
 
-    # a finalized checkpoint loads into a plain model; report counts zero values
+    # a finalized checkpoint loads into a plain model; report counts zero values, and the tensors with
+    # zeros (all finalizing leaves of a mask) are the pruned ones
     code, out, err = run(capsys, "report", out_path, "--model", MODEL, "--json")
     assert code == 0, err
-    tensors = json.loads(out)["tensors"]
+    reported = json.loads(out)
+    tensors, others = reported["tensors"], reported["other_parameters"]
+    assert set(tensors) == {"conv1.weight", "conv1.bias"}
     for name, param in twin.named_parameters():
-        assert tensors[name]["zeros"] == int((param == 0).sum()), name
-        assert tensors[name]["pruned"] is False
+        entry = tensors.get(name) or others[name]
+        assert entry["zeros"] == int((param == 0).sum()), name
+        assert entry["mask"] is False
+        assert entry["pruned"] is (name in tensors)
 
 
 def test_report_reads_a_state_dict_pruned_by_torch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
