@@ -8,6 +8,8 @@ Write a YAML spec, see the plan, apply it with one engine that installs exactly 
     print(report)
 """
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
+
 from .api import apply, finalize, plan
 from .checkpoint import load, save
 from .errors import ApplyError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
@@ -20,8 +22,6 @@ from .plugins import MethodRegistry, load_methods
 from .report import Report, sparsity
 from .scheduler import Scheduler
 from .spec import Spec
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ApplyError",

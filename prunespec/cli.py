@@ -1,63 +1,111 @@
 """The ``prunespec`` command line (also ``python -m prunespec``).
 
-Exit status: 0 when fine, 1 for a spec, plan, apply or checkpoint error (printed without a traceback,
-with file:line:column where it comes from a file), 2 for usage errors.
+Exit status: 0 when fine, 1 for a spec, plan, apply or checkpoint error (printed without a traceback unless
+``--traceback``, with file:line:column where it comes from a file; as JSON on stdout with ``--json``), 2 for
+usage errors (a bad ``--model`` REF or a missing spec file among them). Warnings print as one line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from torch import nn
 
-from . import api, checkpoint
+from . import __version__, api, checkpoint
 from .engine import Progress
-from .errors import ModelRefError, PrunespecError, SpecError
+from .errors import Issue, ModelRefError, PrunespecError, SpecError
 from .loader import load_spec
-from .plugins import MethodRegistry, load_methods
-from .report import sparsity, table
+from .plugins import MethodRegistry, PluginWarning, load_methods
+from .render import options as format_options
+from .render import table
+from .report import sparsity
 from .schema import schema_json
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def load_model(ref: str) -> nn.Module:
-    """Build the model named by ``path/to/file.py:factory`` or ``package.module:factory``."""
+    """Build the model named by ``path/to/file.py:factory`` or ``package.module:factory``.
+
+    A file is imported with its own folder on ``sys.path`` (so it can import its sibling modules), a module
+    with the current directory on it, as ``python -m`` has; ``sys.path`` is restored afterwards. The factory
+    is called with no arguments and must return a ``torch.nn.Module``; anything else is a
+    :class:`ModelRefError` naming the REF.
+    """
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
         raise ModelRefError(f"model reference {ref!r} must look like path/to/file.py:Factory or package.module:factory")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    path = Path(target)
+    if is_file and not path.is_file():
+        raise ModelRefError(f"model file {target!r} does not exist")
+    with _on_sys_path(str(path.resolve().parent) if is_file else os.getcwd()):
+        try:
+            module = _import_file(path) if is_file else importlib.import_module(target)
+        except ModelRefError:
+            raise
+        except Exception as exc:
+            raise ModelRefError(f"importing {target!r} failed: {type(exc).__name__}: {exc}") from exc
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ModelRefError(f"{target!r} has no callable {attr!r}")
+        return _build(ref, attr, factory)
+
+
+def _import_file(path: Path) -> Any:
+    module_name = f"_prunespec_model_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelRefError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: str) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` for the duration, unless it is there already."""
+    present = folder in sys.path or (folder == os.getcwd() and "" in sys.path)
+    if not present:
+        sys.path.insert(0, folder)
     try:
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            path = Path(target)
-            if not path.is_file():
-                raise ModelRefError(f"model file {target!r} does not exist")
-            module_name = f"_prunespec_model_{path.stem}"
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            if spec is None or spec.loader is None:
-                raise ModelRefError(f"cannot import {target!r} as a Python file")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ModelRefError:
-        raise
+        yield
+    finally:
+        if not present and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _build(ref: str, attr: str, factory: Any) -> nn.Module:
+    fix = "REF must name a class or function that builds the model with no arguments; write one that does"
+    try:
+        needed = [
+            p.name
+            for p in inspect.signature(factory).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+    except (TypeError, ValueError):  # no signature to read (some builtins): just call it
+        needed = []
+    if needed:
+        raise ModelRefError(f"{ref}: {attr} needs arguments ({', '.join(needed)}); {fix}")
+    try:
+        model = factory()
     except Exception as exc:
-        raise ModelRefError(f"importing {target!r} failed: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelRefError(f"{target!r} has no callable {attr!r}")
-    model = factory()
+        raise ModelRefError(f"{ref}: calling {attr}() failed: {type(exc).__name__}: {exc} ({fix})") from exc
     if not isinstance(model, nn.Module):
-        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module ({fix})")
     return model
 
 
@@ -102,7 +150,9 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
     for name in sorted(methods):
         info = methods[name]
         options = {
-            key: ("required" if field.is_required() else field.get_default(call_default_factory=True))
+            key: (
+                "required" if field.is_required() else field.get_default(call_default_factory=True, validated_data={})
+            )
             for key, field in info.options_model.model_fields.items()
         }
         rows.append(
@@ -125,7 +175,7 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
         [
             str(r["name"]),
             str(r["PRUNING_TYPE"]),
-            ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-",
+            format_options(r["options"]) or "-",
             f"{r['package'] or r['provider']} {r['version'] or ''}".strip(),
             r["summary"],
         ]
@@ -189,14 +239,28 @@ def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
     return EXIT_OK
 
 
+def _global_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """The flags every command takes, before or after its name: the sub-command's copies default to
+    ``SUPPRESS`` so that they do not undo a flag given before the command."""
+    parser.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    parser.add_argument(
+        "--builtins-only",
+        action="store_true",
+        default=default,
+        help="load no third-party plugins (or PRUNESPEC_BUILTINS_ONLY=1)",
+    )
+    parser.add_argument(
+        "--traceback", action="store_true", default=default, help="on an error, show the traceback and its cause"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunespec", description="Declarative pruning for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"prunespec {__version__}")
+    _global_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument(
-        "--builtins-only", action="store_true", help="load no third-party plugins (or PRUNESPEC_BUILTINS_ONLY=1)"
-    )
+    _global_flags(common, default=argparse.SUPPRESS)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
@@ -234,22 +298,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line, ``warning: <message>``, without Python's source echo."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
+def _missing_spec(args: argparse.Namespace) -> str | None:
+    paths = getattr(args, "specs", None) or ([args.spec] if getattr(args, "spec", None) else [])
+    for path in paths:
+        if not Path(path).is_file():
+            return f"spec file {path!r} {'is not a file' if Path(path).exists() else 'does not exist'}"
+    return None
+
+
+def _error_json(exc: PrunespecError) -> dict[str, Any]:
+    issues = getattr(exc, "issues", None) or (Issue(str(exc)),)
+    return {
+        "error": {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "issues": [
+                {
+                    "message": i.message,
+                    "path": i.path,
+                    "file": i.file,
+                    "line": i.line,
+                    "column": i.column,
+                    "hint": i.hint,
+                }
+                for i in issues
+            ],
+        }
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help and --version
         return int(exc.code or 0)
+    missing = _missing_spec(args)
+    if missing:
+        print(f"prunespec {args.command}: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", PluginWarning)  # every run says what is wrong with the plugins
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         methods = load_methods(builtins_only=True if args.builtins_only else None)
         code: int = args.run(args, methods)
         return code
-    except ModelRefError as exc:
-        print(f"prunespec: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except PrunespecError as exc:
-        print(f"prunespec {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        if args.traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        if args.json:
+            _print_json(_error_json(exc))
+        else:
+            print(f"prunespec{'' if isinstance(exc, ModelRefError) else ' ' + args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ModelRefError) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `prunespec methods --json | head -1`: the reader left; say nothing more

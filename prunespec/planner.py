@@ -24,7 +24,7 @@ from .layout import base_name, is_pruned
 from .layout import mask as mask_of
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
 from .methods.base import MethodInfo
-from .plugins import provider_hint
+from .plugins import MethodRegistry, provider_hint
 from .selectors import nearest_names, nearest_types, select_modules
 from .spec import Rule, Spec
 
@@ -149,9 +149,9 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        from .report import format_plan
+        from . import render
 
-        return format_plan(self)
+        return render.format_plan(self)
 
 
 @dataclass
@@ -223,7 +223,10 @@ class _Planner:
         label = rule.label(index)
         info = self.methods.get(rule.method)
         if info is None:  # a Spec built against another registry
-            self.issue(("rules", index, "method"), f"unknown method {rule.method!r}", provider_hint(rule.method))
+            registry = self.methods if isinstance(self.methods, MethodRegistry) else None
+            self.issue(
+                ("rules", index, "method"), f"unknown method {rule.method!r}", provider_hint(rule.method, registry)
+            )
             return
         targets = self._targets(index, rule)
         if targets is None:

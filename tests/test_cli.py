@@ -7,6 +7,7 @@ very same weights.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
+import prunespec.cli
 from prunespec.cli import main
 
 MODEL = f"{EXAMPLES / 'lenet.py'}:make_lenet"
@@ -198,7 +200,8 @@ def test_plan_prints_a_table_and_json(
     expected = prunespec.plan(direct_lenet(), spec, methods=methods)
     code, out, err = run(capsys, "plan", spec, "--model", MODEL, "--builtins-only")
     assert code == 0, err
-    assert out.startswith(f"Plan: {len(expected.spec.rules)} rules, {len(expected.steps)} steps")
+    rules, steps = len(expected.spec.rules), len(expected.steps)
+    assert out.startswith(f"Plan: {rules} rule{'s' * (rules != 1)}, {steps} step{'s' * (steps != 1)}")
     assert re.search(r"^#\s+rule\s+tensor\s+shape\s+method", out, re.MULTILINE)
     for step in expected.steps:
         assert step.tensor.name in out
@@ -279,13 +282,18 @@ def test_apply_finalize_saves_no_masks(capsys: pytest.CaptureFixture[str], tmp_p
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
 
-    # a finalized checkpoint loads into a plain model; report counts zero values
+    # a finalized checkpoint loads into a plain model; report counts zero values, and the tensors with
+    # zeros (all finalizing leaves of a mask) are the pruned ones
     code, out, err = run(capsys, "report", out_path, "--model", MODEL, "--json")
     assert code == 0, err
-    tensors = json.loads(out)["tensors"]
+    reported = json.loads(out)
+    tensors, others = reported["tensors"], reported["other_parameters"]
+    assert set(tensors) == {"conv1.weight", "conv1.bias"}
     for name, param in twin.named_parameters():
-        assert tensors[name]["zeros"] == int((param == 0).sum()), name
-        assert tensors[name]["pruned"] is False
+        entry = tensors.get(name) or others[name]
+        assert entry["zeros"] == int((param == 0).sum()), name
+        assert entry["mask"] is False
+        assert entry["pruned"] is (name in tensors)
 
 
 def test_report_reads_a_state_dict_pruned_by_torch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -406,3 +414,225 @@ def test_python_m_prunespec(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert f"{bad}:4:13:" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+# --- real projects: versions, flags, warnings, model references -----------------------------------
+
+
+def test_version_is_written_once(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    import tomllib
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out == f"prunespec {prunespec.__version__}\n"
+    assert prunespec.__version__ == importlib.metadata.version("prunespec")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert read_configuration(ROOT / "pyproject.toml", expand=True)["project"]["version"] == prunespec.__version__
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--builtins-only", "--json", "methods"],
+        ["--json", "methods", "--builtins-only"],
+        ["methods", "--json", "--builtins-only"],
+        ["--traceback", "methods", "--builtins-only", "--json"],
+    ],
+)
+def test_global_flags_go_before_or_after_the_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert {row["name"] for row in json.loads(out)} == set(BUILTINS)
+
+
+def test_a_warning_is_one_clean_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNESPEC_PLUGINS", "prunespec_no_such_plugin")
+    monkeypatch.delenv("PRUNESPEC_BUILTINS_ONLY", raising=False)
+    code, out, err = run(capsys, "methods", "--json")
+    assert code == 0
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(
+        "warning: the allow-list (PRUNESPEC_PLUGINS or allow=) names 'prunespec_no_such_plugin'"
+    )
+    assert "plugins.py" not in err and "warnings.warn" not in err
+    assert {row["name"] for row in json.loads(out)} == set(BUILTINS)
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+
+def raises():
+    raise RuntimeError("the weights are on another machine")
+
+
+def needs(width, depth=2):
+    return nn.Linear(width, width)
+
+
+def not_a_module():
+    return 42
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "words"),
+    [
+        ("raises", "calling raises() failed: RuntimeError: the weights are on another machine"),
+        ("needs", "needs arguments (width)"),
+        ("not_a_module", "returned int, not a torch.nn.Module"),
+    ],
+)
+def test_a_factory_that_fails_is_a_clear_error(
+    factory: str, words: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES, encoding="utf-8")
+    ref = f"{path}:{factory}"
+    code, _, err = run(capsys, "plan", SPECS / "global_l1.yaml", "--model", ref)
+    assert code == 2
+    assert err.startswith(f"prunespec: {ref}") and words in err
+    assert "with no arguments" in err  # what to do
+    assert "Traceback" not in err
+
+
+def test_traceback_shows_the_cause(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES, encoding="utf-8")
+    code, _, err = run(capsys, "--traceback", "plan", SPECS / "global_l1.yaml", "--model", f"{path}:raises")
+    assert code == 2
+    assert "Traceback" in err and 'raise RuntimeError("the weights are on another machine")' in err
+    assert "direct cause" in err and "ModelRefError" in err
+    assert err.splitlines()[-1].startswith("prunespec: ")  # and then the usual one-line message
+
+
+def test_a_model_file_imports_its_siblings(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "project" / "models"
+    folder.mkdir(parents=True)
+    (folder / "prunespec_test_blocks.py").write_text(
+        "from torch import nn\n\ndef block():\n    return nn.Linear(8, 4)\n", encoding="utf-8"
+    )
+    (folder / "net.py").write_text(
+        "from prunespec_test_blocks import block\nfrom torch import nn\n\n"
+        "def make():\n    return nn.Sequential(block(), nn.Linear(4, 2))\n",
+        encoding="utf-8",
+    )
+    before = list(sys.path)
+    try:
+        code, out, err = run(capsys, "plan", _linear_spec(tmp_path), "--model", f"{folder / 'net.py'}:make")
+    finally:
+        sys.modules.pop("prunespec_test_blocks", None)
+    assert code == 0, err
+    assert "0.weight" in out and "1.weight" in out
+    assert sys.path == before
+
+
+def _linear_spec(root: Path) -> Path:
+    spec = root / "linears.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: l1_unstructured\n    amount: 0.5\n",
+        encoding="utf-8",
+    )
+    return spec
+
+
+def _package(root: Path) -> None:
+    package = root / "prunespec_test_models"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "net.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(8, 4))\n", encoding="utf-8"
+    )
+
+
+def test_a_module_ref_is_found_from_the_current_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _package(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # as in the installed `prunespec` script: the script's folder is on sys.path, the current directory not
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    before = list(sys.path)
+    try:
+        code, out, err = run(capsys, "plan", _linear_spec(tmp_path), "--model", "prunespec_test_models.net:make")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("prunespec_test_models")]:
+            del sys.modules[name]
+    assert code == 0, err
+    assert "0.weight" in out
+    assert sys.path == before
+
+
+def test_a_module_ref_works_from_a_script_like_the_installed_one(tmp_path: Path) -> None:
+    _package(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "prunespec"
+    script.write_text("import sys\nfrom prunespec.cli import main\nsys.exit(main())\n", encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "plan",
+            str(_linear_spec(tmp_path)),
+            "--model",
+            "prunespec_test_models.net:make",
+            "--builtins-only",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Plan: 1 rule, 1 step on 1 tensor")
+
+
+def test_plan_json_reports_errors_as_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = "version: 1\nrules:\n  - select: {names: [conv1, conv9]}\n    method: l1_unstructured\n    amount: 0.3\n"
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(text, encoding="utf-8")
+    code, out, _ = run(capsys, "plan", spec, "--model", MODEL, "--json")
+    assert code == 1
+    error = json.loads(out)["error"]
+    assert error["type"] == "PlanError"
+    [issue] = error["issues"]
+    assert set(issue) == {"message", "path", "file", "line", "column", "hint"}
+    assert (issue["file"], issue["line"], issue["column"]) == (str(spec), 3, text.splitlines()[2].index("conv9") + 1)
+    assert "'conv9'" in issue["message"] and issue["path"].startswith("rules[0].select.names")
+    code, out, _ = run(capsys, "plan", SPECS / "global_l1.yaml", "--model", "no_colon_here", "--json")
+    assert code == 2 and json.loads(out)["error"]["type"] == "ModelRefError"
+
+
+@pytest.mark.parametrize("command", ["plan", "apply", "validate"])
+def test_a_missing_spec_file_is_a_usage_error(command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    argv = [command, missing] + ([] if command == "validate" else ["--model", MODEL])
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err == f"prunespec {command}: error: spec file {str(missing)!r} does not exist\n"
+    assert out == ""
+
+
+def test_long_option_defaults_are_shortened_in_the_methods_table(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import BaseModel
+
+    from prunespec.methods.base import MethodInfo
+
+    class Long(BaseModel):
+        pattern: str = "x" * 100
+
+    registry = prunespec.load_methods(builtins_only=True)
+    registry.add(MethodInfo.from_class(prune.Identity, name="long_options", options=Long))
+    monkeypatch.setattr(prunespec.cli, "load_methods", lambda **_: registry)
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("long_options"))
+    assert f"pattern={'x' * 39}…" in row and "x" * 40 not in row

@@ -29,6 +29,7 @@ from torch.nn.utils import prune
 
 import prunespec
 import prunespec.plugins
+import prunespec.schema
 from prunespec.cli import main
 from prunespec.masks import Blocks
 from prunespec.methods.base import MethodInfo, NoOptions
@@ -366,18 +367,18 @@ def _line_of(code: str, text: str) -> int:
 
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePlugin]:
-    """Install a fake distribution: ``make(dist, code, entry=...)`` writes ``<dist>-1.0.dist-info`` (METADATA,
-    entry_points.txt) and the plugin module into a folder on sys.path, so that
+    """Install a fake distribution: ``make(dist, code, entry=..., value=...)`` writes ``<dist>-1.0.dist-info``
+    (METADATA, entry_points.txt) and the plugin module into a folder on sys.path, so that
     ``importlib.metadata.entry_points(group="prunespec")`` finds it. Returns the module's name."""
     modules: list[str] = []
 
-    def make(dist: str, code: str, *, entry: str | None = None, version: str = "1.0") -> str:
+    def make(dist: str, code: str, *, entry: str | None = None, version: str = "1.0", value: str | None = None) -> str:
         module = f"_fake_{dist.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
         root = tmp_path / module
         info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir(parents=True)
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[prunespec]\n{entry or dist} = {module}\n")
+        (info / "entry_points.txt").write_text(f"[prunespec]\n{entry or dist} = {value or module}\n")
         (root / f"{module}.py").write_text(textwrap.dedent(code))
         monkeypatch.syspath_prepend(str(root))
         modules.append(module)
@@ -440,34 +441,252 @@ def test_a_plugin_registering_a_bad_method_is_a_warning_pointing_at_its_call(fak
     assert "nm" in methods
 
 
-def test_two_packages_registering_one_name_is_an_error_naming_both(
-    fake_plugin: FakePlugin, capsys: pytest.CaptureFixture[str]
+def _one_warning(record: pytest.WarningsRecorder | list[warnings.WarningMessage]) -> str:
+    messages = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+    assert len(messages) == 1, messages
+    return messages[0]
+
+
+def test_two_packages_registering_one_name_keep_the_first_and_warn_naming_both(
+    fake_plugin: FakePlugin, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     fake_plugin("fake-a", textwrap.dedent(GOOD_PLUGIN).format(name="fake_same"), entry="a")
     fake_plugin("fake-b", textwrap.dedent(GOOD_PLUGIN).format(name="fake_same"), entry="b")
-    with pytest.raises(prunespec.PluginError) as caught:
-        prunespec.load_methods(allow=["a", "b"])
-    message = str(caught.value)
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["a", "b"])
+    message = _one_warning(record)
     assert "method 'fake_same' is registered twice" in message
     assert "plugin 'a' (package fake-a 1.0)" in message and "plugin 'b' (package fake-b 1.0)" in message
-    assert main(["methods"]) == 1
+    kept = methods["fake_same"].package
+    dropped = ({"fake-a", "fake-b"} - {kept}).pop()
+    assert f"the first is kept and {dropped}'s dropped" in message
+    # specs that use other methods do not notice, and the CLI still runs
+    assert set(methods) == BUILTIN_NAMES | {"fake_same"}
+    spec = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: fake_same\n")
+    assert main(["validate", str(spec)]) == 0
+    assert main(["methods"]) == 0
     assert "registered twice" in capsys.readouterr().err
 
 
-def test_a_plugin_taking_an_installed_plugins_name_is_an_error_naming_both(fake_plugin: FakePlugin) -> None:
+def test_a_plugin_taking_an_installed_plugins_name_loses_only_that_method(fake_plugin: FakePlugin) -> None:
     _installed()
     fake_plugin("fake-nm", textwrap.dedent(GOOD_PLUGIN).format(name="nm"), entry="other_nm")
-    with pytest.raises(prunespec.PluginError, match=r"method 'nm' is registered twice") as caught:
-        prunespec.load_methods()
-    assert "(package prunespec-nm " in str(caught.value) and "(package fake-nm 1.0)" in str(caught.value)
+    with pytest.warns(PluginWarning, match=r"method 'nm' is registered twice") as record:
+        methods = prunespec.load_methods()
+    message = _one_warning(record)
+    assert "(package prunespec-nm " in message and "(package fake-nm 1.0)" in message
+    assert {"foobar", "nm"} <= set(methods)
 
 
-def test_two_packages_with_one_entry_point_name_is_an_error_naming_both(fake_plugin: FakePlugin) -> None:
+def test_a_plugin_taking_a_builtin_name_is_dropped_and_the_builtin_kept(fake_plugin: FakePlugin) -> None:
+    fake_plugin("fake-l1", textwrap.dedent(GOOD_PLUGIN).format(name="l1_unstructured"), entry="l1")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["l1"])
+    message = _one_warning(record)
+    assert message.startswith("plugin 'l1' (package fake-l1 1.0) registers method 'l1_unstructured'")
+    assert "built-in is kept" in message
+    assert methods["l1_unstructured"].cls is prune.L1Unstructured
+
+
+def test_two_packages_with_one_entry_point_name_load_the_first_and_warn_naming_both(fake_plugin: FakePlugin) -> None:
     fake_plugin("fake-one", textwrap.dedent(GOOD_PLUGIN).format(name="fake_one"), entry="dup")
     fake_plugin("fake-two", textwrap.dedent(GOOD_PLUGIN).format(name="fake_two"), entry="dup")
-    with pytest.raises(prunespec.PluginError, match="two plugins are named 'dup'") as caught:
-        prunespec.load_methods(allow=["dup"])
-    assert "fake-one 1.0" in str(caught.value) and "fake-two 1.0" in str(caught.value)
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["dup"])
+    message = _one_warning(record)
+    assert "two plugins are named 'dup'" in message
+    assert "fake-one 1.0" in message and "fake-two 1.0" in message
+    assert len({"fake_one", "fake_two"} & set(methods)) == 1
+
+
+MISSPELT_HOOK = """
+    import prunespec
+
+    @prunespec.hookimpl
+    def prunespec_register_method(register):
+        pass
+"""
+
+
+def test_a_misspelt_hook_is_one_warning_naming_the_plugin(fake_plugin: FakePlugin) -> None:
+    fake_plugin("fake-typo", MISSPELT_HOOK, entry="typo")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["typo"])
+    message = _one_warning(record)
+    assert message.startswith(
+        "plugin 'typo' (package fake-typo 1.0) has hook implementation 'prunespec_register_method'"
+    )
+    assert "did you mean 'prunespec_register_methods'?" in message
+    assert set(methods) == BUILTIN_NAMES
+
+
+def test_bad_plugins_installed_with_a_good_one_are_one_warning_line_each(
+    fake_plugin: FakePlugin, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _installed()
+    fake_plugin("fake-typo", MISSPELT_HOOK, entry="typo")
+    fake_plugin("fake-l1", textwrap.dedent(GOOD_PLUGIN).format(name="l1_unstructured"), entry="l1")
+    fake_plugin("fake-broken", "import a_module_that_is_not_installed\n", entry="broken")
+    fake_plugin("fake-good", textwrap.dedent(GOOD_PLUGIN).format(name="fake_keep_all"), entry="good")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods()
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 3, messages
+    for message, plugin in zip(messages, ["'broken'", "'l1'", "'typo'"], strict=True):
+        assert message.startswith(f"plugin {plugin} (package fake-"), message
+    assert set(methods) == BUILTIN_NAMES | {"foobar", "nm", "fake_keep_all"}
+    assert methods["l1_unstructured"].cls is prune.L1Unstructured
+    # the good plugin works from a spec, and the CLI prints each warning as one clean line
+    spec = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: fake_keep_all\n")
+    model = f"{Path(__file__).parent.parent / 'examples' / 'lenet.py'}:LeNet"
+    assert main(["apply", str(spec), "--model", model]) == 0
+    out, err = capsys.readouterr()
+    assert "fake_keep_all" in out
+    lines = err.splitlines()
+    assert sorted(lines) == [f"warning: {message}" for message in messages]
+
+
+NOT_A_MODEL = """
+    import prunespec
+    from torch.nn.utils import prune
+
+
+    class KeepAll(prune.BasePruningMethod):
+        PRUNING_TYPE = "unstructured"
+
+        def compute_mask(self, t, default_mask):
+            return default_mask.clone()
+
+
+    class NoSchema:
+        pass
+
+
+    {models}
+
+
+    @prunespec.hookimpl
+    def prunespec_register_methods(register):
+        register(KeepAll, name="fake_fine")
+        register(KeepAll, name="fake_bad", options={options})
+"""
+
+BAD_OPTIONS = {
+    "not a pydantic model": ("", "dict", "is not a pydantic BaseModel subclass"),
+    "no JSON Schema": (
+        "class Opts(pydantic.BaseModel):\n"
+        "        model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)\n"
+        "        thing: NoSchema = NoSchema()",
+        "Opts",
+        "gives no JSON Schema",
+    ),
+    "a default_factory that raises": (
+        "class Opts(pydantic.BaseModel):\n        k: int = pydantic.Field(default_factory=lambda: 1 // 0)",
+        "Opts",
+        "the default of its option 'k' cannot be built: ZeroDivisionError",
+    ),
+}
+
+
+def _every_command_works(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write(
+        tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: l1_unstructured\n    amount: 0.5\n"
+    )
+    model = f"{Path(__file__).parent.parent / 'examples' / 'lenet.py'}:LeNet"
+    for argv in (
+        ["plan", str(spec), "--model", model],
+        ["apply", str(spec), "--model", model],
+        ["validate", str(spec)],
+        ["schema"],
+        ["methods"],
+        ["methods", "--json"],
+    ):
+        assert main(argv) == 0, (argv, capsys.readouterr())
+    capsys.readouterr()
+    assert main(["schema"]) == 0
+    assert "l1_unstructured" in json.loads(capsys.readouterr().out)["$defs"]["Rule"]["properties"]["method"]["enum"]
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_a_method_with_a_broken_options_model_is_dropped_with_one_warning(
+    case: str,
+    fake_plugin: FakePlugin,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    models, options, words = BAD_OPTIONS[case]
+    code = "import pydantic\n" + textwrap.dedent(NOT_A_MODEL).replace("{models}", models).replace("{options}", options)
+    fake_plugin("fake-opts", code, entry="opts")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["opts"])
+    message = _one_warning(record)
+    assert message.startswith("plugin 'opts' (package fake-opts 1.0): method 'fake_bad' is dropped: ")
+    assert words in message
+    assert set(methods) == BUILTIN_NAMES | {"fake_fine"}
+    monkeypatch.setenv("PRUNESPEC_PLUGINS", "opts")
+    _every_command_works(tmp_path, capsys)
+
+
+def test_a_sys_exit_at_import_is_one_warning(
+    fake_plugin: FakePlugin, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_plugin("fake-exit", "import sys\nsys.exit(3)\n", entry="exits")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["exits"])
+    message = _one_warning(record)
+    assert "plugin 'exits' (package fake-exit 1.0) could not be loaded" in message and "SystemExit: 3" in message
+    assert set(methods) == BUILTIN_NAMES
+    monkeypatch.setenv("PRUNESPEC_PLUGINS", "exits")
+    _every_command_works(tmp_path, capsys)
+
+
+def test_an_entry_point_that_does_not_parse_is_one_warning(fake_plugin: FakePlugin) -> None:
+    fake_plugin("fake-value", "", entry="unparsable", value="not a module: at all")
+    with pytest.warns(PluginWarning) as record:
+        methods = prunespec.load_methods(allow=["unparsable"])
+    message = _one_warning(record)
+    assert message.startswith("plugin 'unparsable' (package fake-value 1.0) could not be loaded: its entry point")
+    assert "'not a module: at all'" in message
+    assert set(methods) == BUILTIN_NAMES
+
+
+def test_a_spec_naming_a_method_of_a_plugin_that_failed_says_so(fake_plugin: FakePlugin, tmp_path: Path) -> None:
+    fake_plugin("prunespec-never", "raise ImportError('libnever is missing')\n", entry="never")
+    code = textwrap.dedent(GOOD_PLUGIN + "\n        raise RuntimeError('half way')\n").format(name="fake_half")
+    fake_plugin("fake-half", code, entry="half")
+    spec = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: never\n")
+    with pytest.warns(PluginWarning):
+        methods = prunespec.load_methods(allow=["never", "half"])
+    with pytest.raises(prunespec.SpecError) as caught:
+        prunespec.load_spec(spec, methods=methods)
+    message = str(caught.value)
+    assert "unknown method 'never'" in message
+    assert "provided by the package prunespec-never, which is installed (1.0) but failed to load" in message
+    assert "libnever is missing" in message
+    # what a plugin registered before its hook failed is named too
+    half = write(tmp_path, "version: 1\nrules:\n  - select: {types: [Linear]}\n    method: fake_half\n", "h.yaml")
+    with pytest.raises(prunespec.SpecError, match=r"package fake-half, which is installed \(1\.0\) but failed"):
+        prunespec.load_spec(half, methods=methods)
+    # under --builtins-only, the plugin is installed but deliberately not loaded
+    with pytest.raises(prunespec.SpecError) as caught:
+        prunespec.load_spec(spec, methods=prunespec.load_methods(builtins_only=True))
+    assert "prunespec-never, which is installed (1.0) but was not loaded because of --builtins-only" in str(
+        caught.value
+    )
+    with pytest.warns(PluginWarning, match="half way"):
+        only_half = prunespec.load_methods(allow=["half"])
+    with pytest.raises(prunespec.SpecError, match=r"not loaded: the allow-list \(PRUNESPEC_PLUGINS or allow=\)"):
+        prunespec.load_spec(spec, methods=only_half)
+
+
+def test_the_schema_survives_a_method_that_skipped_the_registration_checks() -> None:
+    registry = prunespec.load_methods(builtins_only=True)
+    registry.add(MethodInfo.from_class(prune.Identity, name="fake_untyped", options=dict))
+    schema = prunespec.schema.build_schema(registry)
+    options = _condition(schema, "fake_untyped")["properties"]["options"]
+    assert options["type"] == "object" and "gives no JSON Schema" in options["description"]
+    assert "dim" in _condition(schema, "ln_structured")["properties"]["options"]["properties"]
 
 
 def test_builtins_only_flag_and_env_var_load_no_plugin(

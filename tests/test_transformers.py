@@ -327,7 +327,7 @@ def test_example_factory_is_a_cli_model_reference(methods: prunespec.MethodRegis
 def test_example_script_prunes_and_prints_plan_and_report(capsys: pytest.CaptureFixture[str]) -> None:
     runpy.run_path(str(EXAMPLES / "tiny_transformers.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert out.startswith("Plan: 1 rules, 8 steps on 8 tensors")
+    assert out.startswith("Plan: 1 rule, 8 steps on 8 tensors")
     assert "transformer.h.1.mlp.c_proj.weight" in out
     assert "lm_head" not in out
     assert "total" in out and "50.00%" in out

@@ -333,8 +333,6 @@ class MethodInfo:
         pruning_type = getattr(method, "PRUNING_TYPE", None)
         if pruning_type not in PRUNING_TYPES:
             raise ValueError(f"{method.__qualname__}.PRUNING_TYPE must be one of {PRUNING_TYPES}, got {pruning_type!r}")
-        if options is not None and not (isinstance(options, type) and issubclass(options, BaseModel)):
-            raise TypeError(f"options must be a pydantic BaseModel subclass, got {options!r}")
         if issubclass(method, PruningMethod):
             if options is not None and options is not method.Options:
                 raise TypeError(

@@ -1,0 +1,135 @@
+"""Everything prunespec prints for people: aligned tables, plans and sparsity reports.
+
+The data lives in :mod:`prunespec.planner` and :mod:`prunespec.report`; this module only reads it, so that
+neither of those imports the other for the sake of printing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .planner import Plan
+    from .report import Report, TensorStats
+
+MAX_CELL = 40
+"""Longest option value shown in a table cell; longer ones are cut with an ellipsis."""
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] | None = None) -> str:
+    """A plain-text table with aligned columns (``right``: indexes of right-aligned columns)."""
+    right = right or set()
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def pct(value: float | None) -> str:
+    """``0.2037`` -> ``"20.37%"``; ``None`` (not known) -> ``"?"``."""
+    return "?" if value is None else f"{100 * value:.2f}%"
+
+
+def shape(dims: Sequence[int]) -> str:
+    """``(6, 1, 3, 3)`` -> ``"6x1x3x3"``."""
+    return "x".join(str(d) for d in dims) or "scalar"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 rule``, ``2 rules``."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+def shorten(text: str, limit: int = MAX_CELL) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def options(values: Mapping[str, Any]) -> str:
+    """``n=2, dim=0``, each value shortened so that one long option cannot stretch a table."""
+    return ", ".join(f"{key}={shorten(str(value))}" for key, value in values.items())
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as people read it: one line per step, then the predicted totals and the warnings."""
+    headers = ["#", "rule", "tensor", "shape", "method", "how much", "scope", "sparsity", "selected by"]
+    rows = []
+    for i, step in enumerate(plan.steps):
+        how = (
+            f"amount {step.amount}"
+            if step.amount is not None
+            else (f"sparsity {step.sparsity}" if step.sparsity is not None else "-")
+        )
+        opts = options(step.options)
+        approx = "" if step.exact else "~"
+        tied = (
+            f" (tied: {', '.join(f'{m}.{p}' if m else p for m, p in step.tensor.aliases)})"
+            if step.tensor.aliases
+            else ""
+        )
+        rows.append(
+            [
+                str(i),
+                step.rule,
+                step.tensor.name + tied,
+                shape(step.tensor.shape),
+                step.method + (f"({opts})" if opts else ""),
+                how,
+                step.scope,
+                f"{pct(step.before)} -> {approx}{pct(step.after)}",
+                step.selected_by,
+            ]
+        )
+    rules, steps, tensors = len(plan.spec.rules), len(plan.steps), len(plan.tensors)
+    out = [f"Plan: {plural(rules, 'rule')}, {plural(steps, 'step')} on {plural(tensors, 'tensor')}", ""]
+    out.append(table(headers, rows, right={0}))
+    total = sum(numel for numel, _, _ in plan.tensors.values())
+    predicted = plan.global_sparsity
+    exact = all(exact for _, _, exact in plan.tensors.values())
+    if predicted is None:
+        out.append(f"\nPredicted: not known in advance (a method without an amount decides), {total:,} entries.")
+    else:
+        mark = "" if exact else "~"
+        out.append(
+            f"\nPredicted: {mark}{pct(predicted)} of {total:,} entries in the selected tensors"
+            + ("" if exact else " (~: estimate; the split depends on the values)")
+        )
+    if plan.spec.seed is not None:
+        out.append(f"Seed: {plan.spec.seed}")
+    if plan.spec.finalize:
+        out.append("Finalize: pruning is made permanent after apply")
+    if plan.warnings:
+        out.append("Warnings:")
+        out += [f"  - {w}" for w in plan.warnings]
+    return "\n".join(out)
+
+
+def format_report(report: Report) -> str:
+    """The report as people read it: the pruned tensors, then every other parameter, then two totals
+    (over the pruned tensors, and over all parameters), each labelled with what it counts."""
+    show_predicted = any(s.predicted is not None for s in report.entries.values())
+    headers = ["tensor", "shape", "numel", "zeros", "sparsity", "pruned"] + (["predicted"] if show_predicted else [])
+
+    def row(s: TensorStats, pruned: str, predicted: str = "") -> list[str]:
+        cells = [s.name, shape(s.shape), f"{s.numel:,}", f"{s.zeros:,}", pct(s.sparsity), pruned]
+        return cells + ([predicted] if show_predicted else [])
+
+    def total(label: str, stats: Iterable[TensorStats]) -> list[str]:
+        stats = list(stats)
+        numel, zeros = sum(s.numel for s in stats), sum(s.zeros for s in stats)
+        cells = [label, "", f"{numel:,}", f"{zeros:,}", pct(zeros / numel if numel else 0.0), ""]
+        return cells + ([""] if show_predicted else [])
+
+    rows = [row(s, "mask" if s.masked else "zeros", pct(s.predicted)) for s in report.entries.values()]
+    rows += [row(s, "mask" if s.masked else "-") for s in report.others.values()]
+    rows.append(total(f"total: pruned ({plural(len(report.entries), 'tensor')})", report.entries.values()))
+    every = [*report.entries.values(), *report.others.values()]
+    rows.append(total(f"total: all parameters ({plural(len(every), 'tensor')})", every))
+    return table(headers, rows, right={2, 3, 4} | ({6} if show_predicted else set()))
