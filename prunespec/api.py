@@ -25,7 +25,9 @@ def plan(model: nn.Module, spec: SpecLike, *, methods: MethodRegistry | None = N
     Raises SpecError for an invalid spec and PlanError when it does not fit the model.
     """
     methods = load_methods() if methods is None else methods
-    return make_plan(model, load_spec(spec, methods=methods), methods)
+    the_spec = load_spec(spec, methods=methods)
+    with engine.gc_paused():
+        return make_plan(model, the_spec, methods)
 
 
 def apply(
@@ -53,7 +55,8 @@ def run(
     pruned = engine.execute(model, the_plan, progress, merge=merge)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
-    report = collect(model, [p.name for p in pruned], predicted, counted)  # from the masks, before any finalize
+    with engine.gc_paused():
+        report = collect(model, [p.name for p in pruned], predicted, counted)  # from the masks, before finalize
     if finalize:
         engine.make_permanent(pruned)
     return report

@@ -18,7 +18,9 @@ hooks exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -79,13 +81,16 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
     they say the same (:func:`prunespec.layout.merged`; the Scheduler's repeated updates).
     """
     tensors: dict[int, Pruned] = {}
+    modules = dict(model.named_modules())
     done = 0
-    with torch.no_grad(), _seeded(plan.spec.seed, model):
-        for unit in plan.units():
-            staged = [_stage(model, tensors, step) for step in unit]
+    with torch.no_grad(), _seeded(plan.spec.seed, model), gc_paused():
+        for unit in _batched(plan):
+            staged = [_stage(modules, tensors, step) for step in unit]
             info = plan.methods[unit[0].method]
             if unit[0].scope == "global":
                 _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
+            elif len(unit) > 1:
+                _run_batch(unit, staged, info)
             else:
                 _run_local(unit[0], staged[0], info)
             done += len(unit)
@@ -96,8 +101,22 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
                 log.debug("masks computed for %s (%d/%d steps)", what, done, len(plan.steps))
                 if progress is not None:
                     progress(done, len(plan.steps), what)
-    _install(list(tensors.values()), merge)
+        _install(list(tensors.values()), merge)
     return list(tensors.values())
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cycle collector off while the engine works: it allocates a few small objects per
+    tensor, which on a model of thousands of modules sets off full collections that walk the whole
+    model again and again. Nothing the engine makes needs collecting before it returns."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def make_permanent(pruned: list[Pruned]) -> None:
@@ -122,8 +141,34 @@ def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _stage(model: nn.Module, tensors: dict[int, Pruned], step: Step) -> Pruned:
-    owners = [(model.get_submodule(module), pname) for module, pname in step.tensor.owners]
+def _batched(plan: Plan) -> Iterator[list[Step]]:
+    """The plan's units, with runs of small local steps of one rule that an elementwise score ranks (and
+    of one shape and dtype) put together: they are selected in one batch, not one by one."""
+    batch: list[Step] = []
+    key: tuple[Any, ...] | None = None
+    for unit in plan.units():
+        step = unit[0]
+        info = plan.methods[step.method]
+        caps = info.capabilities
+        small = len(unit) == 1 and step.scope == "local" and 0 < step.tensor.numel <= selection.SMALL
+        if small and caps.elementwise and caps.takes_amount and step.method and info.unit == "entries":
+            this = (step.rule_index, step.tensor.shape)
+            if this != key and batch:
+                yield batch
+                batch = []
+            key = this
+            batch.append(step)
+            continue
+        if batch:
+            yield batch
+            batch, key = [], None
+        yield unit
+    if batch:
+        yield batch
+
+
+def _stage(modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step) -> Pruned:
+    owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
     orig = layout.original(module, pname)
     assert orig is not None
@@ -263,6 +308,58 @@ def _select_units(
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[kept if left is None else left[kept]] = True
     return _from_units(tensor, unit, keep.reshape(scores.shape))
+
+
+def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> None:
+    """Local steps of one rule on small tensors of one shape: one sort for all of them
+    (:func:`prunespec.selection.select_rows`), the same masks as one by one."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.orig.dtype, tensor.orig.device), []).append(i)
+    if len(groups) > 1 or len({id(t) for t in tensors}) < len(tensors):
+        for step, tensor in zip(steps, tensors, strict=True):
+            _run_local(step, tensor, info)
+        return
+    values = torch.stack([t.orig.detach().reshape(-1) for t in tensors])
+    size = values.shape[1]
+    amounts = [
+        _amount(step, Entries(), [t.mask], [tuple(t.orig.shape)]) for step, t in zip(steps, tensors, strict=True)
+    ]
+    # one method object and one hook record per distinct amount (install gives each tensor its own copy)
+    methods: dict[tuple[type, Any], PruningMethod] = {}
+    hooks: dict[tuple[type, Any], prune.BasePruningMethod] = {}
+    for step, amount, tensor in zip(steps, amounts, tensors, strict=True):
+        key = (type(amount), amount)
+        if key not in methods:
+            methods[key] = _instance(step, info, amount, tensor.name)
+            hooks[key] = _hook(step, methods[key], tensor.name, tensor.owners[0][1])
+    score = methods[type(amounts[0]), amounts[0]].elementwise() or _identity
+    try:
+        scores = score(values)
+    except Exception as exc:
+        raise _fail(steps[0], tensors[0].name, f"{info.name} failed to score: {type(exc).__name__}: {exc}") from exc
+    masked = [t.mask is not None for t in tensors]
+    already = [0] * len(tensors)
+    if any(masked):
+        previous = torch.stack([t.mask.reshape(-1) if t.mask is not None else torch.ones(size) for t in tensors])
+        scores = scores.masked_fill(previous != 1, -math.inf)
+        already = (previous == 0).sum(dim=1).tolist()
+    targets = []
+    for step, amount, done, tensor in zip(steps, amounts, already, tensors, strict=True):
+        k = n_to_prune(amount, size - done)
+        if k > size - done:
+            raise _fail(step, tensor.name, f"amount={amount} is more than the {size - done} entries left to prune")
+        targets.append(done + k)
+    pruned, ok = selection.select_rows(scores, torch.tensor(targets, device=values.device))
+    new = (~pruned).to(values.dtype)
+    counts = pruned.sum(dim=1).tolist()
+    for i, (step, tensor, fine) in enumerate(zip(steps, tensors, ok.tolist(), strict=True)):
+        if not fine:  # NaNs to prune: torch's own ranking, as one by one
+            _run_local(step, tensor, info)
+            continue
+        tensor.mask = new[i].reshape(tensor.orig.shape).clone()
+        tensor.zeros = counts[i]
+        tensor.new_hooks.append(hooks[type(amounts[i]), amounts[i]])
 
 
 def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torch.utils.hooks import RemovableHandle
 
 ORIG = "_orig"
 MASK = "_mask"
@@ -61,6 +62,16 @@ class DetachAfterForward:
             value = module.__dict__.get(hook._tensor_name)
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 module.__dict__[hook._tensor_name] = value.detach()
+
+
+_DETACH = DetachAfterForward()  # stateless: one object serves every module
+
+
+def _copy(hook: prune.BasePruningMethod) -> prune.BasePruningMethod:
+    """A shallow copy of a method record (``copy.copy`` without its reduce protocol, which is slow)."""
+    new = object.__new__(type(hook))
+    new.__dict__.update(hook.__dict__)
+    return new
 
 
 def is_pruned(module: nn.Module, pname: str) -> bool:
@@ -121,10 +132,19 @@ def container(methods: Sequence[prune.BasePruningMethod]) -> prune.BasePruningMe
     return out
 
 
+def _add_hook(hooks: dict[int, Any], hook: Any) -> None:
+    """What ``register_forward_(pre_)hook`` does for a plain hook (no kwargs, not always-called): the
+    next id of torch's hook counter as the key. Without the handle object, which costs more than the
+    rest of an install on a model of thousands of tiny layers."""
+    key = RemovableHandle.next_id
+    RemovableHandle.next_id += 1
+    hooks[key] = hook
+
+
 def ensure_detach_hook(module: nn.Module) -> None:
     """Add :class:`DetachAfterForward` to ``module`` unless it has it."""
     if not any(isinstance(h, DetachAfterForward) for h in module._forward_hooks.values()):
-        module.register_forward_hook(DetachAfterForward())
+        _add_hook(module._forward_hooks, _DETACH)
 
 
 def drop_detach_hook(module: nn.Module) -> None:
@@ -147,7 +167,7 @@ def install(
     layout. ``merge`` folds each new record into the chain's last one where they can be (see
     :func:`merged`): a schedule re-prunes with one method at every update, and torch's chain would grow by
     one record each time."""
-    hooks = [copy.copy(h) for h in new_hooks]
+    hooks = [_copy(h) for h in new_hooks]
     for new in hooks:
         new._tensor_name = pname
     old_key = hook_key(module, pname)
@@ -168,10 +188,11 @@ def install(
     if old_key is not None:
         module._forward_pre_hooks[old_key] = hook  # same key: the hook keeps its place (pytorch#37138)
     else:
-        module.register_forward_pre_hook(hook)
+        _add_hook(module._forward_pre_hooks, hook)
     ensure_detach_hook(module)
     with torch.no_grad():
-        setattr(module, pname, hook.apply_mask(module))
+        # torch's Module.__setattr__ would only find that `pname` is no longer a parameter: go direct
+        module.__dict__[pname] = hook.apply_mask(module)
 
 
 def merged(a: prune.BasePruningMethod, b: prune.BasePruningMethod) -> prune.BasePruningMethod | None:

@@ -128,12 +128,14 @@ def collect(
             found[name] = (tensor, mask)
             first.setdefault(id(tensor), name)
     counts = dict(zeros or {})
+    missing = [n for n in first.values() if n not in counts]
+    counted = [_counted(found[n]) for n in missing]
+    counts.update(zip(missing, count_zeros(counted), strict=True))  # zeros of the mask, else of the values
 
     def count(name: str) -> int:
-        if name not in counts:
+        if name not in counts:  # a tied tensor's other name
             tensor, mask = found[name]
-            counted = mask if mask is not None else tensor.detach()  # zeros of the mask, else of the values
-            counts[name] = counted.numel() - int(torch.count_nonzero(counted))
+            counts[name] = count_zeros([_counted((tensor, mask))])[0]
         return counts[name]
 
     if names is not None:
@@ -146,6 +148,41 @@ def collect(
     rest = [name for name in first.values() if id(found[name][0]) not in taken]
     others = {name: _stats(name, found[name], count(name)) for name in rest}
     return Report(entries, others)
+
+
+_SMALL = 1 << 14
+
+
+def _counted(found: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """What a tensor's zeros are counted on: its mask, else its values."""
+    tensor, mask = found
+    return mask if mask is not None else tensor.detach()
+
+
+def count_zeros(tensors: list[torch.Tensor]) -> list[int]:
+    """The zeros of each tensor. Small tensors are counted together (one pass for many: a model of
+    thousands of tiny layers would otherwise pay a kernel call per bias); counts are read at once."""
+    out = [0] * len(tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    large: list[int] = []
+    for i, t in enumerate(tensors):
+        if t.numel() <= _SMALL and t.layout == torch.strided:
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        else:
+            large.append(i)
+    for members in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        ends = torch.tensor([tensors[i].numel() for i in members], device=flat.device).cumsum(0)
+        running = torch.cat([ends.new_zeros(1), (flat == 0).cumsum(0)])
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        for i, n in zip(members, (running[ends] - running[starts]).tolist(), strict=True):
+            out[i] = int(n)
+    if large:
+        device = tensors[large[0]].device
+        counts = [(tensors[i].numel() - torch.count_nonzero(tensors[i])).to(device) for i in large]
+        for i, n in zip(large, torch.stack(counts).tolist(), strict=True):
+            out[i] = int(n)
+    return out
 
 
 def _stats(

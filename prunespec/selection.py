@@ -248,3 +248,22 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple
             keep[tied] = False
     zeros = keep.numel() - torch.count_nonzero(keep)  # counted on the bool mask: 4x fewer bytes than fp32
     return keep.reshape(values.shape).to(values.dtype), zeros
+
+
+SMALL = 1 << 14  # tensors up to this many entries are selected in batches (one sort for many tensors)
+
+
+def select_rows(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a batch of small tensors (one per row of ``scores``, already-pruned entries at -inf): which
+    entries to prune so that each row has exactly ``targets[i]`` pruned, lowest scores first, ties to the
+    lower index (the rule :func:`find_cuts` follows). Returns the bool "pruned" matrix and a bool per row
+    that is False where NaN scores would have to be pruned (those rows need torch's ranking).
+    """
+    ranked, order = torch.sort(scores, dim=1, stable=True)  # NaN sorts last
+    size = scores.shape[1]
+    positions = torch.arange(size, device=scores.device).expand_as(scores)
+    chosen = positions < targets.reshape(-1, 1)
+    pruned = torch.empty_like(chosen).scatter_(1, order, chosen)
+    last = ranked.gather(1, (targets.reshape(-1, 1) - 1).clamp(min=0)).reshape(-1)
+    ok = ~last.isnan() | (targets == 0)
+    return pruned, ok
