@@ -21,6 +21,7 @@ from torch import nn
 from . import api, checkpoint
 from .engine import Progress
 from .errors import ModelRefError, PrunespecError, SpecError
+from .files import check_writable
 from .loader import load_spec
 from .plugins import MethodRegistry, load_methods
 from .report import sparsity, table
@@ -145,6 +146,8 @@ def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    if args.out:  # before the work: a bad --out must not cost a whole apply
+        check_writable(args.out)
     model = _model(args)
     plan = api.plan(model, args.spec, methods=methods)
     report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args))
