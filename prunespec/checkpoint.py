@@ -31,6 +31,7 @@ from torch.nn.utils import prune
 
 from . import checkpoint_hooks
 from .checkpoint_file import check_geometry, read_file
+from .checkpoint_hooks import a_type
 from .engine import ensure_detach_hook
 from .errors import CheckpointError, OutputError, PrunespecError, SpecError
 from .files import atomic_write, check_writable
@@ -139,12 +140,12 @@ def _split(path: str | os.PathLike[str], data: Any) -> tuple[dict[str, torch.Ten
     if isinstance(data, Mapping) and "state_dict" in data:
         state_dict, meta = data["state_dict"], data.get("prunespec")
         if not isinstance(state_dict, Mapping):
-            raise CheckpointError(f"{path}: state_dict is a {type(state_dict).__name__}; expected a mapping")
-        _check_values(path, state_dict, "state_dict")
+            raise CheckpointError(f"{path}: state_dict is {a_type(state_dict)}; expected a mapping")
+        _check_values(path, state_dict, "['state_dict']")
         if meta is None:
             return dict(state_dict), None
         if not isinstance(meta, Mapping):
-            raise CheckpointError(f"{path}: prunespec is a {type(meta).__name__}; expected prunespec's metadata")
+            raise CheckpointError(f"{path}: prunespec is {a_type(meta)}; expected prunespec's metadata")
         if meta.get("format") != FORMAT or isinstance(meta.get("format"), bool):
             raise CheckpointError(
                 f"{path}: prunespec.format is {meta.get('format')!r}; this prunespec reads format {FORMAT} "
@@ -152,7 +153,7 @@ def _split(path: str | os.PathLike[str], data: Any) -> tuple[dict[str, torch.Ten
             )
         spec = meta.get("spec")
         if spec is not None and not isinstance(spec, Mapping):
-            raise CheckpointError(f"{path}: prunespec.spec is a {type(spec).__name__}; expected a mapping or None")
+            raise CheckpointError(f"{path}: prunespec.spec is {a_type(spec)}; expected a mapping or None")
         return dict(state_dict), dict(meta)
     if isinstance(data, Mapping) and any(isinstance(v, torch.Tensor) for v in data.values()):
         _check_values(path, data, "")
@@ -164,9 +165,9 @@ def _check_values(path: str | os.PathLike[str], state_dict: Mapping[Any, Any], p
     for key, value in state_dict.items():
         where = f"{prefix}[{key!r}]"
         if not isinstance(key, str):
-            raise CheckpointError(f"{path}: {where}: a {type(key).__name__} key; state_dict keys are names (str)")
+            raise CheckpointError(f"{path}: {where}: {a_type(key)} key; state_dict keys are names (str)")
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: {where}: a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{path}: {where}: {a_type(value)}, not a tensor")
 
 
 def _recorded_spec(

@@ -123,7 +123,7 @@ def rebuild(
     if records is None:
         return {}
     if not isinstance(records, Mapping):
-        raise CheckpointError(f"{path}: prunespec.hooks is a {type(records).__name__}; expected a mapping")
+        raise CheckpointError(f"{path}: prunespec.hooks is {a_type(records)}; expected a mapping")
     out: dict[str, prune.BasePruningMethod | None] = {}
     for name, entries in records.items():
         where = f"{path}: prunespec.hooks[{name!r}]"
@@ -158,7 +158,7 @@ def rebuild(
 def _build(where: str, record: Any, size: int, methods: MethodRegistry) -> prune.BasePruningMethod | None:
     if not isinstance(record, Mapping):
         raise CheckpointError(
-            f"{where}: is a {type(record).__name__}; expected a mapping like "
+            f"{where}: is {a_type(record)}; expected a mapping like "
             "{'method': 'l1_unstructured', 'amount': 0.2, 'options': {}}"
         )
     if "global" in record:
@@ -239,6 +239,14 @@ def _provider(method: str, record: Mapping[Any, Any], methods: MethodRegistry) -
         saved = f" {version}" if isinstance(version, str) and version else ""
         return f"it was saved with the package {package}{saved}: pip install {package}"
     return provider_hint(method, methods) or "no installed plugin provides it; install the one that does"
+
+
+def a_type(value: Any) -> str:
+    """``an int``, ``a list``, ``None``: what a value is, for messages."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _short(exc: BaseException) -> str:
