@@ -99,7 +99,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
     to_prune = _check_state_dict(model, state_dict, path)
     pruned = {
-        key.removesuffix("_mask"): value.numel()
+        key.removesuffix("_mask"): tuple(value.shape)
         for key, value in state_dict.items()
         if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
     }

@@ -45,7 +45,10 @@ def read_file(path: str | os.PathLike[str], *, limit: int | None = None) -> Any:
         raise CheckpointError(f"{path}: cannot open the checkpoint: {exc}") from None
     with file:
         before = os.fstat(file.fileno())
-        zipped = zipfile.is_zipfile(file)
+        try:
+            zipped = zipfile.is_zipfile(file)
+        except (zipfile.BadZipFile, EOFError, ValueError) as exc:  # it found a zip ending, a broken one
+            raise CheckpointError(f"{path}: not a readable zip archive (what torch.save writes): {exc}") from None
         records: list[int] | None = None
         if zipped:
             records = _check_zip(path, file, limit)

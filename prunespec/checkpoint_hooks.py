@@ -112,12 +112,12 @@ def _method_record(name: str, info: MethodInfo, hook: prune.BasePruningMethod) -
 
 
 def rebuild(
-    path: str, records: Any, pruned: Mapping[str, int], methods: MethodRegistry
+    path: str, records: Any, pruned: Mapping[str, tuple[int, ...]], methods: MethodRegistry
 ) -> dict[str, prune.BasePruningMethod | None]:
     """The hook each recorded tensor gets (None: keep torch's Identity, for a hook no registered
     method made), checked against the installed methods and their options.
 
-    ``pruned`` maps each tensor the checkpoint prunes to its number of entries. Raises CheckpointError,
+    ``pruned`` maps each tensor the checkpoint prunes to its shape. Raises CheckpointError,
     naming the record, for anything that does not fit.
     """
     if records is None:
@@ -155,7 +155,7 @@ def rebuild(
     return out
 
 
-def _build(where: str, record: Any, size: int, methods: MethodRegistry) -> prune.BasePruningMethod | None:
+def _build(where: str, record: Any, shape: tuple[int, ...], methods: MethodRegistry) -> prune.BasePruningMethod | None:
     if not isinstance(record, Mapping):
         raise CheckpointError(
             f"{where}: is {a_type(record)}; expected a mapping like "
@@ -184,7 +184,7 @@ def _build(where: str, record: Any, size: int, methods: MethodRegistry) -> prune
     info = methods[method]
     amount = record.get("amount")
     if info.takes_amount:
-        _check_amount(where, amount, size)
+        _check_amount(where, amount, math.prod(shape))
     elif amount is not None:
         raise CheckpointError(f"{where}.amount: is {amount!r}; {method} takes no amount, expected None")
     options = record.get("options", {})
@@ -197,6 +197,9 @@ def _build(where: str, record: Any, size: int, methods: MethodRegistry) -> prune
             f"{where}.options: not valid for {method} {info.version or ''}: {_short(exc)} "
             f"(options of {method}: {', '.join(info.options_model.model_fields) or 'none'})"
         ) from None
+    problem = info.check_tensor(shape, _fields(checked))
+    if problem is not None:
+        raise CheckpointError(f"{where}.options: {problem}")
     try:
         return info.build(amount, _fields(checked))
     except Exception as exc:  # a method's own constructor checks

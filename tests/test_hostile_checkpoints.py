@@ -143,6 +143,10 @@ BAD_RECORDS: dict[str, tuple[Edit, list[str]]] = {
         ["prunespec.hooks['fc1.weight'][1].options: not valid for ln_structured", "norm", "options of ln_structured"],
     ),
     "option of a wrong type": (_set(("fc1.weight", 1), options={"n": 2, "dim": "rows"}), ["[1].options", "dim"]),
+    "dim out of range": (
+        _set(("fc1.weight", 1), options={"n": 2, "dim": 5}),
+        ["[1].options: dim=5 is out of range for shape [120, 400]"],
+    ),
     "options not a mapping": (_set(("fc1.weight", 1), options=[2, 0]), ["[1].options: is [2, 0]; expected a mapping"]),
     "unknown key": (_set(("fc1.weight", 0), scale=2), ["[0]: unknown key 'scale'"]),
     "method not a name": (_set(("fc1.weight", 0), method=7), ["[0].method: is 7; expected the name of a method"]),
