@@ -6,29 +6,39 @@ A prunespec checkpoint is a plain dict that ``torch.load(..., weights_only=True)
      "prunespec": {"format": 1,
                    "spec": {...} or None,  # the spec that pruned it
                    "hooks": {"conv1.weight": [{"method": "l1_unstructured", "amount": 0.2,
-                                               "options": {}}, ...]}}}
+                                               "options": {}, ...}, ...]}}}
 
-``hooks`` records which methods pruned each tensor, so that loading installs the same hook objects
-(torch's ``L1Unstructured``, a ``PruningContainer`` ...) and not a generic one. A bare state_dict
-(what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
+``hooks`` records which methods pruned each tensor (:mod:`prunespec.checkpoint_hooks`), so that loading
+installs the same hook objects (torch's ``L1Unstructured``, a ``PruningContainer`` ...) and not a generic
+one. A bare state_dict (what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
+
+Saving is atomic (:mod:`prunespec.files`). Loading checks the whole checkpoint before it changes the
+model: the file (:mod:`prunespec.checkpoint_file`), then every key, dtype, shape, mask and hook record
+against the model and the installed methods; then it loads all or nothing, restoring the model on any
+exception, KeyboardInterrupt included.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .errors import CheckpointError, SpecError
-from .layout import GlobalMask, ensure_detach_hook
+from . import checkpoint_hooks
+from .checkpoint_file import check_geometry, read_file
+from .checkpoint_hooks import a_type
+from .errors import CheckpointError, OutputError, PrunespecError, SpecError
+from .files import atomic_write, check_writable
+from .layout import ensure_detach_hook
 from .loader import load_spec, validate_document
 from .plugins import MethodRegistry, load_methods
 from .spec import SourceMap, Spec
+from .transaction import ModelSnapshot
 
 FORMAT = 1
 
@@ -41,109 +51,71 @@ def save(
     methods: MethodRegistry | None = None,
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
-    Spec, a YAML path or a mapping) and which methods pruned each tensor."""
+    Spec, a YAML path or a mapping) and which methods pruned each tensor.
+
+    The file appears whole or not at all: a failed or killed save leaves the previous file as it was.
+    """
+    check_writable(path)
     methods = load_methods() if methods is None else methods
     spec = load_spec(spec, methods=methods) if spec is not None else None
     meta: dict[str, Any] = {
         "format": FORMAT,
         "spec": spec.model_dump(mode="json", exclude_none=True) if spec is not None else None,
-        "hooks": _describe_hooks(model, methods),
+        "hooks": checkpoint_hooks.describe(model, methods),
     }
-    torch.save({"state_dict": model.state_dict(), "prunespec": meta}, path)
+    content = {"state_dict": _storable(model.state_dict()), "prunespec": meta}
+
+    def write(file: BinaryIO) -> None:
+        try:
+            torch.save(content, file)
+        except OSError:
+            raise
+        except Exception as exc:  # torch reports a failed write of its zip writer as a RuntimeError
+            raise OutputError(f"{path}: could not write the checkpoint: {type(exc).__name__}: {exc}") from exc
+
+    atomic_write(path, write)
+
+
+def _storable(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state_dict with tensors whose entries share memory (an expanded mask) made contiguous, since
+    :func:`load` refuses those; tensors shared between keys stay shared."""
+    out: dict[str, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if value.layout == torch.strided and check_geometry(value) is not None:
+            value = made.setdefault(id(value), value.contiguous())
+        out[key] = value
+    return out
 
 
 def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegistry | None = None) -> Spec | None:
     """Load a checkpoint (prunespec's or a plain state_dict, pruned or not) into ``model``, with its
     masks and hooks; returns the spec that pruned it, if the checkpoint recorded one.
 
-    Raises CheckpointError, leaving the model as it was, when the checkpoint does not fit.
+    The whole checkpoint is checked first; a CheckpointError names what does not fit, and the model is
+    left as it was (also when any other exception, KeyboardInterrupt included, interrupts the load).
     """
-    state_dict, meta = read(path)
     methods = load_methods() if methods is None else methods
-    recorded = meta.get("spec") if meta else None
-    spec = None
-    if isinstance(recorded, Mapping):
-        try:
-            spec = validate_document(recorded, SourceMap(file=str(path)), methods)
-        except SpecError as exc:  # e.g. a plugin method that is not installed here: the weights still load
-            warnings.warn(f"{path}: the spec recorded in the checkpoint is not valid here: {exc}", stacklevel=2)
-    load_state_dict(model, state_dict)
-    if meta and isinstance(meta.get("hooks"), Mapping):
-        _restore_hooks(model, meta["hooks"], methods)
+    state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
+    to_prune = _check_state_dict(model, state_dict, path)
+    pruned = {
+        key.removesuffix("_mask"): tuple(value.shape)
+        for key, value in state_dict.items()
+        if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
+    }
+    hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
+    spec = _recorded_spec(path, meta, methods)
+    _commit(model, state_dict, to_prune, hooks)
     return spec
-
-
-def _pruning_hooks(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any, prune.BasePruningMethod]]:
-    for module_name, module in model.named_modules():
-        for key, hook in module._forward_pre_hooks.items():
-            if isinstance(hook, prune.BasePruningMethod):
-                name = f"{module_name}.{hook._tensor_name}" if module_name else hook._tensor_name
-                yield name, module, key, hook
-
-
-def _describe_hooks(model: nn.Module, methods: MethodRegistry) -> dict[str, list[dict[str, Any]]]:
-    by_class = {info.cls: info for info in methods.values()}
-    out = {}
-    for name, _, _, hook in _pruning_hooks(model):
-        parts = list(hook) if isinstance(hook, prune.PruningContainer) else [hook]
-        records: list[dict[str, Any]] = []
-        for part in parts:
-            if isinstance(part, GlobalMask):
-                records.append({"global": part.method, "amount": part.amount, "group_size": part.group_size})
-                continue
-            info = by_class.get(type(part))
-            if info is None:
-                records.append({"method": None, "class": f"{type(part).__module__}.{type(part).__qualname__}"})
-                continue
-            options = {key: getattr(part, key) for key in info.options_model.model_fields if hasattr(part, key)}
-            records.append({"method": info.name, "amount": getattr(part, "amount", None), "options": options})
-        out[name] = records
-    return out
-
-
-def _restore_hooks(model: nn.Module, hooks: Mapping[str, Any], methods: MethodRegistry) -> None:
-    """Replace the identity hooks that loading installed by the methods recorded at save time."""
-    for name, module, key, hook in list(_pruning_hooks(model)):
-        records = hooks.get(name)
-        if not isinstance(hook, prune.Identity) or not isinstance(records, list) or not records:
-            continue
-        rebuilt: list[prune.BasePruningMethod] = []
-        for record in records:
-            if "global" in record:
-                rebuilt.append(GlobalMask(record["global"], record["amount"], record["group_size"]))
-            elif record.get("method") in methods:
-                rebuilt.append(methods[record["method"]].build(record.get("amount"), record.get("options", {})))
-            else:
-                warnings.warn(
-                    f"{name} was pruned by {record.get('method') or record.get('class')}, which is not installed; "
-                    "its mask is loaded, with torch's Identity as its hook",
-                    stacklevel=3,
-                )
-                break
-        else:
-            for method in rebuilt:
-                method._tensor_name = hook._tensor_name
-            container = prune.PruningContainer(rebuilt[0])
-            for method in rebuilt[1:]:
-                container.add_pruning_method(method)
-            module._forward_pre_hooks[key] = rebuilt[0] if len(rebuilt) == 1 else container
 
 
 def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The state_dict in a checkpoint file and prunespec's metadata (None for a bare state_dict).
 
-    Loads with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code.
+    Loads with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code. The
+    file is checked as :func:`prunespec.checkpoint_file.read_file` says, and its tensors are memory-mapped.
     """
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load the checkpoint with weights_only=True: {exc}") from None
-    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
-        meta = data.get("prunespec")
-        return dict(data["state_dict"]), dict(meta) if isinstance(meta, Mapping) else None
-    if isinstance(data, Mapping) and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return dict(data), None
-    raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(data).__name__}")
+    return _split(path, read_file(path))
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -151,12 +123,88 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
 
     A tensor that is pruned in the checkpoint but dense in the model is first given torch's identity
     pruning, so that its original weights *and* mask load (torch alone refuses, or with
-    ``strict=False`` silently keeps the random weights). Every key and shape is checked before
-    anything changes: on a mismatch, CheckpointError names the first mismatching keys and the model is
-    left as it was. Returns the names of the tensors that were made pruned to fit.
+    ``strict=False`` silently keeps the random weights). Every key, value, dtype, shape and mask is
+    checked before anything changes: on a mismatch, CheckpointError names the first mismatching keys
+    and the model is left as it was. Returns the names of the tensors that were made pruned to fit.
     """
+    to_prune = _check_state_dict(model, state_dict, None)
+    _commit(model, state_dict, to_prune, {})
+    return [f"{m}.{p}" if m else p for m, p in to_prune]
+
+
+# --- what a checkpoint holds ----------------------------------------------------------------------------
+
+
+def _split(path: str | os.PathLike[str], data: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The state_dict and prunespec's metadata of a loaded checkpoint, their types checked."""
+    if isinstance(data, Mapping) and "state_dict" in data:
+        state_dict, meta = data["state_dict"], data.get("prunespec")
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"{path}: state_dict is {a_type(state_dict)}; expected a mapping")
+        _check_values(path, state_dict, "['state_dict']")
+        if meta is None:
+            return dict(state_dict), None
+        if not isinstance(meta, Mapping):
+            raise CheckpointError(f"{path}: prunespec is {a_type(meta)}; expected prunespec's metadata")
+        if meta.get("format") != FORMAT or isinstance(meta.get("format"), bool):
+            raise CheckpointError(
+                f"{path}: prunespec.format is {meta.get('format')!r}; this prunespec reads format {FORMAT} "
+                "(a newer prunespec wrote it?)"
+            )
+        spec = meta.get("spec")
+        if spec is not None and not isinstance(spec, Mapping):
+            raise CheckpointError(f"{path}: prunespec.spec is {a_type(spec)}; expected a mapping or None")
+        return dict(state_dict), dict(meta)
+    if isinstance(data, Mapping) and any(isinstance(v, torch.Tensor) for v in data.values()):
+        _check_values(path, data, "")
+        return dict(data), None
+    raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(data).__name__}")
+
+
+def _check_values(path: str | os.PathLike[str], state_dict: Mapping[Any, Any], prefix: str) -> None:
+    for key, value in state_dict.items():
+        where = f"{prefix}[{key!r}]"
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: {where}: {a_type(key)} key; state_dict keys are names (str)")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {where}: {a_type(value)}, not a tensor")
+
+
+def _recorded_spec(
+    path: str | os.PathLike[str], meta: Mapping[str, Any] | None, methods: MethodRegistry
+) -> Spec | None:
+    recorded = meta.get("spec") if meta else None
+    if not isinstance(recorded, Mapping):
+        return None
+    try:
+        return validate_document(recorded, SourceMap(file=str(path)), methods)
+    except SpecError as exc:  # the weights still load; the spec is only a record
+        warnings.warn(f"{path}: the spec recorded in the checkpoint is not valid here: {exc}", stacklevel=3)
+        return None
+
+
+def _data_limit(model: nn.Module) -> int:
+    """Bytes of tensor data a checkpoint of ``model`` can need: every tensor pruned (an ``_orig`` and a
+    ``_mask``), in up to 8 bytes an entry, and some slack."""
+    entries = sum(2 * t.numel() * max(8, t.element_size()) for t in model.state_dict().values())
+    return int(entries) + (1 << 20)
+
+
+# --- checking a state_dict against the model -----------------------------------------------------------
+
+
+def _check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None
+) -> list[tuple[str, str]]:
+    """Check everything that :func:`_commit` will load; returns the (module, param) pairs to prune."""
+    where = f"{path}: " if path is not None else ""
+    _check_values(path or "the state_dict", state_dict, "")
+    for key, value in state_dict.items():
+        problem = "a tensor on the meta device, without data" if value.is_meta else check_geometry(value)
+        if problem is not None:
+            raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
     to_prune = _pruned_in_checkpoint(model, state_dict)
-    expected = _expected_shapes(model, to_prune)
+    expected = _expected(model, to_prune)
     problems = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -165,40 +213,56 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     if unexpected:
         problems.append("unexpected " + _first(unexpected))
     wrong = [
-        f"{k} (checkpoint {list(v.shape)}, model {list(expected[k])})"
+        f"{k} (checkpoint {list(v.shape)}, model {list(expected[k][0])})"
         for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
+        if k in expected and tuple(v.shape) != expected[k][0]
     ]
     if wrong:
         problems.append("shape mismatch " + _first(wrong))
     if problems:
         raise CheckpointError(
-            "the checkpoint does not fit the model: " + "; ".join(problems) + " (the model was left unchanged)"
+            f"{where}the checkpoint does not fit the model: " + "; ".join(problems) + " (the model was left unchanged)"
         )
-    modules = dict(model.named_modules())
-    for module_name, pname in to_prune:
-        prune.identity(modules[module_name], pname)
-        ensure_detach_hook(modules[module_name])
-    model.load_state_dict(state_dict, strict=True)
-    _share_tied_masks(model)
-    with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
-        for module in modules.values():
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod):
-                    setattr(module, hook._tensor_name, hook.apply_mask(module))
-    return [f"{m}.{p}" if m else p for m, p in to_prune]
+    for key, value in state_dict.items():
+        problem = _dtype_problem(key, value.dtype, expected[key][1])
+        if problem is None and key.endswith("_mask"):
+            problem = _mask_problem(value)
+        if problem is not None:
+            raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
+    return to_prune
 
 
-def _share_tied_masks(model: nn.Module) -> None:
-    """Owners of one (tied) original Parameter share one mask tensor, as after apply."""
-    masks: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for pname, param in module._parameters.items():
-            base = pname.removesuffix("_orig")
-            if param is None or not pname.endswith("_orig") or base + "_mask" not in module._buffers:
-                continue
-            mask = masks.setdefault(id(param), module._buffers[base + "_mask"])  # type: ignore[arg-type]
-            module._buffers[base + "_mask"] = mask
+def _mask_problem(mask: torch.Tensor) -> str | None:
+    """A mask of anything but exactly 0 and 1 (0.5, 2, -1, NaN) would load and then, on the next
+    re-prune, make torch rank the entries it scales instead of the weights' magnitudes."""
+    if mask.dtype == torch.bool:
+        return None
+    wrong = (mask != 0) & (mask != 1)
+    if not bool(wrong.any()):
+        return None
+    return f"a mask must hold only 0 and 1; it holds {mask[wrong].reshape(-1)[0].item()!r}"
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "integer"
+
+
+def _dtype_problem(key: str, dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+    """A checkpoint tensor may differ from the model's in precision (it is converted, as torch does),
+    never in kind; a mask may be bool, integer or floating-point."""
+    if key.endswith("_mask"):
+        if _kind(dtype) == "complex":
+            return f"a mask of dtype {dtype}; expected {model_dtype} or torch.bool"
+        return None
+    if _kind(dtype) != _kind(model_dtype):
+        return f"dtype {dtype}, but the model's is {model_dtype}; expected a {_kind(model_dtype)} dtype"
+    return None
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -223,12 +287,60 @@ def _pruned_in_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     return out
 
 
-def _expected_shapes(model: nn.Module, to_prune: list[tuple[str, str]]) -> dict[str, tuple[int, ...]]:
-    """The model's state_dict keys and shapes, as they will be once ``to_prune`` is pruned."""
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _expected(model: nn.Module, to_prune: list[tuple[str, str]]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The model's state_dict keys, shapes and dtypes, as they will be once ``to_prune`` is pruned."""
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     for module_name, pname in to_prune:
         key = f"{module_name}.{pname}" if module_name else pname
-        shape = shapes.pop(key)
-        shapes[key + "_orig"] = shape
-        shapes[key + "_mask"] = shape
-    return shapes
+        entry = expected.pop(key)
+        expected[key + "_orig"] = entry
+        expected[key + "_mask"] = entry
+    return expected
+
+
+# --- loading, all or nothing ----------------------------------------------------------------------------
+
+
+def _commit(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    to_prune: list[tuple[str, str]],
+    hooks: Mapping[str, prune.BasePruningMethod | None],
+) -> None:
+    """Load what was checked; on any exception the model is restored, then the exception re-raised."""
+    snapshot = ModelSnapshot(model)
+    try:
+        modules = dict(model.named_modules())
+        for module_name, pname in to_prune:
+            prune.identity(modules[module_name], pname)
+            ensure_detach_hook(modules[module_name])
+        model.load_state_dict(state_dict, strict=True)
+        _share_tied_masks(model)
+        with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
+            for module in modules.values():
+                for hook in module._forward_pre_hooks.values():
+                    if isinstance(hook, prune.BasePruningMethod):
+                        setattr(module, hook._tensor_name, hook.apply_mask(module))
+        for name, module, key, hook in list(checkpoint_hooks.pruning_hooks(model)):
+            rebuilt = hooks.get(name)
+            if rebuilt is not None and isinstance(hook, prune.Identity):
+                module._forward_pre_hooks[key] = rebuilt
+    except BaseException as exc:
+        snapshot.restore()
+        if isinstance(exc, Exception) and not isinstance(exc, PrunespecError):
+            raise CheckpointError(
+                f"loading failed: {type(exc).__name__}: {exc} (the model was left unchanged)"
+            ) from exc
+        raise
+
+
+def _share_tied_masks(model: nn.Module) -> None:
+    """Owners of one (tied) original Parameter share one mask tensor, as after apply."""
+    masks: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for pname, param in module._parameters.items():
+            base = pname.removesuffix("_orig")
+            if param is None or not pname.endswith("_orig") or base + "_mask" not in module._buffers:
+                continue
+            mask = masks.setdefault(id(param), module._buffers[base + "_mask"])  # type: ignore[arg-type]
+            module._buffers[base + "_mask"] = mask

@@ -26,6 +26,7 @@ from torch import nn
 from . import __version__, api, checkpoint
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
+from .files import check_writable
 from .loader import load_spec
 from .plugins import MethodRegistry, PluginWarning, load_methods
 from .render import options as format_options
@@ -195,6 +196,8 @@ def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    if args.out:  # before the work: a bad --out must not cost a whole apply
+        check_writable(args.out)
     model = _model(args)
     plan = api.plan(model, args.spec, methods=methods)
     report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args))

@@ -93,6 +93,11 @@ class CheckpointError(PrunespecError):
     """A checkpoint cannot be loaded into the model; the model was left as it was."""
 
 
+class OutputError(PrunespecError):
+    """A file cannot be written where asked (no such folder, no permission, a folder in the way, a full
+    disk); an existing file there was left as it was."""
+
+
 class ModelRefError(PrunespecError):
     """A `path/to/file.py:factory` or `package.module:factory` reference cannot be resolved."""
 

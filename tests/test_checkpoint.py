@@ -438,9 +438,9 @@ class HalfMethod(prunespec.PruningMethod):
         return mask
 
 
-def test_load_with_an_uninstalled_method_leaves_the_model_as_it_was_or_loads(tmp_path: Path) -> None:
+def test_load_with_an_uninstalled_method_is_refused_naming_it(tmp_path: Path) -> None:
     with_plugin = prunespec.load_methods(builtins_only=True)
-    with_plugin.add(MethodInfo.from_class(HalfMethod, name="first_half"))
+    with_plugin.add(MethodInfo.from_class(HalfMethod, name="first_half", provider="half", package="prunespec-half"))
     spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "first_half", "amount": 0.5}]}
     model = lenet()
     prunespec.apply(model, spec, methods=with_plugin)
@@ -449,13 +449,16 @@ def test_load_with_an_uninstalled_method_leaves_the_model_as_it_was_or_loads(tmp
 
     fresh = lenet(seed=1)
     before = ModelState(fresh)
-    try:
-        with pytest.warns(UserWarning, match="first_half"):
-            prunespec.load(fresh, path, methods=prunespec.load_methods(builtins_only=True))
-    except prunespec.PrunespecError:
-        before.assert_unchanged(fresh)  # refused: then nothing may have changed
-    else:
-        assert torch.equal(fresh.fc1.weight_mask, model.fc1.weight_mask)  # loaded: masks and all
+    with pytest.raises(prunespec.CheckpointError) as info:
+        prunespec.load(fresh, path, methods=prunespec.load_methods(builtins_only=True))
+    message = str(info.value)
+    assert "prunespec.hooks['fc1.weight'][0]: method 'first_half' is not installed" in message, message
+    assert "pip install prunespec-half" in message, message  # the package the checkpoint recorded
+    before.assert_unchanged(fresh)
+    # with the plugin installed, the same file loads: masks and hooks
+    assert prunespec.load(fresh, path, methods=with_plugin) is not None
+    assert torch.equal(fresh.fc1.weight_mask, model.fc1.weight_mask)
+    assert type(fresh.fc1._forward_pre_hooks[next(iter(fresh.fc1._forward_pre_hooks))]) is HalfMethod
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
