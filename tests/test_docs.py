@@ -300,3 +300,73 @@ def test_near_value_global_counts_entries_across_tensors() -> None:
     # an elementwise score lets the plan read the weights: every tensor's share is exact in advance
     assert {name: after for name, (_, after, _) in plan.tensors.items()} == report.tensors
     assert all(exact for _, _, exact in plan.tensors.values())
+
+
+# --- what writing these examples turned up in prunespec ----------------------------------------------
+
+
+def nan_in_fc1() -> nn.Module:
+    model = mlp()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="prunespec bug: when a budget reaches NaN-scored units, the engine's selection gives up and falls back "
+    "to the method's compute_mask (or, for a global group, to compute_mask on the concatenated tensors); a method "
+    "that only scores has none, so apply raises ApplyError (NotImplementedError) instead of pruning NaNs last",
+)
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"select": {"names": ["fc1"]}, "method": "column_weighted", "sparsity": 1.0},
+        {"select": {"types": ["Linear"]}, "scope": "global", "method": "block_l1", "sparsity": 1.0},
+    ],
+    ids=["local-score", "global-blocks"],
+)
+def test_a_method_that_only_scores_prunes_nan_weights_last(rule: dict[str, Any]) -> None:
+    model = nan_in_fc1()
+    report = prunespec.apply(model, {"version": 1, "rules": [rule]}, methods=registry())
+    assert report.tensors["fc1.weight"] == 1.0
+
+
+def test_a_method_that_only_scores_blocks_prunes_nan_weights_last_locally() -> None:
+    # the local path for units beyond entries ranks with topk, which puts NaNs last: no fallback needed
+    model = nan_in_fc1()
+    spec = {"version": 1, "rules": [{"select": {"names": ["fc1"]}, "method": "block_l1", "sparsity": 1.0}]}
+    assert prunespec.apply(model, spec, methods=registry()).tensors["fc1.weight"] == 1.0
+
+
+class BelowMean(prunespec.PruningMethod):
+    """Prune the entries whose magnitude is below the mean magnitude of what is left."""
+
+    name = "below_mean"
+    takes_amount = False
+
+    def mask(self, ctx: prunespec.MaskContext) -> torch.Tensor:
+        w = ctx.masked.abs()
+        alive = ctx.default_mask != 0
+        return ctx.default_mask * (w >= w[alive].mean()).to(ctx.default_mask.dtype)
+
+
+def test_a_method_that_masks_through_mask_ctx_works_through_apply() -> None:
+    model = mlp()
+    w = model.fc2.weight.detach().abs()
+    methods = MethodRegistry({"below_mean": prunespec.methods.base.MethodInfo.from_class(BelowMean)})
+    prunespec.apply(
+        model, {"version": 1, "rules": [{"select": {"names": ["fc2"]}, "method": "below_mean"}]}, methods=methods
+    )
+    assert torch.equal(model.fc2.get_buffer("weight_mask"), (w >= w.mean()).float())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="prunespec.testing bug: check_method calls compute_mask directly whenever a method overrides mask(ctx), so "
+    "a method that masks only through mask(ctx) (a documented way) breaks 'mask shape and dtype', 'respects "
+    "default_mask' and 'pickle-able' with NotImplementedError, although prunespec.apply runs it",
+)
+def test_check_method_accepts_a_method_that_masks_through_mask_ctx() -> None:
+    check_method(BelowMean)
