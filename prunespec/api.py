@@ -56,7 +56,8 @@ def run(
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
     with engine.gc_paused():
-        report = collect(model, [p.name for p in pruned], predicted, counted)  # from the masks, before finalize
+        estimated = [name for name, (_, _, exact) in the_plan.tensors.items() if not exact]
+        report = collect(model, [p.name for p in pruned], predicted, counted, estimated)  # before any finalize
     if finalize:
         engine.make_permanent(pruned)
     return report

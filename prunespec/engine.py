@@ -222,6 +222,14 @@ def _scores(step: Step, method: PruningMethod, ctx: MaskContext, grid: tuple[int
     return scores.detach()
 
 
+def _nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """A method's own scores with NaN ranked last (as +inf): what is selected from them needs no torch
+    ranking to fall back on (a method that only scores has no ``compute_mask``)."""
+    if not scores.is_floating_point() or not bool(scores.isnan().any()):
+        return scores
+    return scores.masked_fill(scores.isnan(), math.inf)
+
+
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -378,7 +386,7 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
         if caps.elementwise:
             entry, score = selection.Entry(tensor.orig.detach(), tensor.mask), method.elementwise() or _identity
         else:
-            scores = _scores(step, method, tensor.context(step.options), tuple(tensor.orig.shape))
+            scores = _nan_last(_scores(step, method, tensor.context(step.options), tuple(tensor.orig.shape)))
             entry, score = selection.Entry(scores, tensor.mask), _identity
         masks = _select(step, [entry], amount, score, tensor.name)
         if masks is not None:
@@ -420,7 +428,7 @@ def _run_global(
             masks = _select(step, entries, amount, method.elementwise() or _identity, group, planned)
         elif isinstance(units[0], Entries):
             entries = [
-                selection.Entry(_scores(step, method, t.context(step.options), tuple(t.orig.shape)), t.mask)
+                selection.Entry(_nan_last(_scores(step, method, t.context(step.options), tuple(t.orig.shape))), t.mask)
                 for t in tensors
             ]
             masks = _select(step, entries, amount, _identity, group, planned)
@@ -430,7 +438,7 @@ def _run_global(
         else:
             grids = [u.grid(tuple(t.orig.shape)) for u, t in zip(units, tensors, strict=True)]
             entries = [
-                _unit_entry(t, u, _scores(step, method, t.context(step.options), g))
+                _unit_entry(t, u, _nan_last(_scores(step, method, t.context(step.options), g)))
                 for t, u, g in zip(tensors, units, grids, strict=True)
             ]
             keeps = _select(step, entries, amount, _identity, group, planned)

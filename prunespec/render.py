@@ -127,7 +127,10 @@ def format_report(report: Report) -> str:
         cells = [label, "", f"{numel:,}", f"{zeros:,}", pct(zeros / numel if numel else 0.0), ""]
         return cells + ([""] if show_predicted else [])
 
-    rows = [row(s, "mask" if s.masked else "zeros", pct(s.predicted)) for s in report.entries.values()]
+    rows = [
+        row(s, "mask" if s.masked else "zeros", ("~" if s.estimated else "") + pct(s.predicted))
+        for s in report.entries.values()
+    ]
     rows += [row(s, "mask" if s.masked else "-") for s in report.others.values()]
     rows.append(total(f"total: pruned ({plural(len(report.entries), 'tensor')})", report.entries.values()))
     every = [*report.entries.values(), *report.others.values()]

@@ -28,6 +28,7 @@ class TensorStats:
     zeros: int
     masked: bool  # has a prune mask installed
     predicted: float | None = None  # what the plan predicted, when the report comes from apply
+    estimated: bool = False  # the prediction was an estimate (a global split that depends on the values)
 
     @property
     def numel(self) -> int:
@@ -90,6 +91,7 @@ class Report:
                 "pruned": pruned,
                 "mask": s.masked,
                 "predicted": s.predicted,
+                "predicted_exact": not s.estimated,
             }
 
         def total(stats: list[TensorStats]) -> dict[str, Any]:
@@ -116,6 +118,7 @@ def collect(
     names: Iterable[str] | None = None,
     predicted: dict[str, float | None] | None = None,
     zeros: dict[str, int] | None = None,
+    estimated: Iterable[str] = (),
 ) -> Report:
     """A report whose pruned tensors are those called ``names`` (``"module.param"``), or, when ``names`` is
     None, those :class:`Report` describes; every other parameter of ``model`` goes to ``others``. ``zeros``
@@ -143,7 +146,10 @@ def collect(
     else:
         unique = list(first.values())
         wanted = [n for n in unique if found[n][1] is not None] or [n for n in unique if count(n)]
-    entries = {name: _stats(name, found[name], count(name), (predicted or {}).get(name)) for name in wanted}
+    guesses = set(estimated)
+    entries = {
+        name: _stats(name, found[name], count(name), (predicted or {}).get(name), name in guesses) for name in wanted
+    }
     taken = {id(found[name][0]) for name in entries}
     rest = [name for name in first.values() if id(found[name][0]) not in taken]
     others = {name: _stats(name, found[name], count(name)) for name in rest}
@@ -186,10 +192,14 @@ def count_zeros(tensors: list[torch.Tensor]) -> list[int]:
 
 
 def _stats(
-    name: str, found: tuple[torch.Tensor, torch.Tensor | None], zeros: int, predicted: float | None = None
+    name: str,
+    found: tuple[torch.Tensor, torch.Tensor | None],
+    zeros: int,
+    predicted: float | None = None,
+    estimated: bool = False,
 ) -> TensorStats:
     tensor, mask = found
-    return TensorStats(name, tuple(tensor.shape), zeros, mask is not None, predicted)
+    return TensorStats(name, tuple(tensor.shape), zeros, mask is not None, predicted, estimated)
 
 
 def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]:

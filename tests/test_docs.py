@@ -312,12 +312,6 @@ def nan_in_fc1() -> nn.Module:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prunespec bug: when a budget reaches NaN-scored units, the engine's selection gives up and falls back "
-    "to the method's compute_mask (or, for a global group, to compute_mask on the concatenated tensors); a method "
-    "that only scores has none, so apply raises ApplyError (NotImplementedError) instead of pruning NaNs last",
-)
 @pytest.mark.parametrize(
     "rule",
     [
@@ -361,13 +355,6 @@ def test_a_method_that_masks_through_mask_ctx_works_through_apply() -> None:
     assert torch.equal(model.fc2.get_buffer("weight_mask"), (w >= w.mean()).float())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="prunespec.testing bug: check_method calls compute_mask directly whenever a method overrides mask(ctx), so "
-    "a method that masks only through mask(ctx) (a documented way) breaks 'mask shape and dtype', 'respects "
-    "default_mask' and 'pickle-able' with NotImplementedError, although prunespec.apply runs it",
-)
 def test_check_method_accepts_a_method_that_masks_through_mask_ctx() -> None:
     check_method(BelowMean)
 

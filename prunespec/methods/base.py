@@ -76,7 +76,7 @@ class MaskContext:
 class Capabilities:
     """What a method declares, read from its class. Each is checked by ``prunespec.testing.check_method``."""
 
-    granularity: Granularity  # prunespec's word; torch's PRUNING_TYPE is separate
+    granularity: Granularity  # prunespec's word, from the unit and the amount; torch's PRUNING_TYPE is separate
     unit: UnitName  # what `amount`/`sparsity` count
     takes_amount: bool
     scores: bool  # gives per-unit scores: prunespec selects the lowest itself
@@ -130,7 +130,11 @@ class PruningMethod(prune.BasePruningMethod):
         """What this class declares (see the class docstring)."""
         elementwise = cls.importance is not PruningMethod.importance
         scores = elementwise or cls.score is not PruningMethod.score
-        granularity: Granularity = {"global": "self-directed"}.get(cls.PRUNING_TYPE, cls.PRUNING_TYPE)  # type: ignore[assignment]
+        granularity: Granularity
+        if not cls.takes_amount:
+            granularity = "self-directed"  # it decides alone how much it prunes
+        else:
+            granularity = "unstructured" if cls.unit == "entries" else "structured"
         return Capabilities(
             granularity=granularity,
             unit=cls.unit,
@@ -267,7 +271,8 @@ class MethodInfo:
     @property
     def granularity(self) -> str:
         """prunespec's word for what the method prunes: ``"unstructured"`` (entries), ``"structured"``
-        (whole channels) or ``"self-directed"`` (it decides alone; torch's ``PRUNING_TYPE = "global"``)."""
+        (whole channels, blocks or other units) or ``"self-directed"`` (it takes no amount and decides
+        alone how much it prunes)."""
         return self.capabilities.granularity
 
     @property
