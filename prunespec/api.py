@@ -14,6 +14,7 @@ from .loader import load_spec
 from .planner import Plan, make_plan
 from .plugins import MethodRegistry, load_methods
 from .report import Report, collect
+from .runtime import lean
 from .spec import Spec
 
 SpecLike = Spec | str | os.PathLike[str] | Mapping[str, Any]
@@ -26,7 +27,7 @@ def plan(model: nn.Module, spec: SpecLike, *, methods: MethodRegistry | None = N
     """
     methods = load_methods() if methods is None else methods
     the_spec = load_spec(spec, methods=methods)
-    with engine.gc_paused():
+    with lean():
         return make_plan(model, the_spec, methods)
 
 
@@ -55,7 +56,7 @@ def run(
     pruned = engine.execute(model, the_plan, progress, merge=merge)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
-    with engine.gc_paused():
+    with lean():
         estimated = [name for name, (_, _, exact) in the_plan.tensors.items() if not exact]
         report = collect(model, [p.name for p in pruned], predicted, counted, estimated)  # before any finalize
     if finalize:

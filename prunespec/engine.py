@@ -18,7 +18,6 @@ hooks exactly as they were.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import threading
@@ -36,6 +35,7 @@ from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
 from .methods.base import MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
+from .runtime import lean
 
 log = logging.getLogger("prunespec")
 
@@ -83,7 +83,7 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
     tensors: dict[int, Pruned] = {}
     modules = dict(model.named_modules())
     done = 0
-    with torch.no_grad(), _seeded(plan.spec.seed, model), gc_paused():
+    with torch.no_grad(), _seeded(plan.spec.seed, model), lean():
         for unit in _batched(plan):
             staged = [_stage(modules, tensors, step) for step in unit]
             info = plan.methods[unit[0].method]
@@ -103,20 +103,6 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
                     progress(done, len(plan.steps), what)
         _install(list(tensors.values()), merge)
     return list(tensors.values())
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cycle collector off while the engine works: it allocates a few small objects per
-    tensor, which on a model of thousands of modules sets off full collections that walk the whole
-    model again and again. Nothing the engine makes needs collecting before it returns."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def make_permanent(pruned: list[Pruned]) -> None:

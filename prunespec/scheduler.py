@@ -44,6 +44,7 @@ from .loader import load_spec, schedule_issues
 from .planner import make_plan
 from .plugins import MethodRegistry, load_methods
 from .report import Report
+from .runtime import lean
 from .spec import Rule, Schedule, Spec
 
 log = logging.getLogger("prunespec")
@@ -328,7 +329,8 @@ class Scheduler:
                 progress(done, total, f"{self._unit()} {t}: {what}")
 
         hook = relay if progress is not None else None
-        plan = make_plan(self.model, self.spec, self.methods, rules=self._due_rules(due))
+        with lean():
+            plan = make_plan(self.model, self.spec, self.methods, rules=self._due_rules(due))
         report = api.run(self.model, plan, finalize=False, progress=hook, merge=True)
         self.updates += 1
         for i, target in due.items():
