@@ -398,7 +398,7 @@ CASES: dict[str, Case] = {
     ),
     "global-structured": Case(
         LN + "    scope: global\n    options: {n: 2, dim: 0}\n",
-        prunespec.PlanError,
+        prunespec.SpecError,
         1,
         "rules[0].scope",
         ("scope: global", "global"),
