@@ -311,7 +311,8 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
         issues.append(
             source.issue(
                 (*where, rule.bounds[0]),
-                f"{' and '.join(rule.bounds)} need a method that scores {info.unit}; {name!r} does not",
+                f"{' and '.join(rule.bounds)} need{'' if len(rule.bounds) > 1 else 's'} a method that scores "
+                f"{info.unit}; {name!r} does not",
                 "use l1_unstructured, or remove the bound",
             )
         )

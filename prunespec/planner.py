@@ -22,7 +22,7 @@ from . import selection
 from .errors import Issue, PlanError
 from .methods.base import MethodInfo, n_to_prune
 from .plugins import provider_hint
-from .selectors import nearest_names, nearest_types, select_modules
+from .selectors import nearest_names, nearest_types, params_hint, select_modules, why_nothing
 from .spec import Rule, Spec
 
 Owner = tuple[str, str]  # (module name, parameter name)
@@ -227,7 +227,7 @@ class _Planner:
                     ("rules", index, "select"),
                     f"{label} selects no tensor: no selected module has a parameter named "
                     + " or ".join(repr(p) for p in rule.select.params),
-                    "check `params`, or set `optional: true` if the rule may match nothing",
+                    params_hint(rule.select.params, self.modules),
                 )
             return
         if rule.amount == 1 and isinstance(rule.amount, int):
@@ -266,6 +266,11 @@ class _Planner:
                 failed = True
                 self.issue(path, f"{key} entry {entry!r} matches no module", self._nearest(key, entry))
         if failed:
+            return None
+        if not selection.modules:
+            if not rule.optional:
+                why, fix = why_nothing(selection)
+                self.issue(("rules", index, "select"), f"{rule.label(index)} selects no module: {why}", fix)
             return None
         targets: list[tuple[TensorRef, torch.Tensor, str]] = []
         seen: set[int] = set()
@@ -430,7 +435,7 @@ class _Planner:
             self.issue(
                 ("rules", index, "scope"),
                 f"scope: global needs an unstructured method with an amount; {info.name!r} is "
-                f"{info.pruning_type}" + ("" if info.takes_amount else " and takes no amount"),
+                f"{info.granularity}" + ("" if info.takes_amount else " and takes no amount"),
                 "use l1_unstructured or random_unstructured, or scope: local",
             )
             return

@@ -176,3 +176,31 @@ def nearest_params(entry: str, modules: Sequence[tuple[str, nn.Module]], n: int 
     have = sorted({p.removesuffix("_orig") for _, m in modules for p in m._parameters})
     near = difflib.get_close_matches(entry, have, n=n, cutoff=0.5)
     return near or difflib.get_close_matches(entry, COMMON_PARAMS, n=n, cutoff=0.5)
+
+
+def why_nothing(selection: Selection) -> tuple[str, str]:
+    """(what happened, what to do) for a selection without modules whose every entry matched some."""
+    if selection.candidates:
+        return (
+            f"`exclude` removed every module the rule selected ({_some(selection.excluded)})",
+            "check `exclude`, or set `optional: true` if the rule may match nothing",
+        )
+    matched = " and ".join(f"{key} match {_some(names)}" for key, names in selection.matched.items())
+    together = " and ".join(f"`{key}`" for key in selection.matched)
+    return (
+        f"no module matches {together} at once ({matched})",
+        "a module is selected when it matches every one of `types`, `names` and `preset` given; "
+        "split the rule in two to prune both",
+    )
+
+
+def _some(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(name or "<root>" for name in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def params_hint(params: Sequence[str], modules: Sequence[tuple[str, nn.Module]]) -> str:
+    """What to do when no selected module has any of ``params``: the nearest real parameter names."""
+    near = dict.fromkeys(name for entry in params for name in nearest_params(entry, modules))
+    fix = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+    return fix + "check `params`, or set `optional: true` if the rule may match nothing"

@@ -234,6 +234,8 @@ class _Builder:
             return (*parent.path, len(parent.value))
         if not parent.has_key:  # a collection as a key: reported when it is done
             return (*parent.path, "<key>")
+        if parent.key is _MERGE:
+            return (*parent.path, "<<")
         return (*parent.path, parent.key) if isinstance(parent.key, str) else (*parent.path, "<key>")
 
     def count(self, event: Event, size: int = 1, height: int = 0) -> None:
