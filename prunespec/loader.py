@@ -139,7 +139,7 @@ def _check_plain(data: Any, document: Document) -> None:
     while stack:
         value, path = stack.pop()
         nodes += 1
-        if nodes > MAX_NODES or len(path) > MAX_DEPTH:
+        if nodes > MAX_NODES or (len(path) >= MAX_DEPTH and isinstance(value, (Mapping, list, tuple))):
             limit = f"more than {MAX_NODES:,} values" if nodes > MAX_NODES else f"deeper than {MAX_DEPTH} levels"
             raise SpecError(document.source.issue(path, f"the spec has {limit}", "a pruning spec is far smaller"))
         if isinstance(value, str) and not _is_text(value):

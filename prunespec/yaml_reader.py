@@ -239,6 +239,7 @@ class _Builder:
         return (*parent.path, parent.key) if isinstance(parent.key, str) else (*parent.path, "<key>")
 
     def count(self, event: Event, size: int = 1, height: int = 0) -> None:
+        """Count ``size`` more values, ``height`` levels of collections deep, against the limits."""
         self.nodes += size
         if self.nodes > MAX_NODES:
             self.issue(
@@ -248,7 +249,7 @@ class _Builder:
                 self.child_path(),
             )
             raise SpecError(self.issues)
-        if len(self.stack) + height > MAX_DEPTH:
+        if height and len(self.stack) + height > MAX_DEPTH:
             self.issue(
                 self.at(event),
                 f"the spec nests deeper than {MAX_DEPTH} levels",
@@ -326,7 +327,7 @@ class _Builder:
     # --- events --------------------------------------------------------------------------------
 
     def start(self, event: MappingStartEvent | SequenceStartEvent) -> None:
-        self.count(event)
+        self.count(event, height=1)
         is_map = isinstance(event, MappingStartEvent)
         tag = event.tag
         rejected = False
