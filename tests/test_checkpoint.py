@@ -438,7 +438,10 @@ class HalfMethod(prunespec.PruningMethod):
         return mask
 
 
-def test_load_with_an_uninstalled_method_leaves_the_model_as_it_was_or_loads(tmp_path: Path) -> None:
+@pytest.mark.xfail(
+    strict=True, reason="checkpoint.py still loads such a checkpoint with a warning (owned by the checkpoint work)"
+)
+def test_load_with_an_uninstalled_method_is_refused_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
     with_plugin = prunespec.load_methods(builtins_only=True)
     with_plugin.add(MethodInfo.from_class(HalfMethod, name="first_half"))
     spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "first_half", "amount": 0.5}]}
@@ -449,13 +452,9 @@ def test_load_with_an_uninstalled_method_leaves_the_model_as_it_was_or_loads(tmp
 
     fresh = lenet(seed=1)
     before = ModelState(fresh)
-    try:
-        with pytest.warns(UserWarning, match="first_half"):
-            prunespec.load(fresh, path, methods=prunespec.load_methods(builtins_only=True))
-    except prunespec.PrunespecError:
-        before.assert_unchanged(fresh)  # refused: then nothing may have changed
-    else:
-        assert torch.equal(fresh.fc1.weight_mask, model.fc1.weight_mask)  # loaded: masks and all
+    with pytest.raises(prunespec.CheckpointError, match="first_half"):
+        prunespec.load(fresh, path, methods=prunespec.load_methods(builtins_only=True))
+    before.assert_unchanged(fresh)
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
