@@ -1067,12 +1067,26 @@ def test_python_built_specs_are_checked_like_documents(
     assert [(i.path, i.message) for i in info.value.issues] == [(path, issue.message)]
 
 
-def test_python_built_spec_gets_option_defaults(methods: prunespec.MethodRegistry) -> None:
-    spec = prunespec.load_spec(
-        _python_rule(method="random_structured", amount=0.5, options={"dim": 0}), methods=methods
-    )
-    assert spec.rules[0].options == {"dim": 0}
-    assert prunespec.load_spec(spec, methods=methods) == spec
+class WithDefault(torch.nn.utils.prune.BasePruningMethod):
+    """Prunes nothing; has an option with a default."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float, k: int = 3) -> None:
+        self.amount, self.k = amount, k
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask
+
+
+def test_python_built_spec_gets_option_defaults_like_documents() -> None:
+    from prunespec.methods.base import MethodInfo
+
+    methods = prunespec.load_methods(builtins_only=True)
+    methods.add(MethodInfo.from_class(WithDefault, name="with_default"))
+    spec = prunespec.load_spec(_python_rule(method="with_default", amount=0.5), methods=methods)
+    assert spec.rules[0].options == {"k": 3}
+    assert prunespec.load_spec(spec.model_dump(exclude_none=True), methods=methods) == spec
 
 
 LN_OK = LN + "    options: {n: 2, dim: 0}\n"
