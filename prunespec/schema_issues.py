@@ -46,6 +46,16 @@ def _misplaced_hint(key: str, level: str) -> str | None:
     return None
 
 
+def _key_hint(key: str, allowed: list[str], level: str) -> str:
+    """A typo of an allowed key, or a key of another level (a clear typo wins: `name` under select is
+    `names`, while `seed` in a rule is the spec's, not a misspelt `select`)."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    misplaced = _misplaced_hint(key, level)
+    if close and (misplaced is None or difflib.SequenceMatcher(None, key, close[0]).ratio() >= 0.8):
+        return f"did you mean {close[0]!r}?"
+    return misplaced or f"allowed keys: {', '.join(allowed) or 'none'}"
+
+
 def schema_issues(error: jsonschema.ValidationError, source: SourceMap, base: DocPath = ()) -> list[Issue]:
     """One JSON Schema error (of a document validated at ``base``) as located issues."""
     path: DocPath = (*base, *error.absolute_path)
@@ -60,12 +70,7 @@ def schema_issues(error: jsonschema.ValidationError, source: SourceMap, base: Do
             if not isinstance(key, str):
                 issues.append(source.issue((*path, str(key)), f"mapping keys must be strings, got {key!r}", key=True))
             elif key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                hint = (
-                    f"did you mean {close[0]!r}?"
-                    if close
-                    else _misplaced_hint(key, level) or f"allowed keys: {', '.join(allowed) or 'none'}"
-                )
+                hint = _key_hint(key, allowed, level)
                 issues.append(source.issue((*path, key), f"unknown key {key!r}", hint, key=True))
         return issues
     if kind == "required":
