@@ -1,250 +1,396 @@
-"""YAML text -> validated :class:`~prunespec.spec.Spec`, with every problem located at file:line:column.
+"""YAML text, a mapping or a Python-built :class:`~prunespec.spec.Spec` -> a validated Spec.
 
-Parsing uses ruamel.yaml's round-trip loader, which records positions and builds no Python objects from
-tags; any tag other than YAML's plain data types is rejected. The plain document is then checked
-against the JSON Schema (which covers each installed method's options) and built into pydantic models.
-All problems of a document are reported together in one :class:`~prunespec.errors.SpecError`.
+Validity has one definition, whatever the spec came from:
+
+* model-free rules (types, ranges, required keys, patterns) are the pydantic models of
+  :mod:`prunespec.spec`; for documents, the model-free JSON Schema generated from them words the
+  problems (with did-you-mean hints);
+* method-aware rules (the method exists, takes an amount or not, its options, `scope: global`,
+  `max_sparsity`/`min_sparsity`, schedules) are :func:`check_spec`, run on every spec: documents and
+  Specs built in Python alike.
+
+Every problem of a document is reported at once, in one :class:`~prunespec.errors.SpecError`: those
+of its YAML (see :mod:`prunespec.yaml_reader`), of its structure and of its methods, each located at
+file:line:column where the spec came from a file.
 """
 
 from __future__ import annotations
 
-import datetime
 import difflib
-import math
+import functools
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
-from pydantic import ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from pydantic import BaseModel, ValidationError
 
 from .errors import Issue, SpecError
+from .methods.base import MethodInfo
 from .plugins import MethodRegistry, load_methods, provider_hint
-from .schema import build_schema
-from .spec import DocPath, SourceMap, Spec, format_path
+from .schema_issues import schema_issues
+from .spec import DocPath, Rule, Schedule, SourceMap, Spec, format_path
+from .yaml_reader import MAX_DEPTH, MAX_NODES, REJECTED, Document, parse_yaml, read_spec_file
 
-_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+Methods = Mapping[str, MethodInfo]
 
 
 def load_spec(
     source: str | os.PathLike[str] | Mapping[str, Any] | Spec, *, methods: MethodRegistry | None = None
 ) -> Spec:
-    """Load and validate a spec from a YAML file path or a mapping; a :class:`Spec` passes through.
+    """Load and validate a spec from a YAML file path or a mapping, or check a :class:`Spec` built in
+    Python against the methods (its options are then completed with their defaults).
 
     Raises :class:`~prunespec.errors.SpecError` listing every problem, each with file:line:column
     (for files) and document path.
     """
+    methods = load_methods() if methods is None else methods
     if isinstance(source, Spec):
-        return source
+        issues = check_spec(source, source.source, methods)
+        if issues:
+            raise SpecError(_ordered(issues))
+        return _with_defaults(source, methods)
     if isinstance(source, Mapping):
         return validate_document(source, SourceMap(), methods)
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(Issue(f"cannot read the spec: {exc}", file=str(source))) from None
-    return loads_spec(text, filename=str(source), methods=methods)
+    return loads_spec(read_spec_file(source), filename=str(source), methods=methods)
 
 
 def loads_spec(text: str, *, filename: str = "<string>", methods: MethodRegistry | None = None) -> Spec:
     """Load and validate a spec from YAML text (``filename`` is used in error locations)."""
-    document, source = parse_yaml(text, filename)
-    return validate_document(document, source, methods)
-
-
-def parse_yaml(text: str, filename: str) -> tuple[Any, SourceMap]:
-    """Parse YAML into plain Python data and a map of where each node is."""
-    yaml = YAML(typ="rt", pure=True)
-    try:
-        node = yaml.load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        problem = problem.split("\nTo suppress")[0].strip()
-        raise SpecError(
-            Issue(
-                f"invalid YAML: {problem}",
-                file=filename,
-                line=mark.line + 1 if mark else None,
-                column=mark.column + 1 if mark else None,
-            )
-        ) from None
-    except YAMLError as exc:
-        raise SpecError(Issue(f"invalid YAML: {exc}", file=filename)) from None
-    source = SourceMap(file=filename)
-    issues: list[Issue] = []
-    if node is not None and hasattr(node, "lc"):
-        source.values[()] = (node.lc.line + 1, node.lc.col + 1)
-    document = _plain(node, (), source, issues)
-    if issues:
-        raise SpecError(issues)
-    return document, source
-
-
-MAX_NODES = 100_000  # aliases can make a small file expand to billions of nodes ("billion laughs")
-
-
-def _position(lookup: Any, *args: Any) -> tuple[int, int] | None:
-    """ruamel's 0-based position of a key, value or item, as 1-based; None where it has none (merge keys)."""
-    try:
-        pos = lookup(*args)
-    except (KeyError, IndexError, TypeError):
-        return None
-    return (pos[0] + 1, pos[1] + 1) if pos else None
-
-
-def _plain(node: Any, path: DocPath, source: SourceMap, issues: list[Issue], budget: list[int] | None = None) -> Any:
-    """Convert ruamel's round-trip nodes to plain data, recording positions and rejecting tags."""
-    budget = budget if budget is not None else [MAX_NODES]
-    budget[0] -= 1
-    if budget[0] < 0:
-        if budget[0] == -1:
-            issues.append(source.issue(path, f"the spec expands to more than {MAX_NODES:,} values (through aliases?)"))
-        return None
-    tag = getattr(node, "tag", None)
-    tag_value = getattr(tag, "value", None)
-    if isinstance(node, TaggedScalar) or (tag_value is not None and tag_value not in _PLAIN_TAGS):
-        issues.append(
-            source.issue(
-                path,
-                f"YAML tag {str(tag_value or '?').replace('tag:yaml.org,2002:', '!!')} is not allowed",
-                "a spec holds plain data only: mappings, lists, strings, numbers, booleans",
-            )
-        )
-        return None
-    if isinstance(node, CommentedMap):
-        out: dict[str, Any] = {}
-        for key in node:
-            key_pos = _position(node.lc.key, key)
-            if key_pos:
-                source.keys[(*path, str(key))] = key_pos
-            if not isinstance(key, str):
-                issues.append(source.issue((*path, str(key)), f"mapping keys must be strings, got {key!r}", key=True))
-                continue
-            value_pos = _position(node.lc.value, key)
-            if value_pos:
-                source.values[(*path, key)] = value_pos
-            out[key] = _plain(node[key], (*path, key), source, issues, budget)
-        return out
-    if isinstance(node, CommentedSeq):
-        items = []
-        for index, item in enumerate(node):
-            item_pos = _position(node.lc.item, index)
-            if item_pos:
-                source.values[(*path, index)] = item_pos
-            items.append(_plain(item, (*path, index), source, issues, budget))
-        return items
-    if isinstance(node, bool) or node is None:
-        return node
-    if isinstance(node, int):
-        return bool(node) if type(node).__name__ == "ScalarBoolean" else int(node)
-    if isinstance(node, float):
-        if math.isnan(node):
-            last = str(path[-1]) if path else ""
-            issues.append(source.issue(path, "expected a finite number, got NaN", _HINTS.get(last, "write a number")))
-            return None
-        return float(node)
-    if isinstance(node, str):
-        return str(node)
-    kind = {datetime.date: "a date", datetime.datetime: "a timestamp", bytes: "binary data", set: "a set"}
-    what = next((name for cls, name in kind.items() if isinstance(node, cls)), f"the value {node!r}")
-    issues.append(source.issue(path, f"{what} is not allowed here", "quote it if you mean text"))
-    return None
+    return _validate(parse_yaml(text, filename), methods)
 
 
 def validate_document(document: Any, source: SourceMap, methods: MethodRegistry | None = None) -> Spec:
-    """Check a plain document against the schema and the models; raise one SpecError with every issue."""
+    """Check a plain document (a mapping, as from JSON) and build its Spec; one SpecError with every issue."""
+    found = Document(document, source)
+    _check_plain(document, found)
+    return _validate(found, methods)
+
+
+def _validate(document: Document, methods: MethodRegistry | None) -> Spec:
     methods = load_methods() if methods is None else methods
-    if document is None:
+    data, source = document.data, document.source
+    if data is None and not document.issues:
         raise SpecError(source.issue((), "the spec is empty", "start with `version: 1` and a list of `rules`"))
-    validator = jsonschema.Draft202012Validator(build_schema(methods))
-    issues = []
-    for error in validator.iter_errors(document):
-        issues.extend(_schema_issues(error, source, methods))
-    if not issues:
+    structure: list[Issue] = []
+    models: list[Issue] = []
+    method_issues: list[Issue] = []
+    spec = None
+    if data is not None and data is not REJECTED:
+        structure = [i for e in _spec_validator().iter_errors(data) for i in schema_issues(e, source)]
         try:
-            spec = Spec.model_validate(document)
+            spec = Spec.model_validate(data)
         except ValidationError as exc:
-            issues.extend(pydantic_issues(exc, (), source, document))
-        else:
-            spec, option_issues = _validate_options(spec, methods, source)
-            issues.extend(option_issues)
-            issues.extend(schedule_issues(spec, methods, source))
-    if issues:
-        raise SpecError(_tidy(issues))
+            models = pydantic_issues(exc, (), source, data)
+        if spec is not None:
+            method_issues = check_spec(spec, source, methods)
+        elif isinstance(data, dict):
+            rules = data.get("rules")
+            facts = [_RuleFacts.from_raw(i, r) for i, r in enumerate(rules)] if isinstance(rules, list) else []
+            method_issues = _method_issues([f for f in facts if f is not None], _raw_schedule(data), source, methods)
+    issues = _combine(document, [structure, models, method_issues])
+    if issues or spec is None:
+        raise SpecError(issues)
+    spec = _with_defaults(spec, methods)
     spec._source = source
     return spec
 
 
-def _validate_options(spec: Spec, methods: MethodRegistry, source: SourceMap) -> tuple[Spec, list[Issue]]:
-    """Check each rule's options against its method's model and fill in defaults."""
-    issues: list[Issue] = []
-    rules = []
+@functools.cache
+def _spec_validator() -> jsonschema.Draft202012Validator:
+    """The model-free schema: what the models say, without the installed methods."""
+    return jsonschema.Draft202012Validator(Spec.model_json_schema())
+
+
+def _combine(document: Document, stages: Sequence[list[Issue]]) -> list[Issue]:
+    """The YAML stage's issues, then each later stage's at places no earlier stage reported (and not
+    inside a value the YAML stage rejected); each stage says a thing once per place."""
+    rejected = [format_path(p) for p in document.rejected]
+
+    def inside_rejected(path: str) -> bool:
+        return any(not r or path == r or path.startswith((r + ".", r + "[")) for r in rejected)
+
+    out = list(document.issues)
+    earlier: set[str] = set()
+    for number, stage in enumerate(stages):
+        here: set[str] = set()
+        said: set[tuple[str, str]] = set()
+        for issue in stage:
+            if issue.path in earlier or inside_rejected(issue.path) or (issue.path, issue.message) in said:
+                continue
+            if number == 1 and issue.path in here:  # pydantic repeats itself for each branch of a union
+                continue
+            here.add(issue.path)
+            said.add((issue.path, issue.message))
+            out.append(issue)
+        earlier |= here
+    return _ordered(out)
+
+
+def _ordered(issues: Iterable[Issue]) -> list[Issue]:
+    return sorted(issues, key=lambda i: (i.line or 0, i.column or 0, i.path, i.message))
+
+
+def _check_plain(data: Any, document: Document) -> None:
+    """Limits and text checks for a document given as Python data (YAML gets them while parsing)."""
+    stack: list[tuple[Any, DocPath]] = [(data, ())]
+    nodes = 0
+    while stack:
+        value, path = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES or (len(path) >= MAX_DEPTH and isinstance(value, (Mapping, list, tuple))):
+            limit = f"more than {MAX_NODES:,} values" if nodes > MAX_NODES else f"deeper than {MAX_DEPTH} levels"
+            raise SpecError(document.source.issue(path, f"the spec has {limit}", "a pruning spec is far smaller"))
+        if isinstance(value, str) and not _is_text(value):
+            document.issues.append(
+                document.source.issue(path, "the text has a lone surrogate, which is not a character", "remove it")
+            )
+            document.rejected.add(path)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and not _is_text(key):
+                    document.issues.append(document.source.issue(path, "a key has a lone surrogate", "remove it"))
+                    document.rejected.add(path)
+                    break
+                stack.append((item, (*path, str(key))))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --- method-aware checks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RuleFacts:
+    """What the method-aware checks need to know of one rule, from a Rule or from raw data."""
+
+    index: int
+    method: str | None  # None: not a string (reported as such)
+    has_amount: bool
+    has_sparsity: bool
+    sparsity: float | None
+    amount_elsewhere: bool  # a misspelt or misplaced amount/sparsity key (reported as an unknown key)
+    options: Mapping[str, Any] | None  # None: not a mapping (reported as such)
+    scope_global: bool
+    bounds: tuple[str, ...]  # which of max_sparsity, min_sparsity the rule gives
+    schedule: Schedule | None
+    schedule_given: bool
+
+    @classmethod
+    def from_rule(cls, index: int, rule: Rule) -> _RuleFacts:
+        bounds = tuple(k for k in ("max_sparsity", "min_sparsity") if getattr(rule, k) is not None)
+        return cls(
+            index,
+            rule.method,
+            rule.amount is not None,
+            rule.sparsity is not None,
+            rule.sparsity,
+            False,
+            rule.options,
+            rule.scope == "global",
+            bounds,
+            rule.schedule,
+            rule.schedule is not None,
+        )
+
+    @classmethod
+    def from_raw(cls, index: int, raw: Any) -> _RuleFacts | None:
+        if not isinstance(raw, dict):
+            return None
+        unknown = [key for key in raw if isinstance(key, str) and key not in Rule.model_fields]
+        select = raw.get("select")
+        elsewhere = any(difflib.get_close_matches(k, ["amount", "sparsity"], n=1, cutoff=0.6) for k in unknown) or (
+            isinstance(select, dict) and ("amount" in select or "sparsity" in select)
+        )
+        sparsity = raw.get("sparsity")
+        options = raw.get("options", {})
+        schedule = raw.get("schedule")
+        return cls(
+            index,
+            raw.get("method") if isinstance(raw.get("method"), str) else None,
+            raw.get("amount") is not None,
+            sparsity is not None,
+            float(sparsity) if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) else None,
+            elsewhere,
+            options if isinstance(options, dict) else None,
+            raw.get("scope") == "global",
+            tuple(k for k in ("max_sparsity", "min_sparsity") if raw.get(k) is not None),
+            _valid(Schedule, schedule),
+            schedule is not None,
+        )
+
+
+def _valid(model: type[Schedule], data: Any) -> Schedule | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def _raw_schedule(data: dict[str, Any]) -> Schedule | None:
+    return _valid(Schedule, data.get("schedule"))
+
+
+def check_spec(spec: Spec, source: SourceMap, methods: Methods) -> list[Issue]:
+    """Every method-aware problem of ``spec``: unknown methods, `amount`/`sparsity` given to a method
+    that takes none (or missing for one that needs it), options the method does not accept, `scope:
+    global` or `max_sparsity`/`min_sparsity` with a method that cannot do them, and schedules."""
+    facts = [_RuleFacts.from_rule(i, rule) for i, rule in enumerate(spec.rules)]
+    issues = _method_issues(facts, spec.schedule, source, methods)
     for index, rule in enumerate(spec.rules):
-        info = methods[rule.method]
-        try:
-            options = info.validate_options(rule.options)
-        except ValidationError as exc:
-            issues.extend(pydantic_issues(exc, ("rules", index, "options"), source, rule.options))
-            options = rule.options
-        rules.append(rule.model_copy(update={"options": options}))
-    return spec.model_copy(update={"rules": rules}), issues
+        if rule.name is not None and not _is_text(rule.name):
+            issues.append(source.issue(("rules", index, "name"), "the text has a lone surrogate", "remove it"))
+    return issues
 
 
-def schedule_issues(spec: Spec, methods: MethodRegistry, source: SourceMap) -> list[Issue]:
+def schedule_issues(spec: Spec, methods: Methods, source: SourceMap) -> list[Issue]:
+    """The schedule problems of ``spec`` (part of :func:`check_spec`)."""
+    facts = [_RuleFacts.from_rule(i, rule) for i, rule in enumerate(spec.rules)]
+    return _schedule_issues(facts, spec.schedule, source, methods)
+
+
+def _method_issues(
+    facts: list[_RuleFacts], schedule: Schedule | None, source: SourceMap, methods: Methods
+) -> list[Issue]:
+    issues: list[Issue] = []
+    for rule in facts:
+        if rule.method is not None:
+            issues += _rule_issues(rule, rule.method, source, methods)
+    return issues + _schedule_issues(facts, schedule, source, methods)
+
+
+def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Methods) -> list[Issue]:
+    where: DocPath = ("rules", rule.index)
+    info = methods.get(name)
+    if info is None:
+        close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.5)
+        hint = provider_hint(name, methods if isinstance(methods, MethodRegistry) else None) or (
+            f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
+        )
+        return [source.issue((*where, "method"), f"unknown method {name!r}", hint)]
+    issues = []
+    if info.takes_amount:
+        if not (rule.has_amount or rule.has_sparsity or rule.amount_elsewhere):
+            issues.append(
+                source.issue(
+                    where,
+                    f"method {name!r} needs `amount` or `sparsity`",
+                    "amount: 0.3 prunes 30% of what is left; sparsity: 0.3 aims at 30% in total",
+                )
+            )
+    else:
+        for key, given in (("amount", rule.has_amount), ("sparsity", rule.has_sparsity)):
+            if given:
+                issues.append(
+                    source.issue((*where, key), f"method {name!r} takes no `{key}`", "remove it: it decides alone")
+                )
+    if rule.options is not None:
+        issues += _option_issues(info, rule.options, (*where, "options"), source)
+    if rule.scope_global and not info.supports_global:
+        why = f"is {info.granularity}" if info.granularity != "unstructured" else ""
+        why += (" and " if why else "") + ("takes no amount" if not info.takes_amount else "")
+        issues.append(
+            source.issue(
+                (*where, "scope"),
+                f"scope: global needs a method with an amount that scores what it prunes (or prunes entries); "
+                f"{name!r} {why.removesuffix(' and ')}",
+                "use l1_unstructured or random_unstructured, or scope: local",
+            )
+        )
+    elif rule.bounds and rule.scope_global and not info.gives_scores:
+        issues.append(
+            source.issue(
+                (*where, rule.bounds[0]),
+                f"{' and '.join(rule.bounds)} need{'' if len(rule.bounds) > 1 else 's'} a method that scores "
+                f"{info.unit}; {name!r} does not",
+                "use l1_unstructured, or remove the bound",
+            )
+        )
+    return issues
+
+
+def _option_issues(info: MethodInfo, options: Mapping[str, Any], base: DocPath, source: SourceMap) -> list[Issue]:
+    """The options of ``info``'s method: the JSON Schema of its options model words the problems; the
+    model itself then checks what a schema cannot say."""
+    found = [
+        i
+        for e in _options_validator(info.options_model).iter_errors(dict(options))
+        for i in schema_issues(e, source, base)
+    ]
+    if found:
+        return found
+    try:
+        info.validate_options(options)
+    except ValidationError as exc:
+        return pydantic_issues(exc, base, source, dict(options))
+    return []
+
+
+@functools.cache
+def _options_validator(model: type[BaseModel]) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(model.model_json_schema())
+
+
+def _schedule_issues(
+    facts: list[_RuleFacts], spec_schedule: Schedule | None, source: SourceMap, methods: Methods
+) -> list[Issue]:
     """A scheduled rule aims at a final `sparsity`, at least the schedule's `initial`; all schedules
     count in one unit (the training loop passes one t)."""
     issues = []
-    units = {s.unit for s in [spec.schedule, *(r.schedule for r in spec.rules)] if s is not None}
+    units = {s.unit for s in [spec_schedule, *(f.schedule for f in facts)] if s is not None}
     if len(units) > 1:
-        issues.append(
-            source.issue(("schedule",) if spec.schedule else (), "schedules mix units: " + " and ".join(sorted(units)))
-        )
-    for index, rule in enumerate(spec.rules):
-        schedule = rule.schedule or spec.schedule
-        if schedule is None or (rule.schedule is None and not methods[rule.method].takes_amount):
+        mixed: DocPath = ("schedule",) if spec_schedule else ()
+        issues.append(source.issue(mixed, "schedules mix units: " + " and ".join(sorted(units))))
+    for rule in facts:
+        info = methods.get(rule.method) if rule.method is not None else None
+        if rule.schedule_given and rule.schedule is None:
+            continue  # the rule's own schedule is invalid: reported as such
+        schedule = rule.schedule or spec_schedule
+        if schedule is None or (rule.schedule is None and (info is None or not info.takes_amount)):
             continue  # a spec-wide schedule leaves methods without an amount alone
-        where = ("rules", index, "schedule") if rule.schedule else ("schedule",)
-        if rule.sparsity is None:
+        where: DocPath = ("rules", rule.index, "schedule") if rule.schedule else ("schedule",)
+        if not rule.has_sparsity:
             issues.append(
                 source.issue(
-                    ("rules", index, "amount") if rule.amount is not None else ("rules", index),
+                    ("rules", rule.index, "amount") if rule.has_amount else ("rules", rule.index),
                     "a scheduled rule needs `sparsity` (the final sparsity), not `amount`",
                     f"write `sparsity:` instead; the schedule at {format_path(where)} raises it step by step",
                 )
             )
-        elif schedule.initial > rule.sparsity:
+        elif rule.sparsity is not None and schedule.initial > rule.sparsity:
             issues.append(
                 source.issue(
                     (*where, "initial"),
                     f"initial sparsity {schedule.initial:g} is above the final `sparsity` {rule.sparsity:g} "
-                    f"of rules[{index}]",
+                    f"of rules[{rule.index}]",
                     "masks only grow: make `initial` <= `sparsity`",
                 )
             )
     return issues
 
 
-def _tidy(issues: list[Issue]) -> list[Issue]:
-    """One issue per place, the most specific kept, in document order."""
-    best: dict[str, Issue] = {}
-    for issue in issues:
-        if issue.path not in best or _RANK.get(issue.message.split(" ")[0], 9) < _RANK.get(
-            best[issue.path].message.split(" ")[0], 9
-        ):
-            best[issue.path] = issue
-    # A misspelt `amount`/`sparsity` also makes the rule lack one; the did-you-mean says it all.
-    typos = {i.path.rsplit(".", 1)[0] for i in best.values() if i.hint in _AMOUNT_TYPO_HINTS}
-    kept = [i for i in best.values() if not (i.path in typos and "needs `amount` or `sparsity`" in i.message)]
-    return sorted(kept, key=lambda i: (i.line or 0, i.column or 0, i.path, i.message))
+def _with_defaults(spec: Spec, methods: Methods) -> Spec:
+    """``spec`` with each rule's options completed with the method's defaults."""
+    rules = [
+        rule.model_copy(update={"options": methods[rule.method].validate_options(rule.options)}) for rule in spec.rules
+    ]
+    out = spec.model_copy(update={"rules": rules})
+    out._source = spec.source
+    return out
 
 
-_RANK = {"unknown": 0, "missing": 1}  # by the message's first word
-_AMOUNT_TYPO_HINTS = {"did you mean 'amount'?", "did you mean 'sparsity'?"}
+_PATTERN_ERRORS = {"name_pattern", "type_entry"}  # ours: the hint is in the error's context
 
 
 def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap, document: Any = None) -> list[Issue]:
@@ -268,135 +414,10 @@ def pydantic_issues(exc: ValidationError, base: DocPath, source: SourceMap, docu
             issues.append(source.issue(path, f"unknown key {loc[-1]!r}", key=True))
         elif err["type"] == "missing":
             issues.append(source.issue(path[:-1], f"missing required key {loc[-1]!r}"))
+        elif err["type"] in _PATTERN_ERRORS:
+            issues.append(source.issue(path, err["msg"], str(err.get("ctx", {}).get("hint") or "") or None))
         else:
             message = err["msg"].removeprefix("Value error, ")
             scalar = not isinstance(err["input"], (dict, list))
             issues.append(source.issue(path, f"{message} (got {err['input']!r})" if scalar else message))
     return issues
-
-
-# --- JSON Schema errors, in words ----------------------------------------------------------------
-
-
-def _schema_issues(error: jsonschema.ValidationError, source: SourceMap, methods: MethodRegistry) -> list[Issue]:
-    path: DocPath = tuple(error.absolute_path)
-    kind = error.validator
-    value = error.instance
-    schema = error.schema
-    if kind == "additionalProperties" and isinstance(value, dict):
-        allowed = sorted(schema.get("properties", {}))
-        issues = []
-        for key in value:
-            if not isinstance(key, str):
-                issues.append(source.issue((*path, str(key)), f"mapping keys must be strings, got {key!r}", key=True))
-            elif key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed) or 'none'}"
-                issues.append(source.issue((*path, key), f"unknown key {key!r}", hint, key=True))
-        return issues
-    if kind == "required":
-        missing = [key for key in error.validator_value if key not in value]
-        return [source.issue(path, f"missing required key {key!r}") for key in missing]
-    if kind == "enum" and path[-1:] == ("method",):
-        close = methods.suggest(str(value))
-        hint = provider_hint(str(value), methods) or (
-            f"did you mean {close[0]!r}?" if close else f"installed methods: {', '.join(sorted(methods))}"
-        )
-        return [source.issue(path, f"unknown method {value!r}", hint)]
-    if kind == "oneOf" and _is_amount_choice(error.validator_value) and isinstance(value, dict):
-        method = value.get("method")
-        if "amount" in value and "sparsity" in value:
-            return [source.issue(path, "give `amount` or `sparsity`, not both")]
-        return [
-            source.issue(
-                path,
-                f"method {method!r} needs `amount` or `sparsity`",
-                "amount: 0.3 prunes 30% of what is left; sparsity: 0.3 aims at 30% in total",
-            )
-        ]
-    if kind == "not" and isinstance(value, dict) and "method" in value:
-        key = "amount" if "amount" in value else "sparsity"
-        return [source.issue((*path, key), f"method {value['method']!r} takes no `{key}`", "remove it")]
-    if kind == "anyOf" and {"required": ["types"]} in error.validator_value:
-        return [source.issue(path, "give `types`, `names` or `preset` to say which modules the rule selects")]
-    if kind == "enum" and isinstance(value, str):
-        options = [str(v) for v in error.validator_value]
-        close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
-        enum_hint = f"did you mean {close[0]!r}?" if close else None
-        return [source.issue(path, f"expected one of {', '.join(map(repr, options))}, got {value!r}", enum_hint)]
-    if kind == "const":
-        return [source.issue(path, f"must be {error.validator_value!r}, got {value!r}")]
-    if kind in ("minItems", "minProperties"):
-        return [source.issue(path, "must not be empty")]
-    if kind in ("anyOf", "oneOf") and isinstance(value, dict) and error.context:
-        # A mapping that fits no branch (e.g. a Schedule or null): explain it against the mapping branch.
-        branches: dict[Any, list[jsonschema.ValidationError]] = {}
-        for sub_error in error.context:
-            branches.setdefault(sub_error.schema_path[0], []).append(sub_error)
-        deepest = max(branches.values(), key=lambda errs: max(len(e.absolute_path) for e in errs))
-        if any(len(e.absolute_path) > len(error.absolute_path) or e.validator != "type" for e in deepest):
-            return [issue for e in deepest for issue in _schema_issues(e, source, methods)]
-    expected = _describe(schema)
-    last = str(path[-1]) if path else ""
-    return [source.issue(path, f"expected {expected}, got {_describe_value(value)}", _HINTS.get(last))]
-
-
-def _is_amount_choice(options: Any) -> bool:
-    return bool(options == [{"required": ["amount"]}, {"required": ["sparsity"]}])
-
-
-_HINTS = {  # keyed by the last part of the document path
-    "amount": "a float in [0, 1] is a fraction of what is left; an integer is a count",
-    "sparsity": "the final fraction pruned, a number in [0, 1]",
-    "version": "this prunespec reads spec version 1",
-}
-
-
-def _describe(schema: Any) -> str:
-    """A short English description of what a (sub)schema accepts."""
-    if not isinstance(schema, dict):
-        return "a valid value"
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            parts = [_describe(sub) for sub in schema[key] if sub.get("type") != "null"]
-            return " or ".join(dict.fromkeys(parts))
-    if "const" in schema:
-        return repr(schema["const"])
-    if "enum" in schema:
-        return "one of " + ", ".join(repr(v) for v in schema["enum"])
-    names = {
-        "integer": "an integer",
-        "number": "a number",
-        "string": "a string",
-        "boolean": "true or false",
-        "array": "a list",
-        "object": "a mapping",
-        "null": "null",
-    }
-    text = names.get(schema.get("type", ""), "a valid value")
-    if "items" in schema and isinstance(schema["items"], dict) and schema["items"].get("type") == "string":
-        text = "a list of strings"
-    low, high = schema.get("minimum"), schema.get("maximum")
-    if low is not None and high is not None:
-        text += f" in [{low}, {high}]"
-    elif low is not None:
-        text += f" >= {low}"
-    elif schema.get("exclusiveMinimum") is not None:
-        text += f" > {schema['exclusiveMinimum']}"
-    elif high is not None:
-        text += f" <= {high}"
-    return text
-
-
-def _describe_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"boolean {value!r}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if value is None:
-        return "null"
-    return repr(value)

@@ -25,7 +25,7 @@ from .layout import mask as mask_of
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
-from .selectors import nearest_names, nearest_types, select_modules
+from .selectors import nearest_names, nearest_types, params_hint, select_modules, why_nothing
 from .spec import Rule, Spec
 
 Owner = tuple[str, str]  # (module name, parameter name)
@@ -237,7 +237,7 @@ class _Planner:
                     ("rules", index, "select"),
                     f"{label} selects no tensor: no selected module has a parameter named "
                     + " or ".join(repr(p) for p in rule.select.params),
-                    "check `params`, or set `optional: true` if the rule may match nothing",
+                    params_hint(rule.select.params, self.modules),
                 )
             return
         if rule.amount == 1 and isinstance(rule.amount, int):
@@ -276,6 +276,11 @@ class _Planner:
                 failed = True
                 self.issue(path, f"{key} entry {entry!r} matches no module", self._nearest(key, entry))
         if failed:
+            return None
+        if not selection.modules:
+            if not rule.optional:
+                why, fix = why_nothing(selection)
+                self.issue(("rules", index, "select"), f"{rule.label(index)} selects no module: {why}", fix)
             return None
         targets: list[tuple[TensorRef, torch.Tensor, str]] = []
         seen: set[int] = set()

@@ -17,58 +17,16 @@ never imports code.
 from __future__ import annotations
 
 import difflib
-import re
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from .patterns import compile_name_pattern
+
 Matcher = Callable[[str, nn.Module], bool]
-
-
-def compile_name_pattern(pattern: str) -> re.Pattern[str]:
-    """A compiled full-match regex for a ``names``/``exclude`` entry; ValueError if it is malformed."""
-    if pattern.startswith("re:"):
-        try:
-            return re.compile(pattern[3:])
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {pattern[3:]!r}: {exc}") from None
-    segments = pattern.split(".")
-    if segments == ["**"]:
-        return re.compile(".*")
-    out = ""
-    for i, segment in enumerate(segments):
-        if segment == "**":
-            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
-            continue
-        if i > 0 and not (i == 1 and segments[0] == "**"):
-            out += r"\."
-        out += _segment_regex(segment, pattern)
-    return re.compile(out)
-
-
-def _segment_regex(segment: str, pattern: str) -> str:
-    out, i = "", 0
-    while i < len(segment):
-        char = segment[i]
-        if char == "*":
-            if segment[i : i + 2] == "**":
-                raise ValueError(f"in {pattern!r}, `**` must be a whole segment (like `a.**.b`)")
-            out += r"[^.]*"
-        elif char == "?":
-            out += r"[^.]"
-        elif char == "[":
-            end = segment.find("]", i + 2)
-            if end < 0:
-                raise ValueError(f"unclosed `[` in {pattern!r}")
-            body = segment[i + 1 : end]
-            out += "[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]"
-            i = end
-        else:
-            out += re.escape(char)
-        i += 1
-    return out
 
 
 def name_matcher(pattern: str) -> Matcher:
@@ -92,24 +50,34 @@ def _qualified(cls: type) -> str:
 
 
 def _resolve_loaded(path: str) -> type | None:
-    """The class at ``path`` if its module is already imported (nothing is imported here)."""
+    """The class at ``path`` if its module is already imported. Nothing is imported and no code runs:
+    the longest prefix of ``path`` in ``sys.modules`` is the module, and the rest is looked up with
+    ``inspect.getattr_static``, which reads ``__dict__`` and never calls a module's lazy ``__getattr__``
+    (``torch._dynamo`` through ``torch`` would import hundreds of modules)."""
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         obj: object = sys.modules.get(".".join(parts[:cut]))
         if obj is None:
             continue
         for attr in parts[cut:]:
-            obj = getattr(obj, attr, None)
+            obj = inspect.getattr_static(obj, attr, None)
+            if obj is None:
+                return None
         return obj if isinstance(obj, type) else None
     return None
 
 
 @dataclass
 class Selection:
-    """The modules one ``select`` picked, and the entries that matched nothing."""
+    """The modules one ``select`` picked, the entries that matched nothing, and why the selection is what
+    it is (so that a rule that selects nothing can be explained without parsing messages)."""
 
     modules: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (name, module, selected by)
     unmatched: list[tuple[str, int, str]] = field(default_factory=list)  # (field, index, entry)
+    # per given field (types, names, preset): the modules one of its entries matched
+    matched: dict[str, list[str]] = field(default_factory=dict)
+    candidates: list[str] = field(default_factory=list)  # modules every given field matched, before exclude
+    excluded: list[str] = field(default_factory=list)  # candidates that `exclude` removed
 
 
 HEAD_NAMES = frozenset({"lm_head", "classifier", "cls", "score", "qa_outputs", "head"})
@@ -150,7 +118,7 @@ def select_modules(
     preset: str | None = None,
 ) -> Selection:
     """Modules matching one of ``types`` (if given), one of ``names`` (if given), the ``preset`` (if
-    given) and none of ``exclude``. Raises ValueError for a malformed pattern.
+    given) and none of ``exclude``. Raises PatternError (a ValueError) for a malformed pattern.
     """
     fields: dict[str, Sequence[str]] = {
         "types": types or (),
@@ -164,18 +132,20 @@ def select_modules(
         for key, entries in fields.items()
     }
     hits = {key: [0] * len(entries) for key, entries in fields.items()}
-    selection = Selection()
+    given = [key for key, wanted in (("types", types), ("names", names), ("preset", preset)) if wanted is not None]
+    selection = Selection(matched={key: [] for key in given})
     for name, module in modules:
         picked = {key: next((i for i, m in enumerate(ms) if m(name, module)), None) for key, ms in matchers.items()}
         for key, index in picked.items():
             if index is not None:
                 hits[key][index] += 1
-        if (
-            (types is not None and picked["types"] is None)
-            or (names is not None and picked["names"] is None)
-            or (preset is not None and picked["preset"] is None)
-            or picked["exclude"] is not None
-        ):
+                if key in selection.matched:
+                    selection.matched[key].append(name)
+        if any(picked[key] is None for key in given):
+            continue
+        selection.candidates.append(name)
+        if picked["exclude"] is not None:
+            selection.excluded.append(name)
             continue
         by = ", ".join(f"{key}: {fields[key][i]}" for key, i in picked.items() if i is not None)
         selection.modules.append((name, module, by))
@@ -196,3 +166,41 @@ def nearest_types(entry: str, modules: Sequence[tuple[str, nn.Module]], n: int =
     classes = {c for _, module in modules for c in type(module).__mro__ if c is not object}
     candidates = sorted({_qualified(c) if "." in entry else c.__name__ for c in classes})
     return difflib.get_close_matches(entry, candidates, n=n, cutoff=0.4)
+
+
+COMMON_PARAMS = ("weight", "bias", "in_proj_weight", "in_proj_bias", "weight_ih_l0", "weight_hh_l0")
+
+
+def nearest_params(entry: str, modules: Sequence[tuple[str, nn.Module]], n: int = 3) -> list[str]:
+    """Parameter names close to a ``params`` entry: those of ``modules`` first, then common ones."""
+    have = sorted({p.removesuffix("_orig") for _, m in modules for p in m._parameters})
+    near = difflib.get_close_matches(entry, have, n=n, cutoff=0.5)
+    return near or difflib.get_close_matches(entry, COMMON_PARAMS, n=n, cutoff=0.5)
+
+
+def why_nothing(selection: Selection) -> tuple[str, str]:
+    """(what happened, what to do) for a selection without modules whose every entry matched some."""
+    if selection.candidates:
+        return (
+            f"`exclude` removed every module the rule selected ({_some(selection.excluded)})",
+            "check `exclude`, or set `optional: true` if the rule may match nothing",
+        )
+    matched = " and ".join(f"{key} match {_some(names)}" for key, names in selection.matched.items())
+    together = " and ".join(f"`{key}`" for key in selection.matched)
+    return (
+        f"no module matches {together} at once ({matched})",
+        "a module is selected when it matches every one of `types`, `names` and `preset` given; "
+        "split the rule in two to prune both",
+    )
+
+
+def _some(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(name or "<root>" for name in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def params_hint(params: Sequence[str], modules: Sequence[tuple[str, nn.Module]]) -> str:
+    """What to do when no selected module has any of ``params``: the nearest real parameter names."""
+    near = dict.fromkeys(name for entry in params for name in nearest_params(entry, modules))
+    fix = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+    return fix + "check `params`, or set `optional: true` if the rule may match nothing"

@@ -6,11 +6,13 @@ from them (see :mod:`prunespec.schema`), and the loader builds them from YAML.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,8 +22,10 @@ from pydantic import (
     StrictInt,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import Issue
+from .patterns import pattern_problem
 
 PathPart = str | int
 DocPath = tuple[PathPart, ...]
@@ -64,6 +68,30 @@ class SourceMap:
         return Issue(message, format_path(path), self.file, line, column, hint)
 
 
+def _name_pattern(pattern: str) -> str:
+    problem = pattern_problem(pattern)
+    if problem is not None:  # the hint travels in the error's context (see loader.pydantic_issues)
+        raise PydanticCustomError("name_pattern", problem.message, {"hint": problem.hint})
+    return pattern
+
+
+_TYPE_ENTRY = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)*")
+
+
+def _type_entry(entry: str) -> str:
+    if not _TYPE_ENTRY.fullmatch(entry):
+        raise PydanticCustomError(
+            "type_entry",
+            "a types entry is a class name (`Conv2d`) or a dotted path (`torch.nn.Conv2d`)",
+            {"hint": "Python identifiers joined by dots, without spaces or brackets"},
+        )
+    return entry
+
+
+NamePattern = Annotated[str, AfterValidator(_name_pattern)]
+TypeEntry = Annotated[str, AfterValidator(_type_entry)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,18 +110,18 @@ class Select(_Model):
         "qa_outputs, head).",
     )
 
-    types: list[str] | None = Field(
+    types: list[TypeEntry] | None = Field(
         default=None,
         min_length=1,
         description="Module class names (`Conv2d`) or dotted paths (`torch.nn.Conv2d`); isinstance match.",
     )
-    names: list[str] | None = Field(
+    names: list[NamePattern] | None = Field(
         default=None,
         min_length=1,
         description="Globs on qualified module names (`*` within one dotted segment, `**` across any number "
         "of segments), or `re:<regex>` for a full-match regular expression.",
     )
-    exclude: list[str] = Field(
+    exclude: list[NamePattern] = Field(
         default_factory=list, description="Same syntax as `names`; removes modules from the selection."
     )
     params: list[str] = Field(

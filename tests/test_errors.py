@@ -398,12 +398,124 @@ CASES: dict[str, Case] = {
     ),
     "global-structured": Case(
         _edit("method: l1_unstructured", "method: random_structured") + "    scope: global\n    options: {dim: 0}\n",
-        prunespec.PlanError,
+        prunespec.SpecError,
         1,
         "rules[0].scope",
         ("scope: global", "global"),
         ["scope: global needs a method", "'random_structured' is structured"],
         ["l1_unstructured", "scope: local"],
+    ),
+    # --- method capabilities: decided without a model (prunespec validate rejects them) ----------
+    "global-bounds-without-scores": Case(
+        _edit("method: l1_unstructured", "method: random_unstructured") + "    scope: global\n    max_sparsity: 0.5\n",
+        prunespec.SpecError,
+        1,
+        "rules[0].max_sparsity",
+        ("max_sparsity: 0.5", "0.5"),
+        ["max_sparsity needs a method that scores entries", "'random_unstructured' does not"],
+        ["l1_unstructured"],
+    ),
+    "regex-does-not-compile": Case(
+        _edit("{names: [conv1]}", '{names: [conv1, "re:fc("]}'),
+        prunespec.SpecError,
+        1,
+        "rules[0].select.names[1]",
+        ("select:", '"re:fc("'),
+        ["invalid regular expression 'fc('"],
+        ["brackets"],
+    ),
+    "regex-backtracks": Case(
+        _edit("{names: [conv1]}", '{names: ["re:(.*.*)*X"]}'),
+        prunespec.SpecError,
+        1,
+        "rules[0].select.names[0]",
+        ("select:", '"re:'),
+        ["'(.*.*)*X'", "exponential time"],
+        ["glob", "regex without nested repeats"],
+    ),
+    "exclude-backreference": Case(
+        _edit("{names: [conv1]}", '{names: [conv1], exclude: ["re:(c)\\\\1"]}'),
+        prunespec.SpecError,
+        1,
+        "rules[0].select.exclude[0]",
+        ("select:", '"re:'),
+        ["backreference"],
+        ["glob"],
+    ),
+    "types-entry-malformed": Case(
+        _edit("{names: [conv1]}", "{types: [torch..nn]}"),
+        prunespec.SpecError,
+        1,
+        "rules[0].select.types[0]",
+        ("select:", "torch..nn"),
+        ["a types entry is a class name"],
+        ["identifiers joined by dots"],
+    ),
+    # --- keys at the wrong level ---------------------------------------------------------------
+    "params-directly-under-rule": Case(
+        BASE + "    params: [bias]\n",
+        prunespec.SpecError,
+        1,
+        "rules[0].params",
+        ("params: [bias]", "params"),
+        ["unknown key 'params'"],
+        ["did you mean select.params?"],
+    ),
+    # the rule then has no amount: the misplaced key says it all
+    "amount-under-select": Case(
+        _edit("    amount: 0.3\n", "", _edit("{names: [conv1]}", "{names: [conv1], amount: 0.3}")),
+        prunespec.SpecError,
+        1,
+        "rules[0].select.amount",
+        ("select:", "amount"),
+        ["unknown key 'amount'"],
+        ["belongs to the rule, next to `select`"],
+    ),
+    "method-at-top-level": Case(
+        BASE + "method: identity\n",
+        prunespec.SpecError,
+        1,
+        "method",
+        ("method: identity", "method"),
+        ["unknown key 'method'"],
+        ["belongs in a rule", "rules:"],
+    ),
+    "seed-in-a-rule": Case(
+        BASE + "    seed: 3\n",
+        prunespec.SpecError,
+        1,
+        "rules[0].seed",
+        ("seed: 3", "seed"),
+        ["unknown key 'seed'"],
+        ["top-level key of the spec"],
+    ),
+    # --- selections that are empty for a reason other than params -------------------------------
+    "exclude-removes-everything": Case(
+        _edit("{names: [conv1]}", "{types: [Conv2d], exclude: [conv1, conv2]}"),
+        prunespec.PlanError,
+        1,
+        "rules[0].select",
+        ("select:", "{types"),
+        ["rules[0] (convs) selects no module", "`exclude` removed every module the rule selected (conv1, conv2)"],
+        ["check `exclude`", "optional: true"],
+    ),
+    "types-and-names-disjoint": Case(
+        _edit("{names: [conv1]}", "{types: [Conv2d], names: [fc1]}"),
+        prunespec.PlanError,
+        1,
+        "rules[0].select",
+        ("select:", "{types"),
+        ["no module matches `types` and `names` at once", "types match conv1, conv2", "names match fc1"],
+        ["split the rule"],
+    ),
+    "params-typo-when-nothing-matches": Case(
+        _edit("{names: [conv1]}", "{names: [conv1], params: [wieght]}"),
+        prunespec.PlanError,
+        1,
+        "rules[0].select",
+        ("select:", "{names"),
+        ["selects no tensor", "'wieght'"],
+        ["did you mean 'weight'?"],
     ),
     # --- tags: YAML never builds objects --------------------------------------------------------
     "custom-tag": Case(
@@ -700,15 +812,12 @@ def test_params_entry_matching_nothing_is_reported(
     text = _edit("{names: [conv1]}", "{names: [conv1], params: [weight, bais]}")
     spec_file = tmp_path / "prune.yaml"
     spec_file.write_text(text, encoding="utf-8")
-    try:
-        plan = prunespec.plan(lenet, spec_file, methods=methods)
-    except prunespec.PlanError as exc:
-        (issue,) = exc.issues
-        assert issue.path == "rules[0].select.params[1]"
-        assert (issue.line, issue.column) == position(text, "params:", "bais")
-        assert issue.hint is not None and "bias" in issue.hint
-    else:
-        assert any("'bais'" in warning for warning in plan.warnings), plan.warnings
+    with pytest.raises(prunespec.PlanError) as info:
+        prunespec.plan(lenet, spec_file, methods=methods)
+    (issue,) = info.value.issues
+    assert issue.path == "rules[0].select.params[1]"
+    assert (issue.line, issue.column) == position(text, "params:", "bais")
+    assert issue.hint is not None and "bias" in issue.hint
 
 
 def test_exclude_matching_nothing_is_a_warning(
@@ -840,7 +949,9 @@ def test_option_model_errors_are_located(methods: prunespec.MethodRegistry, tmp_
     assert (issue.line, issue.column) == position(text, "options:", ".nan")
 
 
-def test_merge_key_gives_a_spec_error_or_works(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
+def test_merge_keys_of_plain_mappings_are_supported(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
+    """`<<: *alias` merges a plain mapping (the keys given next to it win); tags on merged mappings are
+    refused (see test_hostile_specs)."""
     text = """\
 version: 1
 rules:
@@ -853,13 +964,17 @@ rules:
 """
     spec_file = tmp_path / "prune.yaml"
     spec_file.write_text(text, encoding="utf-8")
-    try:
-        spec = prunespec.load_spec(spec_file, methods=methods)
-    except prunespec.SpecError as exc:
-        (issue,) = exc.issues
-        assert (issue.line, issue.column) == position(text, "<<: *first", "<<")
-    else:
-        assert [rule.amount for rule in spec.rules] == [0.3, 0.2]
+    spec = prunespec.load_spec(spec_file, methods=methods)
+    assert [rule.amount for rule in spec.rules] == [0.3, 0.2]
+    assert spec.rules[1].select == spec.rules[0].select
+    assert spec.rules[1].method == "l1_unstructured"
+
+
+def test_merge_key_of_a_non_mapping_is_located(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
+    text = BASE + "    <<: 3\n"
+    issue = only_spec_issue(text, tmp_path, methods)
+    assert "`<<` merges a mapping" in issue.message
+    assert (issue.line, issue.column) == position(text, "<<: 3", "3")
 
 
 def test_omap_tag_gives_a_spec_error(methods: prunespec.MethodRegistry, tmp_path: Path) -> None:
@@ -895,3 +1010,142 @@ def test_global_count_too_large_message(lenet: nn.Module, methods: prunespec.Met
     assert "918 entries" in issue.message
     assert "(conv1.weight, conv2.weight): amount=1000" in issue.message
     assert ").:" not in issue.message
+
+
+# --- one definition of valid: Specs built in Python are checked like documents --------------------
+
+
+def _python_rule(**fields: Any) -> prunespec.Spec:
+    from prunespec.spec import Rule, Select
+
+    return prunespec.Spec(version=1, rules=[Rule(select=Select(names=["conv1"]), **fields)])
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "message"),
+    [
+        ({"method": "l1_unstructured"}, "rules[0]", "'l1_unstructured' needs `amount` or `sparsity`"),
+        ({"method": "identity", "amount": 0.5}, "rules[0].amount", "'identity' takes no `amount`"),
+        (
+            {"method": "ln_structured", "amount": 0.5, "options": {"n": 2}},
+            "rules[0].options",
+            "missing required key 'dim'",
+        ),
+        (
+            {"method": "ln_structured", "amount": 0.5, "options": {"n": 2, "dim": "0"}},
+            "rules[0].options.dim",
+            "got string",
+        ),
+        ({"method": "l1_unstrucured", "amount": 0.5}, "rules[0].method", "unknown method 'l1_unstrucured'"),
+        (
+            {"method": "random_structured", "amount": 0.5, "scope": "global", "options": {"dim": 0}},
+            "rules[0].scope",
+            "scope: global",
+        ),
+    ],
+    ids=["no-amount", "identity-amount", "missing-option", "option-type", "unknown-method", "global-structured"],
+)
+def test_python_built_specs_are_checked_like_documents(
+    fields: dict[str, Any], path: str, message: str, lenet: nn.Module, methods: prunespec.MethodRegistry
+) -> None:
+    spec = _python_rule(**fields)
+    before = ModelState(lenet)
+    for run in (
+        lambda: prunespec.load_spec(spec, methods=methods),
+        lambda: prunespec.plan(lenet, spec, methods=methods),
+        lambda: prunespec.apply(lenet, spec, methods=methods),
+    ):
+        with pytest.raises(prunespec.SpecError) as info:
+            run()
+        (issue,) = info.value.issues
+        assert issue.path == path
+        assert message in issue.message
+    before.assert_unchanged(lenet)
+    # the same rule as a mapping says the same
+    with pytest.raises(prunespec.SpecError) as info:
+        prunespec.load_spec(spec.model_dump(exclude_none=True), methods=methods)
+    assert [(i.path, i.message) for i in info.value.issues] == [(path, issue.message)]
+
+
+class WithDefault(torch.nn.utils.prune.BasePruningMethod):
+    """Prunes nothing; has an option with a default."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float, k: int = 3) -> None:
+        self.amount, self.k = amount, k
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask
+
+
+def test_python_built_spec_gets_option_defaults_like_documents() -> None:
+    from prunespec.methods.base import MethodInfo
+
+    methods = prunespec.load_methods(builtins_only=True)
+    methods.add(MethodInfo.from_class(WithDefault, name="with_default"))
+    spec = prunespec.load_spec(_python_rule(method="with_default", amount=0.5), methods=methods)
+    assert spec.rules[0].options == {"k": 3}
+    assert prunespec.load_spec(spec.model_dump(exclude_none=True), methods=methods) == spec
+
+
+LN_OK = LN + "    options: {n: 2, dim: 0}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "token", "path", "message"),
+    [
+        (
+            _edit("method: l1_unstructured", "method: random_structured")
+            + "    options: {dim: 0}\n    scope: global\n",
+            "global",
+            "rules[0].scope",
+            "'random_structured' is structured",
+        ),
+        (
+            _edit("method: l1_unstructured", "method: random_unstructured")
+            + "    scope: global\n    min_sparsity: 0.1\n",
+            "0.1",
+            "rules[0].min_sparsity",
+            "min_sparsity needs a method that scores entries",
+        ),
+        (_edit("[conv1]", "['re:[']", LN_OK), "'re:['", "rules[0].select.names[0]", "invalid regular expression"),
+    ],
+    ids=["global-structured", "bounds-without-scores", "regex"],
+)
+def test_validate_rejects_what_is_decidable_without_a_model(
+    text: str, token: str, path: str, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from prunespec.cli import main
+
+    spec_file = tmp_path / "prune.yaml"
+    spec_file.write_text(text, encoding="utf-8")
+    assert main(["validate", "--builtins-only", str(spec_file)]) != 0
+    err = capsys.readouterr().err
+    line, column = position(text, token)
+    assert f"{spec_file}:{line}:{column}: {path}: " in err
+    assert message in err
+
+
+class SelfDirected(torch.nn.utils.prune.BasePruningMethod):
+    """Decides alone what to prune (torch's PRUNING_TYPE = "global")."""
+
+    PRUNING_TYPE = "global"
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask
+
+
+def test_messages_use_prunespecs_granularity_not_torchs_pruning_type(tmp_path: Path) -> None:
+    from prunespec.methods.base import MethodInfo
+
+    methods = prunespec.load_methods(builtins_only=True)
+    methods.add(MethodInfo.from_class(SelfDirected, name="self_directed"))
+    text = (
+        _edit("method: l1_unstructured", "method: self_directed", _edit("    amount: 0.3\n", ""))
+        + "    scope: global\n"
+    )
+    issue = only_spec_issue(text, tmp_path, methods)
+    assert issue.path == "rules[0].scope"
+    assert "'self_directed' is self-directed and takes no amount" in issue.message
+    assert "is global" not in issue.message

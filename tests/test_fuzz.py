@@ -279,7 +279,8 @@ MUTATIONS: dict[str, list[tuple[tuple[Any, ...], Any]]] = {
         (("",), 1),
     ],
     "bad pattern": [
-        (("*", "select", "names"), [p]) for p in ("re:(", "re:[", "re:*", "a**b", "[ab", "**b.c", "re:(?P<x>", "")
+        (("*", "select", "names"), [p])
+        for p in ("re:(", "re:[", "re:*", "a**b", "[ab", "**b.c", "re:(?P<x>", "", "re:(a+)+", "re:(.)\\1", "*a*a*a*a*")
     ]
     + [(("*", "select", "exclude"), ["re:)"]), (("*", "select", "types"), ["torch..nn"])],
     "unknown method": [
@@ -378,6 +379,8 @@ YAML_TOKENS = [
     "...\n", "%YAML 1.2\n", "!!python/object/apply:os.system ['true']\n", "!!binary aGVsbG8=\n", "2001-12-14\n",
     "? [a, b]\n", "1: 2\n", "null: 3\n", "amount: .nan\n", "amount: 1e999\n", "seed: 99999999999999999999999\n",
     "version: 1\nversion: 1\n", "#", "~", "|\n", ">\n", "\\u0000", "\x00", "\ufeff",
+    "[" * 70, "]" * 70, "<<: !!python/object/apply:os.system {args: [true]}\n", "!!omap [a: 1]\n", '"\\ud800"',
+    "<<: 3\n", "<<: [*a]\n", "&a [*a]\n", "names: ['re:(.*.*)*X']\n", "types: [torch._dynamo.X]\n",
 ]  # fmt: skip
 
 

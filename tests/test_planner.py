@@ -158,3 +158,31 @@ def test_tied_parameter_is_pruned_once_with_one_mask(methods: prunespec.MethodRe
     model(torch.tensor([1, 2]))
     assert torch.equal(model.head.weight, model.emb.weight)
     assert int((model.head.weight == 0).sum()) == 20
+
+
+def test_a_global_channel_budget_prunes_the_lowest_norm_channels_across_tensors() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 7))
+    spec = {
+        "version": 1,
+        "rules": [
+            {
+                "select": {"types": ["Linear"]},
+                "method": "ln_structured",
+                "scope": "global",
+                "sparsity": 0.5,
+                "options": {"n": 2, "dim": 0},
+            }
+        ],
+    }
+    prunespec.apply(model, spec)
+    norms = [
+        (float(row.norm()), i, r) for i, m in enumerate([model[0], model[2]]) for r, row in enumerate(m.weight_orig)
+    ]
+    lowest = {(i, r) for _, i, r in sorted(norms)[: round(0.5 * len(norms))]}  # 17 rows in all: 8 go
+    pruned = {
+        (i, r) for i, m in enumerate([model[0], model[2]]) for r in range(m.out_features) if not m.weight_mask[r].any()
+    }
+    assert pruned == lowest and len(pruned) == 8
+    for m in (model[0], model[2]):  # whole rows only
+        assert all(bool(row.all()) or not bool(row.any()) for row in m.weight_mask)

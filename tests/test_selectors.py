@@ -106,3 +106,27 @@ def test_dotted_path_of_a_module_not_imported_matches_nothing_and_imports_nothin
 def test_nearest_suggestions() -> None:
     assert nearest_types("Conv3d", modules())[0] == "Conv2d"
     assert "fc1" in nearest_names("fc", modules())
+
+
+def test_selection_says_why_it_is_empty() -> None:
+    from prunespec.selectors import why_nothing
+
+    excluded = select_modules(modules(), ["Linear"], None, ["fc*"])
+    assert excluded.modules == [] and excluded.candidates == ["fc1", "fc10"] and excluded.excluded == ["fc1", "fc10"]
+    assert "`exclude` removed every module the rule selected (fc1, fc10)" in why_nothing(excluded)[0]
+    disjoint = select_modules(modules(), ["Conv2d"], ["fc1"], [])
+    assert disjoint.matched == {"types": ["conv"], "names": ["fc1"]} and disjoint.candidates == []
+    assert "no module matches `types` and `names` at once" in why_nothing(disjoint)[0]
+
+
+def test_nearest_params_prefers_the_models_own() -> None:
+    from prunespec.selectors import nearest_params
+
+    assert nearest_params("wieght", modules())[0] == "weight"
+    assert nearest_params("in_proj_wieght", [])[0] == "in_proj_weight"
+
+
+@pytest.mark.parametrize("pattern", ["re:(a+)+", "re:(.)\\1", "*a*a*a*a*a"])
+def test_patterns_that_can_take_exponential_time_raise(pattern: str) -> None:
+    with pytest.raises(ValueError, match="time"):
+        compile_name_pattern(pattern)
