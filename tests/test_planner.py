@@ -186,3 +186,19 @@ def test_a_global_channel_budget_prunes_the_lowest_norm_channels_across_tensors(
     assert pruned == lowest and len(pruned) == 8
     for m in (model[0], model[2]):  # whole rows only
         assert all(bool(row.all()) or not bool(row.any()) for row in m.weight_mask)
+
+
+def test_frobenius_channel_norms_of_a_conv_weight_are_a_plan_error_not_a_raw_one() -> None:
+    spec = {
+        "version": 1,
+        "rules": [
+            {
+                "select": {"types": ["Conv2d"]},
+                "method": "ln_structured",
+                "amount": 0.5,
+                "options": {"n": "fro", "dim": 0},
+            }
+        ],
+    }
+    with pytest.raises(prunespec.PlanError, match=r"n='fro' reduces over at most 2 dims.*use n: 2"):
+        prunespec.plan(nn.Sequential(nn.Conv2d(2, 4, 3)), spec)

@@ -8,7 +8,8 @@ They are the first examples of the plugin API: capabilities on the class, regist
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -84,6 +85,15 @@ class LnStructured(PruningMethod):
     Options = LnOptions
     unit = "channels"
     hook_class = prune.LnStructured
+
+    @classmethod
+    def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
+        if options.get("n") == "fro" and len(shape) > 3:
+            return (
+                f"n='fro' reduces over at most 2 dims, but channels of shape {list(shape)} span {len(shape) - 1}; "
+                "use n: 2 (the same norm, for any shape)"
+            )
+        return None
 
     def score(self, ctx: MaskContext) -> torch.Tensor:
         # torch's own helper on the masked values: the norms LnStructured ranks channels by
