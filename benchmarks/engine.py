@@ -214,6 +214,8 @@ LOADED = "_loaded"  # the same case while another process keeps one CPU busy (se
 def base_case(case: str) -> str:
     """``global_l1_50_loaded`` -> ``global_l1_50``: what runs; the suffix only says how."""
     return case.removesuffix(LOADED)
+
+
 PLAN_ONLY = {"plan_10k"}
 
 

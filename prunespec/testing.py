@@ -17,7 +17,8 @@
 
 :func:`check_method` adapts the class exactly as the registry does (:meth:`MethodInfo.from_class`) and
 runs it on small random tensors in float32, float16 and bfloat16, directly and through torch's
-``PruningContainer`` (which is how prunespec and torch compose a method with earlier pruning). It raises
+``PruningContainer`` (which is how prunespec and torch compose a method with earlier pruning), and
+through ``prunespec.apply``. Each capability the class declares is checked. It raises
 one ``AssertionError`` naming the method and every rule it breaks:
 
 * **registers**: the class can be registered (a ``BasePruningMethod`` subclass, a snake_case name, a
@@ -32,13 +33,16 @@ one ``AssertionError`` naming the method and every rule it breaks:
 * **inputs untouched**: ``compute_mask`` changes neither ``t`` nor ``default_mask`` in place;
 * **respects default_mask**: entries that are 0 in ``default_mask`` stay 0, called directly and
   through ``PruningContainer``;
-* **honours the amount** (methods that take one): an unstructured method prunes exactly
-  ``round(amount * remaining)`` entries (an integer amount is a count), as torch rounds; a structured
-  one prunes that many whole channels along its ``dim``, and every channel is kept or pruned whole;
-* **importance agrees with compute_mask** (unstructured methods that give elementwise scores, through
-  ``PruningMethod.importance`` or ``register(..., importance=)``; prunespec then selects entries by
-  those scores itself): the scores have the tensor's shape, depend on each entry alone, and every entry
-  ``compute_mask`` prunes scores no higher than every entry it keeps;
+* **honours the amount** (methods that take one): exactly ``round(amount * remaining)`` of the units
+  the method declares (entries, channels along ``dim``, blocks, ...) are pruned, as torch rounds (an
+  integer amount is a count), and from a dense start every unit is kept or pruned whole;
+* **works through prunespec**: ``prunespec.apply`` with ``amount`` and with ``sparsity`` prunes that
+  many units of a module holding the tensor (plan, engine and all; ``sparsity`` counts units too);
+* **scores agree with compute_mask** (methods that score, through ``importance(t)`` or
+  ``score(ctx)``; prunespec then selects by those scores itself): one score per unit (the unit grid's
+  shape), the same scores twice, ``importance`` elementwise (each entry's score from its value alone),
+  and, where the method also computes masks, every unit it prunes scores no higher than every unit it
+  keeps;
 * **deterministic under a seed**: ``torch.manual_seed(s)`` before two calls gives the same mask;
 * **pickle-able**: the method object (which becomes the module's forward pre-hook, and is pickled with
   the model by ``torch.save(model)``) survives ``pickle`` and computes the same mask afterwards.
