@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import layout, selection
-from .errors import ApplyError
+from .errors import ApplyError, Issue, PlanError, PrunespecError
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
 from .methods.base import MaskContext, MethodInfo, PruningMethod
@@ -80,6 +80,9 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
     install that follows is quick). ``merge`` folds each new hook record into the tensor's last one where
     they say the same (:func:`prunespec.layout.merged`; the Scheduler's repeated updates).
     """
+    stale = plan.stale(model)
+    if stale:
+        raise PlanError([Issue(f"the plan does not fit this model: {p}", hint="make the plan again") for p in stale])
     tensors: dict[int, Pruned] = {}
     modules = dict(model.named_modules())
     done = 0
@@ -87,12 +90,19 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
         for unit in _batched(plan):
             staged = [_stage(modules, tensors, step) for step in unit]
             info = plan.methods[unit[0].method]
-            if unit[0].scope == "global":
-                _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
-            elif len(unit) > 1:
-                _run_batch(unit, staged, info)
-            else:
-                _run_local(unit[0], staged[0], info)
+            try:
+                if unit[0].scope == "global":
+                    _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
+                elif len(unit) > 1:
+                    _run_batch(unit, staged, info)
+                else:
+                    _run_local(unit[0], staged[0], info)
+            except PrunespecError:
+                raise
+            except Exception as exc:  # torch or a method failing where no check caught it: still one error
+                what = staged[0].name if len(unit) == 1 else f"{staged[0].name} and {len(unit) - 1} more"
+                hint = " (out of memory: free some, or prune on another device)" if _out_of_memory(exc) else ""
+                raise _fail(unit[0], what, f"masks could not be computed: {type(exc).__name__}: {exc}{hint}") from exc
             done += len(unit)
             if progress is not None or log.isEnabledFor(logging.DEBUG):
                 what = f"{unit[0].rule}: {unit[0].tensor.name}" + (
@@ -125,6 +135,10 @@ def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
     with _SEEDED, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def _batched(plan: Plan) -> Iterator[list[Step]]:

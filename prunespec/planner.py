@@ -20,7 +20,7 @@ from torch import nn
 
 from . import selection
 from .errors import Issue, PlanError
-from .layout import base_name, is_pruned
+from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
 from .methods.base import MethodInfo
@@ -29,6 +29,23 @@ from .selectors import nearest_names, nearest_types, params_hint, select_modules
 from .spec import Rule, Spec
 
 Owner = tuple[str, str]  # (module name, parameter name)
+Fingerprint = tuple[int, int, tuple[int, ...], int | None, int | None]  # ids and versions, shape
+
+
+def fingerprint_of(module: nn.Module, pname: str) -> Fingerprint | None:
+    """A tensor as it is now: its Parameter's identity and version (in-place writes such as optimizer
+    steps bump it), shape, and its mask's identity and version."""
+    param = original(module, pname)
+    if param is None:
+        return None
+    mask = mask_of(module, pname)
+    return (
+        id(param),
+        param._version,
+        tuple(param.shape),
+        None if mask is None else id(mask),
+        None if mask is None else mask._version,
+    )
 
 
 def tensor_name(module: str, param: str) -> str:
@@ -111,6 +128,23 @@ class Plan:
     tensors: dict[str, tuple[int, float | None, bool]] = field(default_factory=dict)
     # global rules' per-tensor cuts, found while planning: the engine reuses them if they still hold
     cuts: dict[int, list[selection.Cut]] = field(default_factory=dict)
+    # what the plan was made from: each tensor's Parameter and mask (identity, version, shape)
+    fingerprint: dict[Owner, Fingerprint] = field(default_factory=dict)
+
+    def stale(self, model: nn.Module) -> list[str]:
+        """Why this plan no longer fits ``model`` (another model, or weights or masks changed since it
+        was made), one line per tensor; empty when it still fits."""
+        modules = dict(model.named_modules())
+        problems = []
+        for (module_name, pname), made in self.fingerprint.items():
+            name = tensor_name(module_name, pname)
+            module = modules.get(module_name)
+            now = None if module is None else fingerprint_of(module, pname)
+            if now is None or now[0] != made[0]:
+                problems.append(f"{name}: not the tensor the plan was made for (another model?)")
+            elif now != made:
+                problems.append(f"{name}: its values or mask changed since the plan was made")
+        return problems
 
     def units(self) -> list[list[Step]]:
         """Steps grouped as the engine runs them: a local step alone, a global rule's steps together."""
@@ -172,6 +206,17 @@ class _Virtual:
         return self.pruned / self.numel if self.numel else 0.0
 
 
+def _unprunable(param: torch.Tensor) -> str | None:
+    """Why a Parameter cannot carry a prune mask, or None."""
+    if param.is_meta:
+        return "is on the meta device (it has no values): load the weights first (e.g. to_empty + load_state_dict)"
+    if param.layout != torch.strided:
+        return f"is a {param.layout} tensor; pruning works on dense tensors: convert it with .to_dense()"
+    if param.is_quantized or not param.is_floating_point():
+        return f"has dtype {param.dtype}; pruning works on floating-point weights: prune before quantizing"
+    return None
+
+
 def make_plan(
     model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo], *, rules: Mapping[int, Rule] | None = None
 ) -> Plan:
@@ -189,7 +234,14 @@ def make_plan(
         planner.names[key]: (state.numel, state.sparsity if state.known else None, state.exact)
         for key, state in planner.state.items()
     }
-    return Plan(spec, planner.steps, methods, planner.warnings, tensors, planner.cuts)
+    fingerprint: dict[Owner, Fingerprint] = {}
+    for step in planner.steps:
+        owner = (step.tensor.module, step.tensor.param)
+        if owner not in fingerprint:
+            made = fingerprint_of(planner.by_name[step.tensor.module], step.tensor.param)
+            assert made is not None
+            fingerprint[owner] = made
+    return Plan(spec, planner.steps, methods, planner.warnings, tensors, planner.cuts, fingerprint)
 
 
 class _Planner:
@@ -323,10 +375,24 @@ class _Planner:
 
     def _parameter(self, index: int, name: str, module: nn.Module, pname: str) -> torch.Tensor | None:
         param = module._parameters.get(pname)
+        if param is None and is_pruned(module, pname):
+            param = module._parameters[pname + "_orig"]
+        elif param is not None:
+            taken = [n for n in (pname + "_orig", pname + "_mask") if n in module._parameters or n in module._buffers]
+            if taken:
+                self.issue(
+                    ("rules", index, "select", "params"),
+                    f"{tensor_name(name, pname)}: the module already has {' and '.join(map(repr, taken))}, which "
+                    "pruning would replace (torch's layout names them so)",
+                    "rename that attribute of the model, or leave this tensor out",
+                )
+                return None
         if param is not None:
+            problem = _unprunable(param)
+            if problem:
+                self.issue(("rules", index, "select", "params"), f"{tensor_name(name, pname)} {problem}")
+                return None
             return param
-        if is_pruned(module, pname):
-            return module._parameters[pname + "_orig"]
         if pname in module._buffers or pname in getattr(module, "parametrizations", {}):
             kind = "a buffer" if pname in module._buffers else "a parametrized tensor"
             self.issue(

@@ -177,7 +177,9 @@ def test_a_global_channel_budget_prunes_the_lowest_norm_channels_across_tensors(
     }
     prunespec.apply(model, spec)
     norms = [
-        (float(row.norm()), i, r) for i, m in enumerate([model[0], model[2]]) for r, row in enumerate(m.weight_orig)
+        (float(row.detach().norm()), i, r)
+        for i, m in enumerate([model[0], model[2]])
+        for r, row in enumerate(m.weight_orig)
     ]
     lowest = {(i, r) for _, i, r in sorted(norms)[: round(0.5 * len(norms))]}  # 17 rows in all: 8 go
     pruned = {
