@@ -156,9 +156,15 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
             )
             for key, field in info.options_model.model_fields.items()
         }
+        caps = info.capabilities
         rows.append(
             {
                 "name": name,
+                "granularity": caps.granularity,
+                "unit": caps.unit if caps.takes_amount else None,
+                "scores": caps.scores,
+                "global": caps.supports_global,
+                "statistics": list(caps.statistics),
                 "PRUNING_TYPE": info.pruning_type,
                 "takes_amount": info.takes_amount,
                 "provider": info.provider,
@@ -171,11 +177,13 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    headers = ["method", "PRUNING_TYPE", "options", "package", "summary"]
+    headers = ["method", "prunes", "amount counts", "global", "options", "package", "summary"]
     cells = [
         [
             str(r["name"]),
-            str(r["PRUNING_TYPE"]),
+            str(r["granularity"]),
+            str(r["unit"] or "- (decides alone)"),
+            "yes" if r["global"] else "no",
             format_options(r["options"]) or "-",
             f"{r['package'] or r['provider']} {r['version'] or ''}".strip(),
             r["summary"],

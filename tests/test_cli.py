@@ -169,9 +169,15 @@ def test_methods_table_lists_the_builtins(capsys: pytest.CaptureFixture[str]) ->
     code, out, _ = run(capsys, "methods", "--builtins-only")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split()[:2] == ["method", "PRUNING_TYPE"]
-    rows = {line.split()[0]: line.split()[1] for line in lines[2:] if line.strip()}
-    assert rows == {name: cls.PRUNING_TYPE for name, cls in BUILTINS.items()}
+    assert lines[0].split()[:4] == ["method", "prunes", "amount", "counts"]  # prunespec's words, not torch's
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[2:] if line.strip()}
+    assert rows == {
+        "identity": ["self-directed", "-"],
+        "random_unstructured": ["unstructured", "entries"],
+        "l1_unstructured": ["unstructured", "entries"],
+        "random_structured": ["structured", "channels"],
+        "ln_structured": ["structured", "channels"],
+    }
 
 
 def test_methods_json_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> None:
