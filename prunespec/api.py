@@ -66,9 +66,7 @@ def run(
 
 def finalize(model: nn.Module) -> list[str]:
     """Make all pruning on ``model`` permanent (torch's ``prune.remove`` on every pruned tensor, whoever
-    pruned it); returns the names of the tensors finalized."""
-    done = []
-    for name, module, pname, _ in list(layout.pruned_in(model)):
-        layout.remove(module, pname)
-        done.append(name)
-    return done
+    pruned it), all or nothing; returns the names of the tensors finalized."""
+    found = list(layout.pruned_in(model))
+    layout.remove_all([(module, pname) for _, module, pname, _ in found])
+    return [name for name, _, _, _ in found]

@@ -116,10 +116,8 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
 
 
 def make_permanent(pruned: list[Pruned]) -> None:
-    """torch's ``prune.remove`` on every owner of each tensor :func:`execute` pruned."""
-    for tensor in pruned:
-        for module, pname in tensor.owners:
-            layout.remove(module, pname)
+    """torch's ``prune.remove`` on every owner of each tensor :func:`execute` pruned, all or nothing."""
+    layout.remove_all([owner for tensor in pruned for owner in tensor.owners])
 
 
 _SEEDED = threading.Lock()  # torch's generators are process-wide: one seeded apply at a time

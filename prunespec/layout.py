@@ -216,18 +216,38 @@ def remove(module: nn.Module, pname: str) -> None:
     drop_detach_hook(module)
 
 
+def remove_all(owners: Sequence[tuple[nn.Module, str]]) -> None:
+    """:func:`remove` on each ``(module, parameter name)``, all or nothing: on any exception or interrupt
+    every module is put back as it was, and the exception re-raised."""
+    restores = [snapshot(module, values=True) for module in {id(m): m for m, _ in owners}.values()]
+    try:
+        for module, pname in owners:
+            remove(module, pname)
+    except BaseException:
+        for restore in restores:
+            restore()
+        raise
+
+
 _MISSING = object()
 
 
-def snapshot(module: nn.Module, pname: str | None = None) -> Callable[[], None]:
+def snapshot(module: nn.Module, pname: str | None = None, *, values: bool = False) -> Callable[[], None]:
     """A function that puts ``module``'s parameters, buffers, hooks (and ``pname``'s attribute, or every
-    pruned attribute) back as they are now."""
+    pruned attribute) back as they are now; ``values``: the Parameters' data too (what ``prune.remove``
+    rebinds)."""
     params, buffers = dict(module._parameters), dict(module._buffers)
+    # torch's prune.remove rebinds `<name>_orig.data` to the masked values: keep each Parameter's data
+    data = {name: p.data for name, p in params.items() if p is not None} if values else {}
     hooks, post_hooks = OrderedDict(module._forward_pre_hooks), OrderedDict(module._forward_hooks)
     names = [pname] if pname is not None else [h._tensor_name for _, h in pruning_hooks(module)]
     attrs = {name: module.__dict__.get(name, _MISSING) for name in names}
 
     def restore() -> None:
+        for name, saved in data.items():
+            param = params[name]
+            if param is not None:
+                param.data = saved
         module._parameters.clear()
         module._parameters.update(params)
         module._buffers.clear()

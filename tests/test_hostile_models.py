@@ -134,3 +134,27 @@ def test_seeded_random_pruning_is_the_same_in_threads_and_leaves_the_callers_rng
     assert torch.equal(torch.random.get_rng_state(), state)
     for m in models:
         assert torch.equal(m[0].weight_mask, expected[0]) and torch.equal(m[2].weight_mask, expected[1])
+
+
+def test_an_interrupted_finalize_leaves_every_module_pruned_as_before() -> None:
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    prunespec.apply(model, L1)
+    before = ModelState(model)
+    calls = {"n": 0}
+    original = prune.remove
+
+    def interrupted(module: nn.Module, name: str) -> nn.Module:
+        calls["n"] += 1
+        if calls["n"] == 4:  # half-way through
+            raise KeyboardInterrupt
+        return original(module, name)
+
+    prune.remove = interrupted  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prunespec.finalize(model)
+    finally:
+        prune.remove = original
+    before.assert_unchanged(model)
+    assert all(isinstance(m.weight, torch.Tensor) and hasattr(m, "weight_mask") for m in model)
+    assert len(prunespec.finalize(model)) == 6  # and it still finalizes afterwards
