@@ -28,4 +28,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 schema: $(STAMP)
-	$(BIN)/prunespec schema --builtins-only > schemas/prunespec.schema.json
+	$(BIN)/prunespec schema --builtins-only --out schemas/prunespec.schema.json

@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__, api, checkpoint
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
-from .files import check_writable
+from .files import atomic_write_text, check_writable
 from .loader import load_spec
 from .plugins import MethodRegistry, PluginWarning, load_methods
 from .render import options as format_options
@@ -142,7 +142,10 @@ def cmd_validate(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, methods: MethodRegistry) -> int:
-    sys.stdout.write(schema_json(methods))
+    if args.out:  # whole or not at all: an editor or CI never reads half a schema
+        atomic_write_text(args.out, schema_json(methods))
+    else:
+        sys.stdout.write(schema_json(methods))
     return EXIT_OK
 
 
@@ -280,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(run=cmd_validate)
     p = add("schema", "print the JSON Schema of specs, covering every installed method")
+    p.add_argument("--out", metavar="FILE", help="write it to FILE (atomically) instead of printing it")
     p.set_defaults(run=cmd_schema)
     p = add("methods", "list the installed pruning methods")
     p.set_defaults(run=cmd_methods)

@@ -642,3 +642,13 @@ def test_long_option_defaults_are_shortened_in_the_methods_table(
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("long_options"))
     assert f"pattern={'x' * 39}…" in row and "x" * 40 not in row
+
+
+def test_schema_out_writes_the_same_schema_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "schema.json"
+    target.write_text("old")
+    code, out, _ = run(capsys, "schema", "--builtins-only", "--out", str(target))
+    assert code == 0 and out == ""
+    code, printed, _ = run(capsys, "schema", "--builtins-only")
+    assert target.read_text() == printed
+    assert [p.name for p in tmp_path.iterdir()] == ["schema.json"]  # no temporary file left
