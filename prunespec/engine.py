@@ -228,6 +228,13 @@ def _nan_last(scores: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(scores.isnan(), math.inf)
 
 
+def _nan_last_of(score: selection.Score) -> selection.Score:
+    def ranked(t: torch.Tensor) -> torch.Tensor:
+        return _nan_last(score(t))
+
+    return ranked
+
+
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -442,7 +449,12 @@ def _run_global(
             keeps = _select(step, entries, amount, _identity, group, planned)
             if keeps is not None:
                 masks = [_from_units(t, u, k != 0) for t, u, (k, _) in zip(tensors, units, keeps, strict=True)]
-    if masks is None and (step.max_sparsity is not None or step.min_sparsity is not None):
+    bounded = step.max_sparsity is not None or step.min_sparsity is not None
+    if masks is None and bounded and caps.elementwise and isinstance(units[0], Entries):
+        # NaNs to prune: torch's concatenated ranking knows no bounds, so NaN ranks last (as +inf) here
+        entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
+        masks = _select(step, entries, amount, _nan_last_of(method.elementwise() or _identity), group)
+    if masks is None and bounded:
         raise _fail(step, group, "max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)")
     if masks is not None:
         for tensor, (mask, count) in zip(tensors, masks, strict=True):

@@ -229,11 +229,6 @@ def test_large_selection_prunes_the_lowest_exactly(case: Case) -> None:
             event("ties at the cut")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a global l1_unstructured rule with max_sparsity/min_sparsity whose budget reaches NaN weights raises "
-    "ApplyError 'max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)'",
-)
 def test_bounds_with_nans_to_prune() -> None:
     model = nn.Module()
     for i in range(2):

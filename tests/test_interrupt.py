@@ -332,11 +332,6 @@ def test_sigint_during_a_scheduler_update_leaves_the_model_all_pruned_or_untouch
             assert result["retried"] == ["pruned", 1], result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finalize calls prune.remove layer by layer with no rollback: a SIGINT mid-way leaves some "
-    "layers finalized and the rest still pruned",
-)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker forks a child per round")
 def test_sigint_during_finalize_leaves_the_model_all_finalized_or_untouched(worker: Any) -> None:
     results = interrupt(worker, "finalize", rounds=4, seed=4)
