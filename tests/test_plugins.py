@@ -316,6 +316,11 @@ def test_methods_json_lists_the_plugins_with_package_and_version(capsys: pytest.
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["nm"] == {
         "name": "nm",
+        "granularity": "self-directed",  # prunespec's word: it takes no amount
+        "unit": None,
+        "scores": False,
+        "global": False,
+        "statistics": [],
         "PRUNING_TYPE": "global",
         "takes_amount": False,
         "provider": "nm",
