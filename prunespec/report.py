@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import render
+from . import layout, render
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def collect(
     found: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # every name, tied ones included
     first: dict[int, str] = {}  # each tensor's first name
     for module_name, module in model.named_modules():
-        for pname, tensor, mask in _tensors(module):
+        for pname, tensor, mask in layout.named_tensors(module):
             name = f"{module_name}.{pname}" if module_name else pname
             found[name] = (tensor, mask)
             first.setdefault(id(tensor), name)
@@ -200,15 +200,6 @@ def _stats(
 ) -> TensorStats:
     tensor, mask = found
     return TensorStats(name, tuple(tensor.shape), zeros, mask is not None, predicted, estimated)
-
-
-def _tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    for pname, param in module._parameters.items():
-        if param is None:
-            continue
-        base = pname.removesuffix("_orig")
-        mask = module._buffers.get(base + "_mask") if pname.endswith("_orig") else None
-        yield (base if mask is not None else pname), param, mask
 
 
 def sparsity(model: nn.Module) -> Report:
