@@ -149,7 +149,7 @@ def _batched(plan: Plan) -> Iterator[list[Step]]:
         info = plan.methods[step.method]
         caps = info.capabilities
         small = len(unit) == 1 and step.scope == "local" and 0 < step.tensor.numel <= selection.SMALL
-        if small and caps.elementwise and caps.takes_amount and step.method and info.unit == "entries":
+        if small and caps.elementwise and caps.takes_amount and info.unit == "entries":
             this = (step.rule_index, step.tensor.shape)
             if this != key and batch:
                 yield batch
@@ -185,10 +185,7 @@ def _amount(step: Step, unit: Unit, masks: list[torch.Tensor | None], shapes: li
     """The amount to hand the method: the rule's, or a count of units reaching the rule's ``sparsity``."""
     if step.sparsity is None:
         return step.amount
-    if isinstance(unit, Entries):
-        done = sum(0 if m is None else zeros(m) for m in masks)
-    else:
-        done = sum(0 if m is None else unit.pruned(m) for m in masks)
+    done = sum(0 if m is None else unit.pruned(m) for m in masks)
     return max(0, round(step.sparsity * sum(unit.count(s) for s in shapes)) - done)
 
 

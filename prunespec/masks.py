@@ -76,6 +76,9 @@ class Entries(Unit):
     def expand(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return keep.reshape(shape)
 
+    def pruned(self, mask: torch.Tensor) -> int:
+        return zeros(mask)
+
 
 @dataclass(frozen=True)
 class Channels(Unit):

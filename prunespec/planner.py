@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -587,7 +587,7 @@ class _Planner:
 
     @staticmethod
     def _proportional(
-        states: list[_Virtual], sizes: list[int], already: list[int], k: int, low: list[int], high: list[int]
+        states: list[_Virtual], sizes: list[int], already: Sequence[float], k: int, low: list[int], high: list[int]
     ) -> list[float]:
         """An estimate of each tensor's share of ``k`` units: in proportion to what it has left."""
         for state in states:
@@ -619,11 +619,4 @@ class _Planner:
             if cuts is not None:
                 self.cuts[index] = cuts
                 return [float(cut.pruned) for cut in cuts]
-        remaining = sum(s.numel - s.pruned for s in states)
-        for state in states:
-            state.exact = False
-        shares = [k * (s.numel - s.pruned) / remaining if remaining else 0.0 for s in states]
-        return [
-            min(max(share, lo - s.pruned), hi - s.pruned)
-            for share, s, lo, hi in zip(shares, states, low, high, strict=True)
-        ]
+        return self._proportional(states, [s.numel for s in states], [s.pruned for s in states], k, low, high)
