@@ -10,9 +10,11 @@ Write a YAML spec, see the plan, apply it with one engine that installs exactly 
 
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
 
+from . import calibration
 from .api import apply, finalize, plan
+from .calibration import STATISTICS
 from .checkpoint import load, save
-from .errors import ApplyError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
+from .errors import ApplyError, CalibrationError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
 from .hookspecs import hookimpl
 from .loader import load_spec, loads_spec
 from .masks import Blocks, Channels, Entries, Unit
@@ -24,8 +26,10 @@ from .scheduler import Scheduler
 from .spec import Spec
 
 __all__ = [
+    "STATISTICS",
     "ApplyError",
     "Blocks",
+    "CalibrationError",
     "Capabilities",
     "Channels",
     "CheckpointError",
@@ -45,6 +49,7 @@ __all__ = [
     "Unit",
     "__version__",
     "apply",
+    "calibration",
     "finalize",
     "hookimpl",
     "load",

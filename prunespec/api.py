@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -38,22 +38,36 @@ def apply(
     methods: MethodRegistry | None = None,
     finalize: bool | None = None,
     progress: Progress | None = None,
+    data: Iterable[Any] | None = None,
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
     ``finalize`` overrides the spec's ``finalize``. ``progress(done, total, what)`` is called as steps
     finish (off by default; the ``prunespec`` logger also logs each step at DEBUG level). On any error
     the model is left exactly as it was.
+
+    ``data``: calibration batches for data-aware methods (``wanda``): any iterable, each batch a Tensor
+    (the model's first positional argument), a tuple or list (positional arguments) or a mapping (keyword
+    arguments, e.g. ``{"input_ids": ..., "attention_mask": ...}``; padded positions, 0 in
+    ``attention_mask``, are left out). A rule that needs data and gets none is a PlanError; a batch the
+    model cannot run is an ApplyError naming its index. See docs/data-aware-pruning.md.
     """
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
-    return run(model, the_plan, finalize=the_plan.spec.finalize if finalize is None else finalize, progress=progress)
+    chosen = the_plan.spec.finalize if finalize is None else finalize
+    return run(model, the_plan, finalize=chosen, progress=progress, data=data)
 
 
 def run(
-    model: nn.Module, the_plan: Plan, *, finalize: bool, progress: Progress | None = None, merge: bool = False
+    model: nn.Module,
+    the_plan: Plan,
+    *,
+    finalize: bool,
+    progress: Progress | None = None,
+    merge: bool = False,
+    data: Iterable[Any] | None = None,
 ) -> Report:
-    """Execute a plan and report on what it pruned (``merge``: see :func:`prunespec.engine.execute`)."""
-    pruned = engine.execute(model, the_plan, progress, merge=merge)
+    """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
+    pruned = engine.execute(model, the_plan, progress, merge=merge, data=data)
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
     with lean():

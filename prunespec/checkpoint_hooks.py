@@ -183,7 +183,8 @@ def _build(where: str, record: Any, shape: tuple[int, ...], methods: MethodRegis
         raise CheckpointError(f"{where}: method {method!r} is not installed ({_provider(method, record, methods)})")
     info = methods[method]
     amount = record.get("amount")
-    if info.takes_amount:
+    raw = record.get("options")
+    if info.needs_amount(raw if isinstance(raw, Mapping) else {}):
         _check_amount(where, amount, math.prod(shape))
     elif amount is not None:
         raise CheckpointError(f"{where}.amount: is {amount!r}; {method} takes no amount, expected None")

@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +38,29 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def load_model(ref: str) -> nn.Module:
-    """Build the model named by ``path/to/file.py:factory`` or ``package.module:factory``.
+    """Build the model named by ``path/to/file.py:factory`` or ``package.module:factory`` (see
+    :func:`load_object`); anything but a ``torch.nn.Module`` is a :class:`ModelRefError` naming the REF."""
+    model = load_object(ref, "model")
+    if not isinstance(model, nn.Module):
+        fix = "REF must name a class or function that builds the model with no arguments; write one that does"
+        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module ({fix})")
+    return model
+
+
+def load_data(ref: str) -> Iterable[Any]:
+    """The calibration batches named by ``--data`` REF: its factory must return an iterable of batches."""
+    data = load_object(ref, "data")
+    if isinstance(data, (nn.Module, str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise ModelRefError(
+            f"{ref} returned {type(data).__name__}, not an iterable of batches (return a list of Tensors, of "
+            "tuples, or of mappings such as {'input_ids': ..., 'attention_mask': ...})"
+        )
+    return data
+
+
+def load_object(ref: str, what: str = "model") -> Any:
+    """Call the factory named by ``path/to/file.py:factory`` or ``package.module:factory`` and return what
+    it builds (``what``: the model, the data; used in errors).
 
     A file is imported with its own folder on ``sys.path`` (so it can import its sibling modules), a module
     with the current directory on it, as ``python -m`` has; ``sys.path`` is restored afterwards. The factory
@@ -47,11 +69,13 @@ def load_model(ref: str) -> nn.Module:
     """
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
-        raise ModelRefError(f"model reference {ref!r} must look like path/to/file.py:Factory or package.module:factory")
+        raise ModelRefError(
+            f"{what} reference {ref!r} must look like path/to/file.py:Factory or package.module:factory"
+        )
     is_file = target.endswith(".py") or "/" in target or "\\" in target
     path = Path(target)
     if is_file and not path.is_file():
-        raise ModelRefError(f"model file {target!r} does not exist")
+        raise ModelRefError(f"{what} file {target!r} does not exist")
     with _on_sys_path(str(path.resolve().parent) if is_file else os.getcwd()):
         try:
             module = _import_file(path) if is_file else importlib.import_module(target)
@@ -62,7 +86,7 @@ def load_model(ref: str) -> nn.Module:
         factory = getattr(module, attr, None)
         if not callable(factory):
             raise ModelRefError(f"{target!r} has no callable {attr!r}")
-        return _build(ref, attr, factory)
+        return _build(ref, attr, factory, what)
 
 
 def _import_file(path: Path) -> Any:
@@ -89,8 +113,8 @@ def _on_sys_path(folder: str) -> Iterator[None]:
             sys.path.remove(folder)
 
 
-def _build(ref: str, attr: str, factory: Any) -> nn.Module:
-    fix = "REF must name a class or function that builds the model with no arguments; write one that does"
+def _build(ref: str, attr: str, factory: Any, what: str) -> Any:
+    fix = f"REF must name a class or function that builds the {what} with no arguments; write one that does"
     try:
         needed = [
             p.name
@@ -102,12 +126,9 @@ def _build(ref: str, attr: str, factory: Any) -> nn.Module:
     if needed:
         raise ModelRefError(f"{ref}: {attr} needs arguments ({', '.join(needed)}); {fix}")
     try:
-        model = factory()
+        return factory()
     except Exception as exc:
         raise ModelRefError(f"{ref}: calling {attr}() failed: {type(exc).__name__}: {exc} ({fix})") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module ({fix})")
-    return model
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
@@ -210,8 +231,9 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.out:  # before the work: a bad --out must not cost a whole apply
         check_writable(args.out)
     model = _model(args)
+    data = load_data(args.data) if args.data else None
     plan = api.plan(model, args.spec, methods=methods)
-    report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args))
+    report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args), data=data)
     if args.out:
         applied = plan.spec.model_copy(update={"finalize": True}) if args.finalize else plan.spec
         checkpoint.save(model, args.out, spec=applied, methods=methods)
@@ -299,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
     p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
+    p.add_argument(
+        "--data",
+        metavar="REF",
+        help="calibration batches for data-aware methods (wanda): path/to/file.py:factory or "
+        "package.module:factory returning an iterable of batches",
+    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import layout, selection
+from . import calibration, layout, selection
 from .errors import ApplyError, Issue, PlanError, PrunespecError
 from .layout import GlobalMask
-from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
+from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .runtime import lean
@@ -55,6 +55,7 @@ class Pruned:
     zeros: int | None = None  # the mask's zeros, when known without counting them again
     new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
+    statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)  # its module's calibration statistics
 
     def masked(self) -> torch.Tensor:
         """What torch ranks: the masked weight (fresh from ``<name>_orig``, never a stale attribute)."""
@@ -67,28 +68,38 @@ class Pruned:
         values, mask = self.orig.detach(), self.mask
         if copy:
             values, mask = values.clone(), None if mask is None else mask.clone()
-        return MaskContext(self.name, self.module_name, pname, module, values, mask, options)
+        return MaskContext(self.name, self.module_name, pname, module, values, mask, options, self.statistics)
 
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
 
 
-def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, merge: bool = False) -> list[Pruned]:
+def execute(
+    model: nn.Module,
+    plan: Plan,
+    progress: Progress | None = None,
+    *,
+    merge: bool = False,
+    data: Iterable[Any] | None = None,
+) -> list[Pruned]:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
     ``progress`` is called after each local step and each global group (masks are computed then; the
     install that follows is quick). ``merge`` folds each new hook record into the tensor's last one where
-    they say the same (:func:`prunespec.layout.merged`; the Scheduler's repeated updates).
+    they say the same (:func:`prunespec.layout.merged`; the Scheduler's repeated updates). ``data``: the
+    calibration batches, run through the model once before any mask when a rule's method reads
+    statistics (:mod:`prunespec.calibration`); without it such a plan is a PlanError.
     """
     stale = plan.stale(model)
     if stale:
         raise PlanError([Issue(f"the plan does not fit this model: {p}", hint="make the plan again") for p in stale])
     tensors: dict[int, Pruned] = {}
     modules = dict(model.named_modules())
+    statistics = _calibrate(model, plan, modules, data)
     done = 0
     with torch.no_grad(), _seeded(plan.spec.seed, model), lean():
         for unit in _batched(plan):
-            staged = [_stage(modules, tensors, step) for step in unit]
+            staged = [_stage(modules, tensors, step, statistics) for step in unit]
             info = plan.methods[unit[0].method]
             try:
                 if unit[0].scope == "global":
@@ -113,6 +124,33 @@ def execute(model: nn.Module, plan: Plan, progress: Progress | None = None, *, m
                     progress(done, len(plan.steps), what)
         _install(list(tensors.values()), merge)
     return list(tensors.values())
+
+
+def _calibrate(
+    model: nn.Module, plan: Plan, modules: dict[str, nn.Module], data: Iterable[Any] | None
+) -> calibration.Statistics:
+    """The statistics the plan's methods read, for the modules they prune (none needed: empty)."""
+    needed = plan.needs_data
+    if not needed:
+        return {}
+    rules = ", ".join(needed)
+    if data is None:
+        methods = sorted({s.method for s in plan.steps if s.rule in needed})
+        raise PlanError(
+            Issue(
+                f"{rules}: {', '.join(methods)} needs calibration data, and none was given",
+                hint="Python: prunespec.apply(model, spec, data=batches); CLI: prunespec apply SPEC --model REF "
+                "--data file.py:factory (an iterable of batches: Tensors, tuples or mappings)",
+            )
+        )
+    names: set[str] = set()
+    targets: dict[str, nn.Module] = {}
+    for step in plan.steps:
+        wanted = plan.methods[step.method].capabilities.statistics
+        if wanted:
+            names.update(wanted)
+            targets[step.tensor.module] = modules[step.tensor.module]
+    return calibration.collect(model, targets, names, data, rules)
 
 
 def make_permanent(pruned: list[Pruned]) -> None:
@@ -165,7 +203,9 @@ def _batched(plan: Plan) -> Iterator[list[Step]]:
         yield batch
 
 
-def _stage(modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step) -> Pruned:
+def _stage(
+    modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step, statistics: calibration.Statistics
+) -> Pruned:
     owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
     orig = layout.original(module, pname)
@@ -173,6 +213,7 @@ def _stage(modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step
     key = id(orig)
     if key not in tensors:
         tensors[key] = Pruned(step.tensor.name, step.tensor.module, owners, orig, layout.mask(module, pname))
+        tensors[key].statistics = statistics.get(step.tensor.module, {})
     tensors[key].rules.append(step.rule)
     return tensors[key]
 
@@ -375,11 +416,27 @@ def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> No
 def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
     pname = tensor.owners[0][1]
     unit = info.units(step.options)
-    amount = _amount(step, unit, [tensor.mask], [tuple(tensor.orig.shape)])
+    per_row = info.per_row(step.options) and tensor.orig.dim() == 2
+    if per_row:  # the rule's own fraction or count: it applies to each row, not to the tensor
+        amount = step.amount if step.amount is not None else step.sparsity
+    else:
+        amount = _amount(step, unit, [tensor.mask], [tuple(tensor.orig.shape)])
     method = _instance(step, info, amount, tensor.name)
     hook = _hook(step, method, tensor.name, pname)
     caps = method.capabilities()
-    if caps.scores and caps.takes_amount:
+    if caps.scores and per_row:
+        shape = tuple(tensor.orig.shape)
+        scores = _scores(step, method, tensor.context(step.options), shape)
+        done = [0] * shape[0] if tensor.mask is None else (tensor.mask == 0).sum(dim=1).tolist()
+        try:
+            targets = row_targets(step.amount, step.sparsity, done, shape[1])
+        except ValueError as exc:
+            raise _fail(step, tensor.name, str(exc)) from exc
+        tensor.mask = (~selection.prune_rows(scores, tensor.mask, targets)).to(tensor.orig.dtype)
+        tensor.zeros = sum(targets)
+        tensor.new_hooks.append(hook)
+        return
+    if caps.scores and info.needs_amount(step.options):
         if not isinstance(unit, Entries):
             scores = _scores(step, method, tensor.context(step.options), unit.grid(tuple(tensor.orig.shape)))
             tensor.mask, tensor.zeros = _select_units(step, tensor, amount, unit, scores)

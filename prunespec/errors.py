@@ -104,3 +104,16 @@ class ModelRefError(PrunespecError):
 
 class SchedulerError(PrunespecError, ValueError):
     """A Scheduler was given a state it cannot resume from, or a step it cannot take; it was left as it was."""
+
+
+class CalibrationError(ApplyError):
+    """The calibration data could not be run through the model (a batch of the wrong kind or shape, a
+    forward that raised); ``batch`` is the index of the batch at fault (None: not one batch's fault).
+    Nothing was pruned and the model was left as it was."""
+
+    def __init__(self, rules: str, message: str, batch: int | None = None):
+        self.rule = rules
+        self.tensor = ""
+        self.batch = batch
+        where = "calibration" if batch is None else f"calibration batch {batch}"
+        PrunespecError.__init__(self, f"{rules}: {where}: {message} (the model was left unchanged)")

@@ -280,7 +280,9 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
         )
         return [source.issue((*where, "method"), f"unknown method {name!r}", hint)]
     issues = []
-    if info.takes_amount:
+    options = rule.options or {}
+    replaced = [key for key in info.method.amount_replaced_by if options.get(key) is not None]
+    if info.takes_amount and not replaced:
         if not (rule.has_amount or rule.has_sparsity or rule.amount_elsewhere):
             issues.append(
                 source.issue(
@@ -289,6 +291,16 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
                     "amount: 0.3 prunes 30% of what is left; sparsity: 0.3 aims at 30% in total",
                 )
             )
+    elif replaced:
+        for key, given in (("amount", rule.has_amount), ("sparsity", rule.has_sparsity)):
+            if given:
+                issues.append(
+                    source.issue(
+                        (*where, key),
+                        f"method {name!r} with {' and '.join(replaced)} takes no `{key}`",
+                        f"{' and '.join(replaced)} decide how much is pruned: remove `{key}`, or remove them",
+                    )
+                )
     else:
         for key, given in (("amount", rule.has_amount), ("sparsity", rule.has_sparsity)):
             if given:

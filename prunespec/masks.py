@@ -23,6 +23,27 @@ def n_to_prune(amount: float | int, size: int) -> int:
     return round(float(amount) * size)
 
 
+def row_targets(amount: float | int | None, sparsity: float | None, done: list[int], row_len: int) -> list[int]:
+    """Entries each row has pruned after a step that compares within rows (each row on its own).
+
+    ``done``: entries each row has pruned so far. ``sparsity`` brings every row to ``round(sparsity *
+    row_len)`` (never un-pruning); a fraction ``amount`` prunes ``round(amount * left)`` more of each
+    row's ``left``; an integer ``amount`` is a count per row. Raises ValueError when a count exceeds
+    what a row has left.
+    """
+    if sparsity is not None:
+        target = round(sparsity * row_len)
+        return [max(d, target) for d in done]
+    assert amount is not None
+    out = []
+    for d in done:
+        k = n_to_prune(amount, row_len - d)
+        if k > row_len - d:
+            raise ValueError(f"amount={amount} is a count per row, more than the {row_len - d} entries a row has left")
+        out.append(d + k)
+    return out
+
+
 @dataclass(frozen=True)
 class Misfit:
     """Why a tensor cannot be cut into a method's units; ``option``: the option at fault, if one is."""

@@ -22,7 +22,7 @@ from . import selection
 from .errors import Issue, PlanError
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
-from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, zeros
+from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
 from .selectors import nearest_names, nearest_types, params_hint, select_modules, why_nothing
@@ -162,6 +162,15 @@ class Plan:
         return units
 
     @property
+    def needs_data(self) -> list[str]:
+        """The rules whose method reads calibration statistics (``prunespec.apply(..., data=...)``)."""
+        labels: list[str] = []
+        for step in self.steps:
+            if self.methods[step.method].capabilities.statistics and step.rule not in labels:
+                labels.append(step.rule)
+        return labels
+
+    @property
     def global_sparsity(self) -> float | None:
         """Predicted fraction of zeros over every tensor the plan touches (None if not predictable)."""
         total = sum(numel for numel, _, _ in self.tensors.values())
@@ -178,6 +187,7 @@ class Plan:
             },
             "predicted_global_sparsity": self.global_sparsity,
             "warnings": list(self.warnings),
+            "needs_data": self.needs_data,
             "seed": self.spec.seed,
             "finalize": self.spec.finalize,
         }
@@ -466,13 +476,16 @@ class _Planner:
             return
         state = self._virtual(ref, param)
         before = state.sparsity if state.known else None
-        if not info.takes_amount:
+        if not info.needs_amount(rule.options):
             # A method without an amount decides alone how much it prunes: nothing to predict.
             state.known = state.exact = False
             state.units = None
             self._step(index, rule, ref, by, before, state)
             return
         unit = info.units(rule.options)
+        if isinstance(unit, Entries) and info.per_row(rule.options) and len(ref.shape) == 2:
+            self._per_row(index, rule, ref, by, before, state)
+            return
         if isinstance(unit, Entries):
             remaining = state.numel - round(state.pruned)
             k = self._count(index, rule, f"tensor {ref.name}", remaining, state.numel, state.pruned, "entries")
@@ -504,8 +517,56 @@ class _Planner:
             state.units = {unit: done + k}  # other kinds of unit are not known once this one changed
         self._step(index, rule, ref, by, before, state)
 
+    def _per_row(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
+        """A step whose amount applies to each row on its own: exact from the rows' masks while no earlier
+        step of this plan changed them, else an estimate."""
+        rows, row_len = ref.shape
+        if state.touched or not state.exact:
+            k = self._count(
+                index,
+                rule,
+                f"tensor {ref.name}",
+                state.numel - round(state.pruned),
+                state.numel,
+                state.pruned,
+                "entries",
+            )
+            if k is None:
+                return
+            state.pruned = min(float(state.numel), state.pruned + k)
+            state.exact = False
+        else:
+            mask = state.mask
+            done = [0] * rows if mask is None else (mask == 0).sum(dim=1).tolist()
+            try:
+                targets = row_targets(rule.amount, rule.sparsity, done, row_len)
+            except ValueError as exc:
+                hint = f"use a count <= {row_len - max(done)}"
+                self.issue(("rules", index, "amount"), f"tensor {ref.name}: {exc}", hint)
+                return
+            state.pruned = float(sum(targets))
+        state.units = None
+        self._step(index, rule, ref, by, before, state)
+
     def _fits(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef) -> bool:
         """Whether the method can prune this tensor; else an issue at the option or the rule."""
+        if info.capabilities.statistics:
+            module = self.by_name[ref.module]
+            if not isinstance(module, nn.Linear):
+                kind = type(module).__name__
+                why = (
+                    "transformers' Conv1D stores its weight transposed, (in, out); this version collects "
+                    "calibration statistics for torch.nn.Linear only"
+                    if kind == "Conv1D"
+                    else "calibration statistics are collected for torch.nn.Linear layers only"
+                )
+                self.issue(
+                    ("rules", index, "select"),
+                    f"tensor {ref.name}: {info.name} reads calibration statistics of the module's input, but "
+                    f"{ref.module or 'the model'} is a {kind}: {why}",
+                    "select Linear layers only (types: [Linear])",
+                )
+                return False
         try:
             unit = info.units(rule.options)
         except Exception as exc:  # a plugin's units() failing on these options

@@ -101,6 +101,11 @@ def format_plan(plan: Plan) -> str:
             f"\nPredicted: {mark}{pct(predicted)} of {total:,} entries in the selected tensors"
             + ("" if exact else " (~: estimate; the split depends on the values)")
         )
+    if plan.needs_data:
+        out.append(
+            f"Calibration data: needed by {', '.join(plan.needs_data)} (Python: apply(model, spec, data=batches); "
+            "CLI: --data file.py:factory)"
+        )
     if plan.spec.seed is not None:
         out.append(f"Seed: {plan.spec.seed}")
     if plan.spec.finalize:

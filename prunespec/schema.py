@@ -36,7 +36,19 @@ def build_schema(methods: Mapping[str, MethodInfo]) -> dict[str, Any]:
                 defs[f"{name}__{def_name}"] = def_schema
             options["description"] = about
         then: dict[str, Any] = {"properties": {"options": options}}
-        if info.takes_amount:
+        replaced = info.method.amount_replaced_by
+        if info.takes_amount and replaced:  # either an amount, or the options that replace it, not both
+            given = {
+                "required": ["options"],
+                "properties": {"options": {"anyOf": [{"required": [key]} for key in replaced]}},
+            }
+            no_amount = {"not": {"anyOf": [{"required": ["amount"]}, {"required": ["sparsity"]}]}}
+            then["oneOf"] = [
+                {"required": ["amount"], "not": given},
+                {"required": ["sparsity"], "not": given},
+                {"allOf": [given, no_amount]},
+            ]
+        elif info.takes_amount:
             then["oneOf"] = [{"required": ["amount"]}, {"required": ["sparsity"]}]
         else:
             then["not"] = {"anyOf": [{"required": ["amount"]}, {"required": ["sparsity"]}]}

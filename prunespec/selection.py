@@ -267,3 +267,14 @@ def select_rows(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     last = ranked.gather(1, (targets.reshape(-1, 1) - 1).clamp(min=0)).reshape(-1)
     ok = ~last.isnan() | (targets == 0)
     return pruned, ok
+
+
+def prune_rows(scores: torch.Tensor, mask: torch.Tensor | None, targets: list[int]) -> torch.Tensor:
+    """A 2-D tensor compared within each row: the bool "pruned" matrix with row ``i`` at exactly
+    ``targets[i]`` pruned entries, its earlier-pruned ones (0 in ``mask``) kept pruned and the rest the
+    lowest ``scores`` of the row, ties to the lower index (NaN scores never pruned)."""
+    ranked = scores.to(torch.float32).nan_to_num(nan=math.inf, posinf=math.inf)
+    if mask is not None:
+        ranked = ranked.masked_fill(mask == 0, -math.inf)
+    pruned, _ = select_rows(ranked, torch.tensor(targets, device=scores.device))
+    return pruned

@@ -44,6 +44,11 @@ one ``AssertionError`` naming the method and every rule it breaks:
   and, where the method also computes masks, every unit it prunes scores no higher than every unit it
   keeps;
 * **deterministic under a seed**: ``torch.manual_seed(s)`` before two calls gives the same mask;
+* **data-aware methods** (a class with ``statistics``): ``score``/``mask`` get synthetic statistics (for
+  ``input_sq_norms``: a positive random vector, one per input of a 2-D weight), and "works through
+  prunespec" runs ``prunespec.apply`` on an ``nn.Linear`` holding the weight with random calibration
+  batches (other shapes are not run through prunespec: statistics are collected for Linear layers only);
+  a method whose amount applies per row (``per_row``) is counted, and its scores compared, row by row;
 * **pickle-able**: the method object (which becomes the module's forward pre-hook, and is pickled with
   the model by ``torch.save(model)``) survives ``pickle`` and computes the same mask afterwards.
 """
@@ -154,6 +159,18 @@ class _Checker:
     def label(self) -> str:
         return f"method {self.info.name!r} ({self.info.method.__module__}.{self.info.method.__qualname__})"
 
+    @property
+    def takes_amount(self) -> bool:
+        """Whether the rules checked give an amount (with these options)."""
+        return self.info.needs_amount(self.options)
+
+    def statistics(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Synthetic calibration statistics for ``t``'s module, one per name the method declares."""
+        if not self.info.capabilities.statistics or t.dim() < 2:
+            return {}
+        gen = torch.Generator().manual_seed(self.seed + 7)
+        return {"input_sq_norms": torch.rand(t.shape[1], generator=gen) * 4 + 0.25}
+
     def fail(self, rule: str, detail: str, case: str | None = None) -> None:
         self.failures.setdefault(rule, []).append(f"{detail} [{case}]" if case else detail)
 
@@ -254,7 +271,7 @@ class _Checker:
 
     def build(self) -> prune.BasePruningMethod | None:
         try:
-            method = self.info.build(self.amount if self.info.takes_amount else None, self.options)
+            method = self.info.build(self.amount if self.takes_amount else None, self.options)
         except Exception as exc:
             self.fail("registers", f"building it with options {self.options} failed: {type(exc).__name__}: {exc}")
             return None
@@ -275,7 +292,9 @@ class _Checker:
                 if self.masks_in_context and not isinstance(method, prune.PruningContainer):
                     assert isinstance(method, PruningMethod)
                     dense = bool((default == 1).all())
-                    ctx = MaskContext("weight", "", "weight", nn.Module(), t, None if dense else default, self.options)
+                    stats = self.statistics(t)
+                    mask_so_far = None if dense else default
+                    ctx = MaskContext("weight", "", "weight", nn.Module(), t, mask_so_far, self.options, stats)
                     mask = method.mask(ctx)
                 else:
                     mask = method.compute_mask(t, default_mask=default)
@@ -337,7 +356,7 @@ class _Checker:
         if fresh is None:
             return
         dense = self.compute("mask shape and dtype", case, fresh, t, ones)
-        if dense is not None and self.info.takes_amount:
+        if dense is not None and self.takes_amount:
             self.check_amount(case, dense, ones)
         if dense is not None:
             self.check_scores(case, t, dense)
@@ -366,7 +385,7 @@ class _Checker:
         if composed is None:
             return
         self.check_keeps_zeros("respects default_mask", case, composed, default, "PruningContainer.compute_mask")
-        if self.info.takes_amount:
+        if self.takes_amount:
             self.check_amount(case + ", via PruningContainer", composed, default)
 
     def check_keeps_zeros(self, rule: str, case: str, mask: torch.Tensor, default: torch.Tensor, how: str) -> None:
@@ -399,6 +418,8 @@ class _Checker:
             if bool(partly.any()):
                 self.fail("honours the amount", f"{int(partly.sum())} {name} are only partly pruned", case)
         expected = n_to_prune(self.amount, alive_before)
+        if self.per_row(mask):
+            expected = mask.shape[0] * n_to_prune(self.amount, mask.shape[1])
         pruned = alive_before - alive_after
         if pruned != expected:
             self.fail(
@@ -407,6 +428,9 @@ class _Checker:
                 f"(round(amount * remaining), as torch rounds), but {pruned} were pruned",
                 case,
             )
+
+    def per_row(self, t: torch.Tensor) -> bool:
+        return self.info.per_row(self.options) and t.dim() == 2
 
     def check_scores(self, case: str, t: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Scores that prunespec ranks by: of the unit grid's shape, elementwise when declared so, and
@@ -419,8 +443,8 @@ class _Checker:
         if unit is None:
             return
         try:
-            method = self.info.instance(self.amount if self.info.takes_amount else None, self.options)
-            ctx = MaskContext("weight", "", "weight", nn.Module(), t, None, self.options)
+            method = self.info.instance(self.amount if self.takes_amount else None, self.options)
+            ctx = MaskContext("weight", "", "weight", nn.Module(), t, None, self.options, self.statistics(t))
             scores = method.score(ctx)
             again = method.score(ctx)
             flat = method.importance(t.reshape(-1)) if caps.elementwise else None
@@ -442,9 +466,14 @@ class _Checker:
             return
         if mask is None:
             return
+        if not self.takes_amount:
+            return  # options that replace the amount (N:M) choose within groups, not by one cut
         pruned = unit.reduce(mask)
-        if bool(pruned.any()) and bool((~pruned).any()):
-            highest_pruned, lowest_kept = scores[pruned].max(), scores[~pruned].min()
+        groups = list(zip(scores, pruned, strict=True)) if self.per_row(t) else [(scores, pruned)]
+        for row_scores, row_pruned in groups:
+            if not (bool(row_pruned.any()) and bool((~row_pruned).any())):
+                continue
+            highest_pruned, lowest_kept = row_scores[row_pruned].max(), row_scores[~row_pruned].min()
             if bool(highest_pruned > lowest_kept):
                 self.fail(
                     rule,
@@ -461,10 +490,21 @@ class _Checker:
         if unit is None:
             return
         count = unit.count(tuple(t.shape))
-        how: list[dict[str, Any]] = [{"amount": self.amount}, {"sparsity": 0.5}] if self.info.takes_amount else [{}]
+        how: list[dict[str, Any]] = [{"amount": self.amount}, {"sparsity": 0.5}] if self.takes_amount else [{}]
+        data_aware = bool(self.info.capabilities.statistics)
+        if data_aware and t.dim() != 2:
+            return  # calibration statistics are collected for Linear layers only
         for extra in how:
-            holder = nn.Module()
-            holder.weight = nn.Parameter(t.clone())
+            holder: nn.Module
+            data = None
+            if data_aware:
+                holder = nn.Linear(t.shape[1], t.shape[0], bias=False, dtype=t.dtype)
+                holder.weight = nn.Parameter(t.clone())
+                gen = torch.Generator().manual_seed(self.seed)
+                data = [torch.randn(4, t.shape[1], generator=gen).to(t.dtype) for _ in range(2)]
+            else:
+                holder = nn.Module()
+                holder.weight = nn.Parameter(t.clone())
             spec = {
                 "version": 1,
                 "seed": self.seed,
@@ -476,13 +516,17 @@ class _Checker:
             try:
                 from .api import apply
 
-                apply(holder, spec, methods=registry)
+                apply(holder, spec, methods=registry, data=data)
             except Exception as exc:
                 self.fail(rule, f"prunespec.apply with {extra or 'no amount'} raised {type(exc).__name__}: {exc}", case)
                 return
-            if not self.info.takes_amount:
+            if not self.takes_amount:
                 continue
             wanted = n_to_prune(self.amount, count) if "amount" in extra else round(0.5 * count)
+            if self.per_row(t):
+                row = t.shape[1]
+                each = n_to_prune(self.amount, row) if "amount" in extra else round(0.5 * row)
+                wanted = t.shape[0] * each
             got = unit.pruned(holder.get_buffer("weight_mask"))
             if got != wanted:
                 self.fail(rule, f"{extra} of {count} {unit.name} should prune {wanted}, pruned {got}", case)

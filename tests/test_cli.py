@@ -24,6 +24,7 @@ from torch.nn.utils import prune
 import prunespec
 import prunespec.cli
 from prunespec.cli import main
+from prunespec.methods.wanda import Wanda
 
 MODEL = f"{EXAMPLES / 'lenet.py'}:make_lenet"
 SCHEMA = ROOT / "schemas" / "prunespec.schema.json"
@@ -33,6 +34,7 @@ BUILTINS = {
     "l1_unstructured": prune.L1Unstructured,
     "random_structured": prune.RandomStructured,
     "ln_structured": prune.LnStructured,
+    "wanda": Wanda,
 }
 ALL_SPECS = sorted(SPECS.glob("*.yaml"))
 
@@ -177,6 +179,7 @@ def test_methods_table_lists_the_builtins(capsys: pytest.CaptureFixture[str]) ->
         "l1_unstructured": ["unstructured", "entries"],
         "random_structured": ["structured", "channels"],
         "ln_structured": ["structured", "channels"],
+        "wanda": ["unstructured", "entries"],
     }
 
 

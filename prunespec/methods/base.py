@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 from torch.nn.utils import prune
 
+from ..calibration import STATISTICS
 from ..masks import Channels, Entries, Unit, n_to_prune
 
 PRUNING_TYPES = ("unstructured", "structured", "global")
@@ -47,9 +48,11 @@ class MaskContext:
     """What a method sees of one tensor when it scores or masks it.
 
     ``values`` are the parameter's original values (``<name>_orig``, detached; never write into them),
-    ``mask`` the mask so far (None: nothing pruned yet). ``statistics`` holds what the method declared in
-    ``statistics`` (calibration data; empty otherwise). The context grows (coupled groups, weight updates)
-    without breaking methods that ignore what they do not use.
+    ``mask`` the mask so far (None: nothing pruned yet). ``statistics`` holds, by name, each calibration
+    statistic the method declares in ``statistics``, for this tensor's module (see
+    :mod:`prunespec.calibration`: ``"input_sq_norms"`` is a float32 vector, the sum over every calibration
+    token of each input feature squared); empty for a method that declares none. The context grows
+    (coupled groups, weight updates) without breaking methods that ignore what they do not use.
     """
 
     name: str  # "features.0.weight"
@@ -98,7 +101,12 @@ class PruningMethod(prune.BasePruningMethod):
     * override :meth:`score` (per-unit scores from a :class:`MaskContext`) or :meth:`importance`
       (elementwise, from the values alone): prunespec then selects the lowest scores itself, exactly,
       for ``scope: local`` and ``scope: global``, with ``max_sparsity``/``min_sparsity``;
-    * ``statistics``: names of the calibration statistics :meth:`score` or :meth:`mask` read;
+    * ``statistics``: names of the calibration statistics :meth:`score` or :meth:`mask` read (see
+      :data:`prunespec.calibration.STATISTICS`); ``prunespec.apply`` then needs ``data=``;
+    * ``amount_replaced_by``: options that, when a rule gives them, replace the amount (the rule then
+      gives neither ``amount`` nor ``sparsity``; ``wanda``'s ``n``/``m``);
+    * :meth:`per_row`: the amount applies to each row (dim 0) on its own; prunespec then selects the
+      lowest scores within each row;
     * ``hook_class``: the class whose instance is installed as the forward pre-hook (default: this class).
 
     Masks come from :meth:`score` (when given), else :meth:`mask`, which by default calls torch's
@@ -111,14 +119,18 @@ class PruningMethod(prune.BasePruningMethod):
     takes_amount: ClassVar[bool] = True
     unit: ClassVar[UnitName] = "entries"
     statistics: ClassVar[tuple[str, ...]] = ()
+    amount_replaced_by: ClassVar[tuple[str, ...]] = ()
     hook_class: ClassVar[type[prune.BasePruningMethod] | None] = None
 
     def __init__(self, amount: float | int | None = None, **options: Any) -> None:
-        if self.takes_amount:
+        if self.needs_amount(options):
             if amount is None or isinstance(amount, bool) or not isinstance(amount, Real):
                 raise TypeError(f"amount must be a number, got {amount!r}")
             if amount < 0 or (not isinstance(amount, Integral) and amount > 1):
                 raise ValueError(f"amount must be a fraction in [0, 1] or a count >= 0, got {amount!r}")
+        elif amount is not None and self.takes_amount:
+            given = ", ".join(k for k in self.amount_replaced_by if options.get(k) is not None)
+            raise ValueError(f"with {given} given, {self.name} takes no amount (they decide how much is pruned)")
         self.amount = amount
         for key, value in self.Options(**options).model_dump().items():
             setattr(self, key, value)
@@ -144,6 +156,20 @@ class PruningMethod(prune.BasePruningMethod):
             supports_global=cls.takes_amount and (scores or cls.PRUNING_TYPE == "unstructured"),
             statistics=tuple(cls.statistics),
         )
+
+    @classmethod
+    def needs_amount(cls, options: Mapping[str, Any]) -> bool:
+        """Whether a rule with these options gives ``amount`` or ``sparsity``: a method that takes one,
+        unless the rule gives one of the options in ``amount_replaced_by``."""
+        return cls.takes_amount and not any(options.get(key) is not None for key in cls.amount_replaced_by)
+
+    @classmethod
+    def per_row(cls, options: Mapping[str, Any]) -> bool:
+        """Whether, with these options, the amount applies to each row (dim 0) of a tensor on its own: each
+        row prunes its own ``round(amount * left in the row)`` (``sparsity``: reaches its own
+        ``round(sparsity * row length)``; an integer amount is a count per row), ranked by :meth:`score`
+        within the row. Only for a method that scores entries of 2-D tensors."""
+        return False
 
     @classmethod
     def units(cls, options: Mapping[str, Any]) -> Unit:
@@ -295,6 +321,14 @@ class MethodInfo:
         """What an amount counts in a tensor, for these options."""
         return self.method.units(options)
 
+    def needs_amount(self, options: Mapping[str, Any]) -> bool:
+        """Whether a rule with these options gives ``amount`` or ``sparsity``."""
+        return self.method.needs_amount(options)
+
+    def per_row(self, options: Mapping[str, Any]) -> bool:
+        """Whether the amount applies to each row on its own, with these options."""
+        return self.method.per_row(options)
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Options checked and completed with defaults; raises pydantic's ValidationError."""
         return self.options_model(**options).model_dump()
@@ -339,6 +373,12 @@ class MethodInfo:
         if pruning_type not in PRUNING_TYPES:
             raise ValueError(f"{method.__qualname__}.PRUNING_TYPE must be one of {PRUNING_TYPES}, got {pruning_type!r}")
         if issubclass(method, PruningMethod):
+            unknown = [s for s in method.statistics if s not in STATISTICS]
+            if unknown:
+                raise ValueError(
+                    f"{method.__qualname__}.statistics names {unknown}, which prunespec does not collect; "
+                    f"it collects: {', '.join(STATISTICS)}"
+                )
             if options is not None and options is not method.Options:
                 raise TypeError(
                     f"{method.__qualname__} is a PruningMethod: declare its options on the class (Options = ...), "

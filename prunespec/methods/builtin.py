@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 from ..hookspecs import Register, hookimpl
 from .base import MaskContext, PruningMethod
+from .wanda import Wanda
 
 
 class DimOptions(BaseModel):
@@ -103,5 +104,5 @@ class LnStructured(PruningMethod):
 
 @hookimpl
 def prunespec_register_methods(register: Register) -> None:
-    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured):
+    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured, Wanda):
         register(method)
