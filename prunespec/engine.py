@@ -33,7 +33,7 @@ from . import calibration, layout, selection
 from .errors import ApplyError, Issue, PlanError, PrunespecError
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
-from .methods.base import MaskContext, MethodInfo, PruningMethod
+from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .runtime import lean
 
@@ -56,6 +56,7 @@ class Pruned:
     new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)  # its module's calibration statistics
+    generators: Generators | None = None  # the spec's seeded generators
 
     def masked(self) -> torch.Tensor:
         """What torch ranks: the masked weight (fresh from ``<name>_orig``, never a stale attribute)."""
@@ -68,7 +69,9 @@ class Pruned:
         values, mask = self.orig.detach(), self.mask
         if copy:
             values, mask = values.clone(), None if mask is None else mask.clone()
-        return MaskContext(self.name, self.module_name, pname, module, values, mask, options, self.statistics)
+        return MaskContext(
+            self.name, self.module_name, pname, module, values, mask, options, self.statistics, self.generators
+        )
 
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
@@ -96,10 +99,12 @@ def execute(
     tensors: dict[int, Pruned] = {}
     modules = dict(model.named_modules())
     statistics = _calibrate(model, plan, modules, data)
+    generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
     done = 0
-    with torch.no_grad(), _seeded(plan.spec.seed, model), lean():
+    torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
+    with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
         for unit in _batched(plan):
-            staged = [_stage(modules, tensors, step, statistics) for step in unit]
+            staged = [_stage(modules, tensors, step, statistics, generators) for step in unit]
             info = plan.methods[unit[0].method]
             try:
                 if unit[0].scope == "global":
@@ -163,7 +168,8 @@ _SEEDED = threading.Lock()  # torch's generators are process-wide: one seeded ap
 
 @contextlib.contextmanager
 def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
-    """Seed torch's generators for the apply, restoring the caller's RNG state afterwards."""
+    """Seed torch's generators for the apply, restoring the caller's RNG state afterwards: for methods
+    that draw from torch's RNG rather than ``ctx.generators``."""
     if seed is None:
         yield
         return
@@ -204,7 +210,11 @@ def _batched(plan: Plan) -> Iterator[list[Step]]:
 
 
 def _stage(
-    modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step, statistics: calibration.Statistics
+    modules: dict[str, nn.Module],
+    tensors: dict[int, Pruned],
+    step: Step,
+    statistics: calibration.Statistics,
+    generators: Generators | None,
 ) -> Pruned:
     owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
@@ -214,6 +224,7 @@ def _stage(
     if key not in tensors:
         tensors[key] = Pruned(step.tensor.name, step.tensor.module, owners, orig, layout.mask(module, pname))
         tensors[key].statistics = statistics.get(step.tensor.module, {})
+        tensors[key].generators = generators
     tensors[key].rules.append(step.rule)
     return tensors[key]
 
@@ -517,7 +528,7 @@ def _run_global(
         return
     scores = torch.cat([t.masked().reshape(-1) for t in tensors])
     default = torch.cat([(t.mask if t.mask is not None else torch.ones_like(t.orig)).reshape(-1) for t in tensors])
-    ctx = MaskContext(group, "", "temp", model, scores, default, step.options)
+    ctx = MaskContext(group, "", "temp", model, scores, default, step.options, {}, tensors[0].generators)
     try:
         flat = method.mask(ctx)
     except Exception as exc:

@@ -337,7 +337,11 @@ class _Checker:
         """Whether the method masks through :meth:`PruningMethod.mask` alone (prunespec calls it with the
         mask so far: torch's container is never involved)."""
         method = self.info.method
-        return method.mask is not PruningMethod.mask and method.compute_mask is PruningMethod.compute_mask
+        return (
+            method.hook_class is None
+            and method.mask is not PruningMethod.mask
+            and method.compute_mask is PruningMethod.compute_mask
+        )
 
     def check_case(self, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> None:
         case = f"shape {list(shape)}, {str(dtype).removeprefix('torch.')}"

@@ -158,3 +158,43 @@ def test_an_interrupted_finalize_leaves_every_module_pruned_as_before() -> None:
     before.assert_unchanged(model)
     assert all(isinstance(m.weight, torch.Tensor) and hasattr(m, "weight_mask") for m in model)
     assert len(prunespec.finalize(model)) == 6  # and it still finalizes afterwards
+
+
+def test_seeded_builtins_draw_from_their_own_generator_not_torchs() -> None:
+    """Another thread drawing from torch's RNG all the while neither changes the masks nor is changed."""
+    spec = {
+        "version": 1,
+        "seed": 11,
+        "rules": [
+            {"select": {"types": ["Linear"]}, "method": "random_unstructured", "amount": 0.3},
+            {"select": {"types": ["Linear"]}, "method": "random_structured", "amount": 2, "options": {"dim": 0}},
+        ],
+    }
+    reference = mlp()
+    torch.manual_seed(11)  # torch's own calls under torch's seed give the same masks
+    for m in (reference[0], reference[2]):
+        prune.random_unstructured(m, "weight", amount=0.3)
+    for m in (reference[0], reference[2]):
+        prune.random_structured(m, "weight", amount=2, dim=0)
+
+    models = [mlp() for _ in range(3)]  # (mlp seeds torch: built before the other thread draws)
+    stop = threading.Event()
+    torch.manual_seed(5)
+    expected_draws = [torch.rand(1).item() for _ in range(2000)]
+    torch.manual_seed(5)
+    draws: list[float] = []
+
+    def draw() -> None:
+        while not stop.is_set() and len(draws) < 2000:
+            draws.append(torch.rand(1).item())
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    for m in models:
+        prunespec.apply(m, spec)
+    stop.set()
+    drawer.join(10)
+    for m in models:
+        assert torch.equal(m[0].weight_mask, reference[0].weight_mask)
+        assert torch.equal(m[2].weight_mask, reference[2].weight_mask)
+    assert draws == expected_draws[: len(draws)]  # the other thread's sequence went on undisturbed

@@ -43,6 +43,25 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Generators:
+    """Random generators seeded with a spec's ``seed``, one per device, made on first use.
+
+    A random method draws from these (``ctx.generators(t.device)``), so its masks are the same in any
+    thread and the program's own random state is left alone. Seeded as ``torch.manual_seed(seed)`` seeds
+    torch's default generators, they draw the same numbers those would.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._made: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device | str = "cpu") -> torch.Generator:
+        key = torch.device(device)
+        if key not in self._made:
+            self._made[key] = torch.Generator(device=key).manual_seed(self.seed)
+        return self._made[key]
+
+
 @dataclass(frozen=True)
 class MaskContext:
     """What a method sees of one tensor when it scores or masks it.
@@ -63,6 +82,7 @@ class MaskContext:
     mask: torch.Tensor | None
     options: Mapping[str, Any]
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    generators: Generators | None = None  # the spec's seeded generators (None: no seed, torch's own)
 
     @property
     def masked(self) -> torch.Tensor:
@@ -86,6 +106,7 @@ class Capabilities:
     elementwise: bool  # its scores are per entry, from each value alone (computed lazily, never stored)
     supports_global: bool  # `scope: global` works
     statistics: tuple[str, ...]  # calibration statistics it needs
+    own_random: bool  # draws random numbers only from ``ctx.generators`` (or none): torch's RNG is left alone
 
 
 class PruningMethod(prune.BasePruningMethod):
@@ -101,6 +122,9 @@ class PruningMethod(prune.BasePruningMethod):
     * override :meth:`score` (per-unit scores from a :class:`MaskContext`) or :meth:`importance`
       (elementwise, from the values alone): prunespec then selects the lowest scores itself, exactly,
       for ``scope: local`` and ``scope: global``, with ``max_sparsity``/``min_sparsity``;
+    * ``own_random = True`` for a method that draws random numbers only from ``ctx.generators`` (seeded
+      from the spec's ``seed``), or none at all; for any other, a seeded apply seeds torch's own
+      generators instead (restored afterwards, one seeded apply at a time);
     * ``statistics``: names of the calibration statistics :meth:`score` or :meth:`mask` read (see
       :data:`prunespec.calibration.STATISTICS`); ``prunespec.apply`` then needs ``data=``;
     * ``amount_replaced_by``: options that, when a rule gives them, replace the amount (the rule then
@@ -119,6 +143,7 @@ class PruningMethod(prune.BasePruningMethod):
     takes_amount: ClassVar[bool] = True
     unit: ClassVar[UnitName] = "entries"
     statistics: ClassVar[tuple[str, ...]] = ()
+    own_random: ClassVar[bool] = False
     amount_replaced_by: ClassVar[tuple[str, ...]] = ()
     hook_class: ClassVar[type[prune.BasePruningMethod] | None] = None
 
@@ -155,6 +180,7 @@ class PruningMethod(prune.BasePruningMethod):
             elementwise=elementwise,
             supports_global=cls.takes_amount and (scores or cls.PRUNING_TYPE == "unstructured"),
             statistics=tuple(cls.statistics),
+            own_random=cls.own_random,
         )
 
     @classmethod

@@ -47,6 +47,7 @@ class Identity(PruningMethod):
     """Prune nothing; installs an all-ones mask."""
 
     name = "identity"
+    own_random = True
     hook_class = prune.Identity
     takes_amount = False
 
@@ -55,13 +56,36 @@ class RandomUnstructured(PruningMethod):
     """Prune entries chosen at random (uniformly)."""
 
     name = "random_unstructured"
+    own_random = True
     hook_class = prune.RandomUnstructured
+
+    def mask(self, ctx: MaskContext) -> torch.Tensor:
+        if ctx.generators is None:
+            return super().mask(ctx)
+        # torch's draws (rand_like, then topk), from the spec's own generator; after earlier pruning, on
+        # the entries left, as torch's container hands them to the method
+        if ctx.mask is None:
+            return self._draw(ctx.values, torch.ones_like(ctx.values), ctx)
+        left = ctx.mask == 1
+        new = ctx.mask.to(ctx.values.dtype, copy=True)
+        new[left] = self._draw(ctx.masked[left], ctx.mask[left], ctx).to(new.dtype)
+        return new
+
+    def _draw(self, t: torch.Tensor, default: torch.Tensor, ctx: MaskContext) -> torch.Tensor:
+        assert ctx.generators is not None
+        k = self.n_to_prune(t.nelement())
+        mask = default.clone(memory_format=torch.contiguous_format)
+        if k:
+            prob = torch.rand(t.shape, generator=ctx.generators(t.device), dtype=t.dtype, device=t.device)
+            mask.view(-1)[torch.topk(prob.view(-1), k=k).indices] = 0
+        return mask
 
 
 class L1Unstructured(PruningMethod):
     """Prune the entries with the smallest absolute value."""
 
     name = "l1_unstructured"
+    own_random = True
     hook_class = prune.L1Unstructured
 
     def importance(self, t: torch.Tensor) -> torch.Tensor:
@@ -72,16 +96,51 @@ class RandomStructured(PruningMethod):
     """Prune whole channels along `dim`, chosen at random."""
 
     name = "random_structured"
+    own_random = True
     PRUNING_TYPE = "structured"
     Options = DimOptions
     unit = "channels"
     hook_class = prune.RandomStructured
+
+    dim: int
+
+    def mask(self, ctx: MaskContext) -> torch.Tensor:
+        if ctx.generators is None:
+            return super().mask(ctx)
+        # torch's draws (one CPU rand per channel, kthvalue), from the spec's own generator; after earlier
+        # pruning, on the channels left, as torch's container hands them to the method
+        t = ctx.masked
+        dim = self.dim % t.dim()
+        if ctx.mask is None:
+            return self._draw(t, torch.ones_like(t), dim, ctx)
+        others = [d for d in range(t.dim()) if d != dim]
+        left = ctx.mask.sum(dim=others) != 0
+        where: list[Any] = [slice(None)] * t.dim()
+        where[dim] = left
+        new = ctx.mask.to(t.dtype, copy=True)
+        new[tuple(where)] = self._draw(t[tuple(where)], ctx.mask[tuple(where)], dim, ctx).to(new.dtype)
+        return new
+
+    def _draw(self, t: torch.Tensor, default: torch.Tensor, dim: int, ctx: MaskContext) -> torch.Tensor:
+        assert ctx.generators is not None
+        channels = t.shape[dim]
+        k = self.n_to_prune(channels)
+        if k == 0:
+            return default
+        prob = torch.rand(channels, generator=ctx.generators("cpu"))
+        keep = prob > torch.kthvalue(prob, k=k).values
+        where: list[Any] = [slice(None)] * t.dim()
+        where[dim] = keep
+        mask = torch.zeros_like(t)
+        mask[tuple(where)] = 1
+        return mask * default.to(dtype=mask.dtype)
 
 
 class LnStructured(PruningMethod):
     """Prune whole channels along `dim` with the smallest L`n` norm."""
 
     name = "ln_structured"
+    own_random = True
     PRUNING_TYPE = "structured"
     Options = LnOptions
     unit = "channels"

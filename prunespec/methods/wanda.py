@@ -67,6 +67,8 @@ class WandaOptions(BaseModel):
 class Wanda(PruningMethod):
     """Prune the weights with the smallest |W_ij| * ||X_j|| (input activation norms from calibration data)."""
 
+    own_random = True  # deterministic
+
     name = "wanda"
     Options = WandaOptions
     statistics: ClassVar[tuple[str, ...]] = ("input_sq_norms",)
