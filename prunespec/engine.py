@@ -35,7 +35,7 @@ from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
-from .runtime import lean
+from .runtime import lean, one_thread
 
 log = logging.getLogger("prunespec")
 
@@ -316,13 +316,13 @@ def _select(
     # (only a shared cut: with per-tensor bounds in play, counts alone do not prove the split still fits)
     shared = len({id(c.value) for c in planned or [] if c.value is not None}) <= 1
     if planned is not None and shared and len(planned) == len(entries) and sum(c.pruned for c in planned) == k:
-        masks = _masks(entries, planned, score, dtype)
+        with one_thread():
+            masks = _masks(entries, planned, score, dtype)
         if [n for _, n in masks] == [done + cut.pruned for done, cut in zip(already, planned, strict=True)]:
             return masks
-    cuts = selection.find_cuts(entries, k, score, already, low, high)
-    if cuts is None:
-        return None
-    return _masks(entries, cuts, score, dtype)
+    with one_thread():
+        cuts = selection.find_cuts(entries, k, score, already, low, high)
+        return None if cuts is None else _masks(entries, cuts, score, dtype)
 
 
 def _masks(

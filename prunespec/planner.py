@@ -25,6 +25,7 @@ from .layout import mask as mask_of
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
+from .runtime import one_thread
 from .selectors import nearest_names, nearest_types, params_hint, select_modules, why_nothing
 from .spec import Rule, Spec
 
@@ -675,7 +676,7 @@ class _Planner:
                 selection.Entry(param.detach(), s.mask) for (_, param, _), s in zip(targets, states, strict=True)
             ]
             already = [round(s.pruned) for s in states]
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 cuts = selection.find_cuts(entries, k, scorer, already, low, high)
             if cuts is not None:
                 self.cuts[index] = cuts

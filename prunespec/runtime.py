@@ -38,21 +38,29 @@ _COLLECTOR = _Collector()
 
 @contextlib.contextmanager
 def lean() -> Iterator[None]:
-    """Python's cycle collector paused, and torch's CPU ops in this thread on one thread.
+    """Python's cycle collector paused while prunespec plans, applies and reports: the engine allocates a
+    few small objects per tensor, which on a model of thousands of modules sets off full collections that
+    walk the whole model again and again; nothing made here needs collecting before it returns."""
+    _COLLECTOR.pause()
+    try:
+        yield
+    finally:
+        _COLLECTOR.resume()
 
-    The collector: the engine allocates a few small objects per tensor, which on a model of thousands of
-    modules sets off full collections that walk the whole model again and again; nothing made here needs
-    collecting before it returns. One thread: selection is many memory-bound elementwise passes, which a
-    second thread barely speeds up on an idle machine, but each pass is a parallel region that waits for
-    its slowest thread, so with another process busy on one core every pass waits for it (4.5x slower
-    with two threads, against 1.6x for torch's few large ops). torch's thread count belongs to the
-    calling thread (OpenMP's), so other threads of the program keep theirs.
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's CPU ops in this thread on one thread, for exact selection's many passes.
+
+    Selection is many memory-bound elementwise passes over each tensor; each pass is a parallel region
+    that waits for its slowest thread, so with another process busy on one core every pass waits for it
+    (measured: global L1 4.5x slower with two threads, against 1.6x for torch's few large ops). On one
+    thread it does not wait. Methods' own large ops (norms, topk, sorts) keep torch's thread count.
+    torch's thread count belongs to the calling thread (OpenMP's), so other threads keep theirs.
     """
     threads = torch.get_num_threads()
-    _COLLECTOR.pause()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        _COLLECTOR.resume()
