@@ -58,11 +58,6 @@ class Pruned:
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)  # its module's calibration statistics
     generators: Generators | None = None  # the spec's seeded generators
 
-    def masked(self) -> torch.Tensor:
-        """What torch ranks: the masked weight (fresh from ``<name>_orig``, never a stale attribute)."""
-        orig = self.orig.detach()
-        return orig if self.mask is None else self.mask.to(dtype=orig.dtype) * orig
-
     def context(self, options: Any, *, copy: bool = False) -> MaskContext:
         """What a method sees of this tensor; ``copy``: its own copies to write into."""
         module, pname = self.owners[0]
@@ -526,7 +521,7 @@ def _run_global(
             tensor.mask, tensor.zeros = mask, count
             tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
         return
-    scores = torch.cat([t.masked().reshape(-1) for t in tensors])
+    scores = torch.cat([t.context(step.options).masked.reshape(-1) for t in tensors])
     default = torch.cat([(t.mask if t.mask is not None else torch.ones_like(t.orig)).reshape(-1) for t in tensors])
     ctx = MaskContext(group, "", "temp", model, scores, default, step.options, {}, tensors[0].generators)
     try:

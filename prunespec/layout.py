@@ -16,7 +16,6 @@ step without holding the group's mask (pytorch/pytorch#49332); tied owners share
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -205,7 +204,7 @@ def merged(a: prune.BasePruningMethod, b: prune.BasePruningMethod) -> prune.Base
         return None
     if {k: v for k, v in vars(a).items() if k != "amount"} != {k: v for k, v in vars(b).items() if k != "amount"}:
         return None
-    out = copy.copy(b)
+    out = _copy(b)
     out.amount = amount_a + amount_b  # type: ignore[attr-defined,operator]
     return out
 
