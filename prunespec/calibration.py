@@ -38,15 +38,30 @@ from torch import nn
 
 from .errors import CalibrationError
 
-__all__ = ["STATISTICS", "Statistics", "collect", "input_sq_sums", "run_batch"]
+__all__ = ["STATISTICS", "Statistics", "collect", "input_sq_sums", "out_in", "run_batch", "transposed"]
 
 STATISTICS: Mapping[str, str] = {
     "input_sq_norms": "float32 vector, one per input feature: the sum over calibration tokens of the feature squared",
+    "input_gram": "float32 matrix (in, in): the sum over calibration tokens of x x^T (X^T X; SparseGPT's Hessian, "
+    "up to a factor)",
 }
 """Every statistic prunespec collects, by name, with what it is."""
 
 Statistics = dict[str, dict[str, torch.Tensor]]
 """Module name -> statistic name -> tensor."""
+
+
+def transposed(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its weight as ``(in, out)``: transformers' ``Conv1D`` (GPT-2), which
+    computes ``x @ weight``, unlike ``nn.Linear``'s ``x @ weight.T``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not isinstance(module, nn.Linear)
+
+
+def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``module``'s weight ``t`` as an ``(out, in)`` matrix, a view: rows are outputs, columns the input
+    features the statistics are about (``t`` itself for ``nn.Linear``, ``t.T`` for ``Conv1D``). The same
+    call maps an ``(out, in)`` result back to the weight's layout."""
+    return t.T if transposed(module) else t
 
 
 def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

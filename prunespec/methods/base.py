@@ -107,6 +107,7 @@ class Capabilities:
     supports_global: bool  # `scope: global` works
     statistics: tuple[str, ...]  # calibration statistics it needs
     own_random: bool  # draws random numbers only from ``ctx.generators`` (or none): torch's RNG is left alone
+    updates_values: bool = False  # changes the kept weights too (:meth:`PruningMethod.reconstruct`)
 
 
 class PruningMethod(prune.BasePruningMethod):
@@ -131,6 +132,8 @@ class PruningMethod(prune.BasePruningMethod):
       gives neither ``amount`` nor ``sparsity``; ``wanda``'s ``n``/``m``);
     * :meth:`per_row`: the amount applies to each row (dim 0) on its own; prunespec then selects the
       lowest scores within each row;
+    * ``updates_values = True`` for a method that also changes the weights it keeps (``sparsegpt``):
+      it implements :meth:`reconstruct`, and prunespec writes the new values into ``<name>_orig``;
     * ``hook_class``: the class whose instance is installed as the forward pre-hook (default: this class).
 
     Masks come from :meth:`score` (when given), else :meth:`mask`, which by default calls torch's
@@ -145,6 +148,7 @@ class PruningMethod(prune.BasePruningMethod):
     statistics: ClassVar[tuple[str, ...]] = ()
     own_random: ClassVar[bool] = False
     amount_replaced_by: ClassVar[tuple[str, ...]] = ()
+    updates_values: ClassVar[bool] = False
     hook_class: ClassVar[type[prune.BasePruningMethod] | None] = None
 
     def __init__(self, amount: float | int | None = None, **options: Any) -> None:
@@ -181,6 +185,7 @@ class PruningMethod(prune.BasePruningMethod):
             supports_global=cls.takes_amount and (scores or cls.PRUNING_TYPE == "unstructured"),
             statistics=tuple(cls.statistics),
             own_random=cls.own_random,
+            updates_values=cls.updates_values,
         )
 
     @classmethod
@@ -277,6 +282,13 @@ class PruningMethod(prune.BasePruningMethod):
         if ctx.mask is None:
             return hook.compute_mask(ctx.values, default_mask=default)  # type: ignore[no-any-return]
         return prune.PruningContainer(hook).compute_mask(ctx.masked, default_mask=default)  # type: ignore[no-any-return]
+
+    def reconstruct(self, ctx: MaskContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a method with ``updates_values``: ``(mask, values)``, the new mask (keeping every zero of
+        ``ctx.mask``) and the new original values, both of ``ctx.values``'s shape, dtype and device.
+        prunespec writes ``values`` into ``<name>_orig`` at install (restored if the apply fails), so the
+        model computes with ``values * mask``. ``ctx.values`` must be left as it is."""
+        raise NotImplementedError(f"{type(self).__qualname__} declares updates_values: implement reconstruct()")
 
     def hook(self) -> prune.BasePruningMethod:
         """The object installed as the module's forward pre-hook (and recorded in checkpoints)."""
