@@ -1,9 +1,10 @@
 """Calibration statistics: what data-aware methods (``wanda``) know of the activations.
 
-A method names the statistics it reads in its class's ``statistics``; before any mask is computed,
-:func:`collect` runs the calibration batches through the model once and gathers them for the modules
-being pruned only, with forward pre-hooks that are removed afterwards. The method then finds them in
-``MaskContext.statistics``, by name.
+A method names the statistics it reads in its class's ``statistics``. The engine runs the calibration
+batches through the model in one pass that stops at each module being pruned
+(:class:`prunespec.sequential.Pass`); there an :class:`Accumulator` computes the module's statistics
+from every batch's input to it, and the method finds them in ``MaskContext.statistics``, by name.
+:func:`collect` does the same for a set of modules without pruning anything.
 
 Statistics (:data:`STATISTICS`):
 
@@ -12,6 +13,12 @@ Statistics (:data:`STATISTICS`):
     token, of that feature squared. Its square root is ``||X_j||_2``, the L2 norm of input feature ``j``
     over all the tokens (Wanda's activation norm). Memory: one vector per pruned module's input.
 
+``input_gram``
+    A float32 matrix ``(in, in)``: the sum over every calibration token of ``x x^T`` (``X^T X``), which
+    is SparseGPT's Hessian up to a factor, and what the reconstruction error
+    ``||W X - W' X||^2 = tr((W - W') X^T X (W - W')^T)`` needs. Memory: ``in * in`` floats per module's
+    input, only while that module is pruned.
+
 Tokens: a module's input of shape ``(batch, seq, features)`` has ``batch * seq`` tokens; any other shape
 ``(..., features)`` is flattened to tokens the same way. When a batch is a mapping with an
 ``attention_mask`` of shape ``(batch, seq)``, only the tokens where the mask is nonzero (1) count:
@@ -19,8 +26,8 @@ the mask is matched to the first two dims of an input of shape ``(batch, seq, ..
 dim of an input of shape ``(batch * seq, features)``; an input that fits neither is an error naming the
 module, rather than a guess.
 
-Sharing: modules that see the same input tensor object (``q_proj``, ``k_proj``, ``v_proj``; ``gate_proj``
-and ``up_proj``) get one statistic, computed once per batch: the very same tensor object.
+Sharing: modules that see the same input tensor object in every batch (``q_proj``, ``k_proj``,
+``v_proj``; ``gate_proj`` and ``up_proj``) get one statistic, computed once: the very same tensor object.
 
 The model runs under ``torch.no_grad()`` in eval mode (dropout off, batch norms leave their running
 statistics alone); each module's training flag is restored afterwards, and the hooks are removed
@@ -30,15 +37,26 @@ whatever happens.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CalibrationError
+from .sequential import BatchFailed, Pass, Stop
 
-__all__ = ["STATISTICS", "Statistics", "collect", "input_sq_sums", "out_in", "run_batch", "transposed"]
+__all__ = [
+    "STATISTICS",
+    "Accumulator",
+    "BadInput",
+    "Statistics",
+    "batches",
+    "collect",
+    "input_gram",
+    "input_sq_sums",
+    "out_in",
+]
 
 STATISTICS: Mapping[str, str] = {
     "input_sq_norms": "float32 vector, one per input feature: the sum over calibration tokens of the feature squared",
@@ -64,6 +82,16 @@ def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.T if transposed(module) else t
 
 
+def features(module: nn.Module) -> int | None:
+    """How many input features ``module`` takes, when its weight says (a Linear's or a Conv1D's)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = getattr(module, "weight_orig", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(out_in(module, weight).shape[1])
+    return None
+
+
 def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Sum over tokens of each feature squared, in float32; ``keep``: bool mask of the tokens that count,
     already matched to ``x``'s leading dims."""
@@ -74,7 +102,21 @@ def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return (tokens * tokens).sum(dim=0)
 
 
-def _tokens_kept(x: torch.Tensor, mask: torch.Tensor | None, module: str) -> torch.Tensor | None:
+def input_gram(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Sum over tokens of ``x x^T`` (``X^T X``, features by features), in float32."""
+    tokens = x.detach()
+    if keep is not None:
+        tokens = tokens[keep]
+    tokens = tokens.reshape(-1, x.shape[-1]).to(torch.float32)
+    return tokens.T @ tokens
+
+
+_COMPUTE = {"input_sq_norms": input_sq_sums, "input_gram": input_gram}
+
+
+def tokens_kept(x: torch.Tensor, mask: torch.Tensor | None, module: str) -> torch.Tensor | None:
+    """The tokens of input ``x`` that count (a bool mask of its leading dims), from the batch's
+    ``attention_mask``; None: all of them. ValueError when the mask cannot be matched to ``x``."""
     if mask is None:
         return None
     keep = mask.to(device=x.device) != 0
@@ -89,76 +131,101 @@ def _tokens_kept(x: torch.Tensor, mask: torch.Tensor | None, module: str) -> tor
     )
 
 
-def _attention_mask(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return mask
-    return None
+class BadInput(ValueError):
+    """A batch's input to a module cannot give its statistics (``batch``: its index)."""
+
+    def __init__(self, batch: int, message: str) -> None:
+        super().__init__(message)
+        self.batch = batch
 
 
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    """One forward pass with ``batch`` as the model's input: a Tensor is the first positional argument,
-    a tuple or list the positional arguments, a mapping the keyword arguments. TypeError otherwise."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    raise TypeError(f"a batch is a Tensor, a tuple or list, or a mapping; got {type(batch).__name__}")
-
-
-class _Collector:
-    """Sums per module over the batches; modules that saw the same inputs in every batch share one."""
+class Accumulator:
+    """Statistics at the stops of a :class:`~prunespec.sequential.Pass`, summed over the batches in
+    batch order. A stop whose every batch brings the very input tensor it brought to the previous stop
+    (``k_proj`` after ``q_proj``) gets the previous stop's statistics: the same tensor objects, not
+    computed again."""
 
     def __init__(self) -> None:
-        self.owner: dict[str, int] = {}  # module -> index into sums/members
-        self.sums: list[torch.Tensor] = []
-        self.members: list[set[str]] = []
-        self.mask: torch.Tensor | None = None
-        self.inputs: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []  # this batch: input -> its sums
-        self.seen: dict[str, list[int]] = {}  # this batch: module -> its inputs
-        self.error: Exception | None = None
+        self._last: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self.tokens: int | None = None  # tokens counted at the first stop
 
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        # weak references: holding every input until the batch ends would keep all activations alive, and
-        # a bare id() could be reused by another tensor once this one is freed
-        index = next((i for i, (ref, _) in enumerate(self.inputs) if ref() is x), None)
-        if index is None:
-            self.inputs.append((weakref.ref(x), input_sq_sums(x, _tokens_kept(x, self.mask, name))))
-            index = len(self.inputs) - 1
-        self.seen.setdefault(name, []).append(index)
+    def at(self, stop: Stop, names: Collection[str], features: int | None = None) -> dict[str, torch.Tensor]:
+        """The statistics ``names`` of the stop's module, whose inputs have ``features`` features when
+        known. Raises :class:`BadInput` naming the batch whose input does not fit."""
+        unknown = sorted(set(names) - set(STATISTICS))
+        if unknown:
+            raise ValueError(f"no such statistics: {', '.join(unknown)} (prunespec collects {', '.join(STATISTICS)})")
+        stats: dict[str, torch.Tensor] | None = None
+        for arrival in stop.arrivals:
+            last = self._last.get(arrival.batch)
+            same = last is not None and last[0]() is arrival.x
+            if not same or (stats is not None and last is not None and last[1] is not stats):
+                stats = None
+                break
+            assert last is not None
+            stats = last[1]
+        if stats is None or not stop.arrivals:
+            stats = {}
+        missing = [name for name in names if name not in stats]
+        if missing:
+            keeps = []
+            for a in stop.arrivals:
+                if features is not None and (a.x.dim() == 0 or a.x.shape[-1] != features):
+                    raise BadInput(
+                        a.batch,
+                        f"its input to {stop.module} has shape {list(a.x.shape)}, but {stop.module} takes "
+                        f"{features} features (the last dim)",
+                    )
+                try:
+                    keeps.append(tokens_kept(a.x, a.attention_mask, stop.module))
+                except ValueError as exc:
+                    raise BadInput(a.batch, str(exc)) from exc
+            if self.tokens is None:
+                self.tokens = sum(
+                    a.x.reshape(-1, a.x.shape[-1]).shape[0] if k is None else int(k.sum())
+                    for a, k in zip(stop.arrivals, keeps, strict=True)
+                )
+            for name in missing:
+                total: torch.Tensor | None = None
+                for arrival, keep in zip(stop.arrivals, keeps, strict=True):
+                    part = _COMPUTE[name](arrival.x, keep)
+                    total = part if total is None else total.add_(part)
+                assert total is not None
+                stats[name] = total
+        for arrival in stop.arrivals:
+            self._last[arrival.batch] = (weakref.ref(arrival.x), stats)
+        return stats
 
-    def end_batch(self) -> None:
-        by_inputs: dict[tuple[int, ...], list[str]] = {}
-        for name, seen in self.seen.items():
-            by_inputs.setdefault(tuple(seen), []).append(name)
-        for indexes, names in by_inputs.items():
-            vector = self.inputs[indexes[0]][1]
-            for i in indexes[1:]:
-                vector = vector + self.inputs[i][1]
-            parts: dict[int | None, set[str]] = {}
-            for name in names:
-                parts.setdefault(self.owner.get(name), set()).add(name)
-            for current, part in parts.items():
-                if current is not None and self.members[current] == part:
-                    self.sums[current] += vector
-                    continue
-                fresh = vector.clone() if current is None else self.sums[current] + vector
-                if current is not None:
-                    self.members[current] -= part
-                self.sums.append(fresh)
-                self.members.append(part)
-                for name in part:
-                    self.owner[name] = len(self.sums) - 1
-        self.inputs, self.seen = [], {}
+
+def batches(data: Iterable[Any], rules: str, samples: int | None = None) -> list[Any]:
+    """The calibration batches as a list (the first ``samples`` when given): a pass runs them all at once.
+
+    Raises :class:`CalibrationError` for data that is not an iterable of batches, or too few of them."""
+    if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+        raise CalibrationError(
+            rules,
+            f"data is a {type(data).__name__}; give an iterable of batches (a list of Tensors, of tuples, or of "
+            "mappings such as {'input_ids': ..., 'attention_mask': ...})",
+        )
+    found: list[Any] = []
+    for batch in data:
+        if samples is not None and len(found) >= samples:
+            break
+        found.append(batch)
+    if not found:
+        raise CalibrationError(rules, "the data gave no batches; give at least one calibration batch")
+    if samples is not None and len(found) < samples:
+        raise CalibrationError(
+            rules, f"calibration.samples is {samples}, but the data gave {len(found)} batches; give more or lower it"
+        )
+    return found
 
 
 def collect(
     model: nn.Module, modules: Mapping[str, nn.Module], names: Collection[str], data: Iterable[Any], rules: str
 ) -> Statistics:
-    """The statistics ``names`` of each of ``modules`` (by name), over every batch of ``data``.
+    """The statistics ``names`` of each of ``modules`` (by name), over every batch of ``data``, from
+    the model as it is (nothing is pruned on the way: ``calibration.sequential: false``).
 
     ``rules`` names the rules that need them, for errors. Raises :class:`CalibrationError` naming the
     batch at fault; the model's parameters, buffers, hooks and modes are as they were afterwards.
@@ -167,58 +234,25 @@ def collect(
     if unknown:
         known = ", ".join(STATISTICS)
         raise CalibrationError(rules, f"no such statistics: {', '.join(unknown)} (prunespec collects {known})")
-    collector = _Collector()
-    handles = []
-    modes = [(m, m.training) for m in model.modules()]
-    index = -1
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(_hook(collector, name), with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
-            for index, batch in enumerate(_batches(data, rules)):
-                collector.mask = _attention_mask(batch)
-                try:
-                    run_batch(model, batch)
-                except Exception as exc:
-                    cause = collector.error or exc
-                    message = f"the forward pass failed: {type(cause).__name__}: {cause}"
-                    raise CalibrationError(rules, message, index) from exc
-                collector.end_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-    if index < 0:
-        raise CalibrationError(rules, "the data gave no batches; give at least one calibration batch")
-    missing = [name for name in modules if name not in collector.owner]
+    found = batches(data, rules)
+    accumulator = Accumulator()
+    out: Statistics = {}
+    with Pass(model, found, modules) as calibration_pass:
+        while True:
+            try:
+                stop = calibration_pass.next_stop()
+                if stop is None:
+                    break
+                out[stop.module] = accumulator.at(stop, names, features(modules[stop.module]))
+            except BatchFailed as failed:
+                message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
+                raise CalibrationError(rules, message, failed.index) from failed.error
+            except BadInput as exc:
+                raise CalibrationError(rules, str(exc), exc.batch) from exc
+            calibration_pass.release(stop.module)
+        missing = calibration_pass.unreached()
     if missing:
         raise CalibrationError(
             rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
         )
-    return {name: {"input_sq_norms": collector.sums[collector.owner[name]]} for name in modules}
-
-
-def _batches(data: Iterable[Any], rules: str) -> Iterable[Any]:
-    if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
-        raise CalibrationError(
-            rules,
-            f"data is a {type(data).__name__}; give an iterable of batches (a list of Tensors, of tuples, or of "
-            "mappings such as {'input_ids': ..., 'attention_mask': ...})",
-        )
-    return data
-
-
-def _hook(collector: _Collector, name: str) -> Any:
-    def observe(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor):
-            return
-        try:
-            collector.observe(name, x)
-        except Exception as exc:  # kept: the forward's own error would hide what went wrong here
-            collector.error = exc
-            raise
-
-    return observe
+    return {name: out[name] for name in modules}

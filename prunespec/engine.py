@@ -30,12 +30,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import calibration, layout, selection
-from .errors import ApplyError, Issue, PlanError, PrunespecError
+from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .runtime import lean, one_thread
+from .sequential import BatchFailed
+from .sequential import Pass as sequential_pass
 
 log = logging.getLogger("prunespec")
 
@@ -57,11 +59,20 @@ class Pruned:
     rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)  # its module's calibration statistics
     generators: Generators | None = None  # the spec's seeded generators
+    owner_names: list[tuple[str, str]] = field(default_factory=list)  # (module name, parameter) per owner
+    values: torch.Tensor | None = None  # new original values, from a method that reconstructs (sparsegpt)
+    start: torch.Tensor | None = None  # the mask before this apply
+    error: float | None = None  # relative reconstruction error on the calibration data
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The original values as they stand: a reconstructing method's, else the parameter's."""
+        return self.orig if self.values is None else self.values
 
     def context(self, options: Any, *, copy: bool = False) -> MaskContext:
         """What a method sees of this tensor; ``copy``: its own copies to write into."""
         module, pname = self.owners[0]
-        values, mask = self.orig.detach(), self.mask
+        values, mask = self.current.detach(), self.mask
         if copy:
             values, mask = values.clone(), None if mask is None else mask.clone()
         return MaskContext(
@@ -93,49 +104,75 @@ def execute(
         raise PlanError([Issue(f"the plan does not fit this model: {p}", hint="make the plan again") for p in stale])
     tensors: dict[int, Pruned] = {}
     modules = dict(model.named_modules())
-    statistics = _calibrate(model, plan, modules, data)
+    units = plan.units()
+    later = _later(plan, units)
+    batches = _batches(plan, data) if later else None
     generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
-    done = 0
+    counter = _Counter(len(plan.steps), progress)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
     with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
-        for unit in _batched(plan):
-            staged = [_stage(modules, tensors, step, statistics, generators) for step in unit]
-            info = plan.methods[unit[0].method]
-            try:
-                if unit[0].scope == "global":
-                    _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
-                elif len(unit) > 1:
-                    _run_batch(unit, staged, info)
-                else:
-                    _run_local(unit[0], staged[0], info)
-            except PrunespecError:
-                raise
-            except Exception as exc:  # torch or a method failing where no check caught it: still one error
-                what = staged[0].name if len(unit) == 1 else f"{staged[0].name} and {len(unit) - 1} more"
-                hint = " (out of memory: free some, or prune on another device)" if _out_of_memory(exc) else ""
-                raise _fail(unit[0], what, f"masks could not be computed: {type(exc).__name__}: {exc}{hint}") from exc
-            done += len(unit)
-            if progress is not None or log.isEnabledFor(logging.DEBUG):
-                what = f"{unit[0].rule}: {unit[0].tensor.name}" + (
-                    f" and {len(unit) - 1} more" if len(unit) > 1 else ""
-                )
-                log.debug("masks computed for %s (%d/%d steps)", what, done, len(plan.steps))
-                if progress is not None:
-                    progress(done, len(plan.steps), what)
+        for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
+            _compute(model, plan, unit, [_stage(modules, tensors, step, generators) for step in unit])
+            counter.done(unit)
+        if batches is not None:
+            _calibrated(model, plan, [units[i] for i in sorted(later)], modules, tensors, batches, generators, counter)
         _install(list(tensors.values()), merge)
     return list(tensors.values())
 
 
-def _calibrate(
-    model: nn.Module, plan: Plan, modules: dict[str, nn.Module], data: Iterable[Any] | None
-) -> calibration.Statistics:
-    """The statistics the plan's methods read, for the modules they prune (none needed: empty)."""
-    needed = plan.needs_data
-    if not needed:
-        return {}
-    rules = ", ".join(needed)
+class _Counter:
+    """Steps done, for the progress callback and the DEBUG log."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.count, self.progress = total, 0, progress
+
+    def done(self, unit: list[Step], what: str | None = None) -> None:
+        self.count += len(unit)
+        if self.progress is not None or log.isEnabledFor(logging.DEBUG):
+            if what is None:
+                more = f" and {len(unit) - 1} more" if len(unit) > 1 else ""
+                what = f"{unit[0].rule}: {unit[0].tensor.name}{more}"
+            log.debug("masks computed for %s (%d/%d steps)", what, self.count, self.total)
+            if self.progress is not None:
+                self.progress(self.count, self.total, what)
+
+
+def _compute(model: nn.Module, plan: Plan, unit: list[Step], staged: list[Pruned]) -> None:
+    """The new masks of one unit (a local step, a global group, a batch of small local steps)."""
+    info = plan.methods[unit[0].method]
+    try:
+        if unit[0].scope == "global":
+            _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
+        elif len(unit) > 1:
+            _run_batch(unit, staged, info)
+        else:
+            _run_local(unit[0], staged[0], info)
+    except PrunespecError:
+        raise
+    except Exception as exc:  # torch or a method failing where no check caught it: still one error
+        what = staged[0].name if len(unit) == 1 else f"{staged[0].name} and {len(unit) - 1} more"
+        hint = " (out of memory: free some, or prune on another device)" if _out_of_memory(exc) else ""
+        raise _fail(unit[0], what, f"masks could not be computed: {type(exc).__name__}: {exc}{hint}") from exc
+
+
+def _later(plan: Plan, units: list[list[Step]]) -> set[int]:
+    """The units computed during the calibration pass (or after it): those of a method that reads
+    statistics, and every later unit on a tensor one of those prunes (a tensor's rules keep their order)."""
+    started: set[str] = set()
+    later: set[int] = set()
+    for i, unit in enumerate(units):
+        data = bool(plan.methods[unit[0].method].capabilities.statistics)
+        if data or any(step.tensor.name in started for step in unit):
+            later.add(i)
+            started.update(step.tensor.name for step in unit)
+    return later
+
+
+def _batches(plan: Plan, data: Iterable[Any] | None) -> list[Any]:
+    """The calibration batches the plan needs (PlanError without any)."""
+    rules = ", ".join(plan.needs_data)
     if data is None:
-        methods = sorted({s.method for s in plan.steps if s.rule in needed})
+        methods = sorted({s.method for s in plan.steps if plan.methods[s.method].capabilities.statistics})
         raise PlanError(
             Issue(
                 f"{rules}: {', '.join(methods)} needs calibration data, and none was given",
@@ -143,14 +180,118 @@ def _calibrate(
                 "--data file.py:factory (an iterable of batches: Tensors, tuples or mappings)",
             )
         )
-    names: set[str] = set()
-    targets: dict[str, nn.Module] = {}
-    for step in plan.steps:
-        wanted = plan.methods[step.method].capabilities.statistics
-        if wanted:
-            names.update(wanted)
-            targets[step.tensor.module] = modules[step.tensor.module]
-    return calibration.collect(model, targets, names, data, rules)
+    samples = getattr(getattr(plan.spec, "calibration", None), "samples", None)
+    return calibration.batches(data, rules, samples)
+
+
+def _settings(plan: Plan) -> tuple[bool, bool]:
+    """``calibration.sequential`` and ``calibration.errors`` of the plan's spec (both default true)."""
+    settings = getattr(plan.spec, "calibration", None)
+    return bool(getattr(settings, "sequential", True)), bool(getattr(settings, "errors", True))
+
+
+def _calibrated(
+    model: nn.Module,
+    plan: Plan,
+    units: list[list[Step]],
+    modules: dict[str, nn.Module],
+    tensors: dict[int, Pruned],
+    batches: list[Any],
+    generators: Generators | None,
+    counter: _Counter,
+) -> None:
+    """The units that need the calibration pass: each local one at its module's stop (in forward order),
+    on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
+    the pass, from the statistics its tensors' stops gathered."""
+    sequential, errors = _settings(plan)
+    rules = ", ".join(plan.needs_data)
+    at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
+    deferred: list[tuple[list[Step], list[Pruned]]] = []
+    waiting: set[str] = set()  # tensors with a deferred unit: their later units wait too
+    needs: dict[str, set[str]] = {}
+    early = _weights(tensors.values()) if sequential else {}
+    for unit in units:
+        staged = [_stage(modules, tensors, step, generators) for step in unit]
+        wanted = set(plan.methods[unit[0].method].capabilities.statistics)
+        for step in unit:
+            needs.setdefault(step.tensor.module, set()).update(wanted | ({"input_gram"} if errors else set()))
+        if unit[0].scope == "global" or any(step.tensor.name in waiting for step in unit):
+            deferred.append((unit, staged))
+            waiting.update(step.tensor.name for step in unit)
+        else:
+            at_stop.setdefault(unit[0].tensor.module, []).append((unit, staged))
+    keep = {id(t) for _, staged in deferred for t in staged}  # their statistics are needed after the pass
+    accumulator = calibration.Accumulator()
+    watched = {name: modules[name] for name in needs}
+    with sequential_pass(model, batches, watched, early) as calibration_pass:
+        while True:
+            try:
+                stop = calibration_pass.next_stop()
+            except BatchFailed as failed:
+                message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
+                raise CalibrationError(rules, message, failed.index) from failed.error
+            if stop is None:
+                break
+            try:
+                stats = accumulator.at(stop, needs[stop.module], calibration.features(modules[stop.module]))
+            except calibration.BadInput as exc:
+                raise CalibrationError(rules, str(exc), exc.batch) from exc
+            done: list[Pruned] = []
+            for unit, staged in at_stop.pop(stop.module, []):
+                for tensor in staged:
+                    tensor.statistics = stats
+                _compute(model, plan, unit, staged)
+                done.extend(t for t in staged if all(t is not d for d in done))
+                counter.done(unit)
+            for tensor in tensors.values():
+                if tensor.module_name == stop.module and id(tensor) in keep:
+                    tensor.statistics = stats
+            for tensor in done:
+                if errors and "input_gram" in stats:
+                    tensor.error = _error(tensor, stats["input_gram"])
+                if id(tensor) not in keep:
+                    tensor.statistics = {}
+            calibration_pass.release(stop.module, _weights(done) if sequential else None)
+        missing = calibration_pass.unreached()
+    if missing:
+        raise CalibrationError(
+            rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
+        )
+    for unit, staged in deferred:
+        _compute(model, plan, unit, staged)
+        counter.done(unit)
+    for tensor in tensors.values():
+        tensor.statistics = {}
+
+
+def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, torch.Tensor]]:
+    """What each owner of these tensors computes with, masks and new values applied."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.mask is None:
+            continue
+        effective = tensor.current.detach() * tensor.mask.to(tensor.current.dtype)
+        for module, pname in tensor.owner_names:
+            out.setdefault(module, {})[pname] = effective
+    return out
+
+
+def _error(tensor: Pruned, gram: torch.Tensor) -> float | None:
+    """``||W X - W' X||^2 / ||W X||^2`` over the calibration tokens, from ``X^T X``: W as the model had it
+    before this apply, W' after."""
+    module = tensor.owners[0][0]
+    if tensor.orig.dim() != 2 or tensor.mask is None:
+        return None
+    before = tensor.orig.detach() if tensor.start is None else tensor.orig.detach() * tensor.start
+    after = tensor.current.detach() * tensor.mask.to(tensor.current.dtype)
+    dense = calibration.out_in(module, before).to(torch.float32)
+    if dense.shape[1] != gram.shape[0]:
+        return None
+    delta = dense - calibration.out_in(module, after).to(torch.float32)
+    gram = gram.to(dense.device)
+    total = float(((dense @ gram) * dense).sum())
+    lost = float(((delta @ gram) * delta).sum())
+    return lost / total if total > 0 else (0.0 if lost == 0 else math.inf)
 
 
 def make_permanent(pruned: list[Pruned]) -> None:
@@ -178,12 +319,12 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
-def _batched(plan: Plan) -> Iterator[list[Step]]:
+def _batched(plan: Plan, units: list[list[Step]]) -> Iterator[list[Step]]:
     """The plan's units, with runs of small local steps of one rule that an elementwise score ranks (and
     of one shape and dtype) put together: they are selected in one batch, not one by one."""
     batch: list[Step] = []
     key: tuple[Any, ...] | None = None
-    for unit in plan.units():
+    for unit in units:
         step = unit[0]
         info = plan.methods[step.method]
         caps = info.capabilities
@@ -205,11 +346,7 @@ def _batched(plan: Plan) -> Iterator[list[Step]]:
 
 
 def _stage(
-    modules: dict[str, nn.Module],
-    tensors: dict[int, Pruned],
-    step: Step,
-    statistics: calibration.Statistics,
-    generators: Generators | None,
+    modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step, generators: Generators | None
 ) -> Pruned:
     owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
@@ -217,8 +354,9 @@ def _stage(
     assert orig is not None
     key = id(orig)
     if key not in tensors:
-        tensors[key] = Pruned(step.tensor.name, step.tensor.module, owners, orig, layout.mask(module, pname))
-        tensors[key].statistics = statistics.get(step.tensor.module, {})
+        start = layout.mask(module, pname)
+        tensors[key] = Pruned(step.tensor.name, step.tensor.module, owners, orig, start, start=start)
+        tensors[key].owner_names = list(step.tensor.owners)
         tensors[key].generators = generators
     tensors[key].rules.append(step.rule)
     return tensors[key]
@@ -430,15 +568,22 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
     method = _instance(step, info, amount, tensor.name)
     hook = _hook(step, method, tensor.name, pname)
     caps = method.capabilities()
+    if caps.updates_values:
+        _reconstruct(step, tensor, method, info)
+        tensor.new_hooks.append(hook)
+        return
     if caps.scores and per_row:
-        shape = tuple(tensor.orig.shape)
-        scores = _scores(step, method, tensor.context(step.options), shape)
-        done = [0] * shape[0] if tensor.mask is None else (tensor.mask == 0).sum(dim=1).tolist()
+        module = tensor.owners[0][0]
+        scores = calibration.out_in(module, _scores(step, method, tensor.context(step.options), tensor.orig.shape))
+        before = None if tensor.mask is None else calibration.out_in(module, tensor.mask)
+        rows, row_len = scores.shape
+        done = [0] * rows if before is None else (before == 0).sum(dim=1).tolist()
         try:
-            targets = row_targets(step.amount, step.sparsity, done, shape[1])
+            targets = row_targets(step.amount, step.sparsity, done, row_len)
         except ValueError as exc:
             raise _fail(step, tensor.name, str(exc)) from exc
-        tensor.mask = (~selection.prune_rows(scores, tensor.mask, targets)).to(tensor.orig.dtype)
+        keep = ~selection.prune_rows(scores, before, targets)
+        tensor.mask = calibration.out_in(module, keep.to(tensor.orig.dtype)).contiguous()
         tensor.zeros = sum(targets)
         tensor.new_hooks.append(hook)
         return
@@ -449,7 +594,7 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
             tensor.new_hooks.append(hook)
             return
         if caps.elementwise:
-            entry, score = selection.Entry(tensor.orig.detach(), tensor.mask), method.elementwise() or _identity
+            entry, score = selection.Entry(tensor.current.detach(), tensor.mask), method.elementwise() or _identity
         else:
             scores = _nan_last(_scores(step, method, tensor.context(step.options), tuple(tensor.orig.shape)))
             entry, score = selection.Entry(scores, tensor.mask), _identity
@@ -476,6 +621,25 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
     tensor.new_hooks.append(hook)
 
 
+def _reconstruct(step: Step, tensor: Pruned, method: PruningMethod, info: MethodInfo) -> None:
+    """A method that changes the kept values too: its mask (checked) and its new values (checked)."""
+    before = tensor.mask
+    ctx = tensor.context(step.options)
+    try:
+        mask, values = method.reconstruct(ctx)
+    except Exception as exc:
+        raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
+    tensor.mask = _checked(step, tensor, mask, before if before is not None else torch.ones_like(tensor.orig))
+    orig = tensor.orig
+    if not isinstance(values, torch.Tensor) or values.shape != orig.shape or values.dtype != orig.dtype:
+        got = f"{list(values.shape)} {values.dtype}" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise _fail(step, tensor.name, f"{info.name} gave values {got}, expected {list(orig.shape)} {orig.dtype}")
+    if values.device != orig.device:
+        raise _fail(step, tensor.name, f"{info.name} gave values on {values.device}, expected {orig.device}")
+    tensor.values = values.detach()
+    tensor.zeros = None
+
+
 def _run_global(
     model: nn.Module, unit: list[Step], tensors: list[Pruned], info: MethodInfo, planned: list[selection.Cut] | None
 ) -> None:
@@ -489,7 +653,7 @@ def _run_global(
     masks: list[tuple[torch.Tensor, int]] | None = None
     if caps.scores:
         if caps.elementwise and isinstance(units[0], Entries):
-            entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
+            entries = [selection.Entry(t.current.detach(), t.mask) for t in tensors]
             masks = _select(step, entries, amount, method.elementwise() or _identity, group, planned)
         elif isinstance(units[0], Entries):
             entries = [
@@ -512,7 +676,7 @@ def _run_global(
     bounded = step.max_sparsity is not None or step.min_sparsity is not None
     if masks is None and bounded and caps.elementwise and isinstance(units[0], Entries):
         # NaNs to prune: torch's concatenated ranking knows no bounds, so NaN ranks last (as +inf) here
-        entries = [selection.Entry(t.orig.detach(), t.mask) for t in tensors]
+        entries = [selection.Entry(t.current.detach(), t.mask) for t in tensors]
         masks = _select(step, entries, amount, _nan_last_of(method.elementwise() or _identity), group)
     if masks is None and bounded:
         raise _fail(step, group, "max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)")
@@ -569,12 +733,16 @@ def _checked(step: Step, tensor: Pruned, mask: Any, default: torch.Tensor) -> to
 
 
 def _install(tensors: list[Pruned], merge: bool) -> None:
-    restores = [layout.snapshot(module, pname) for t in tensors for module, pname in t.owners]
+    restores = [
+        layout.snapshot(module, pname, values=t.values is not None) for t in tensors for module, pname in t.owners
+    ]
     current: Pruned | None = None
     try:
         for current in tensors:
             for module, pname in current.owners:
-                layout.install(module, pname, current.mask, current.new_hooks, merge=merge)  # type: ignore[arg-type]
+                mask = current.mask
+                assert mask is not None
+                layout.install(module, pname, mask, current.new_hooks, merge=merge, values=current.values)
     except BaseException as exc:  # an interrupt too: the model is all pruned or not at all
         for restore in restores:
             restore()

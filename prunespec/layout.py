@@ -161,11 +161,13 @@ def install(
     new_hooks: Sequence[prune.BasePruningMethod],
     *,
     merge: bool = False,
+    values: torch.Tensor | None = None,
 ) -> None:
     """Make ``pname`` pruned by ``new_mask``, its hook chain extended by ``new_hooks``, exactly in torch's
     layout. ``merge`` folds each new record into the chain's last one where they can be (see
     :func:`merged`): a schedule re-prunes with one method at every update, and torch's chain would grow by
-    one record each time."""
+    one record each time. ``values``: new original values (a method that reconstructs, ``sparsegpt``),
+    bound as ``<pname>_orig``'s data (take a :func:`snapshot` with ``values=True`` to undo it)."""
     hooks = [_copy(h) for h in new_hooks]
     for new in hooks:
         new._tensor_name = pname
@@ -174,6 +176,8 @@ def install(
         orig = module._parameters[pname]
         module.register_parameter(pname + ORIG, orig)
         del module._parameters[pname]
+    if values is not None:
+        module._parameters[pname + ORIG].data = values  # type: ignore[union-attr]
     module.register_buffer(pname + MASK, new_mask)
     old = None if old_key is None else module._forward_pre_hooks[old_key]
     chain = methods_of(old) if isinstance(old, prune.BasePruningMethod) else []

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import selection
+from . import calibration, selection
 from .errors import Issue, PlanError
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
@@ -521,7 +521,8 @@ class _Planner:
     def _per_row(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
         """A step whose amount applies to each row on its own: exact from the rows' masks while no earlier
         step of this plan changed them, else an estimate."""
-        rows, row_len = ref.shape
+        transposed = calibration.transposed(self.by_name[ref.module])
+        rows, row_len = ref.shape[::-1] if transposed else ref.shape
         if state.touched or not state.exact:
             k = self._count(
                 index,
@@ -538,7 +539,11 @@ class _Planner:
             state.exact = False
         else:
             mask = state.mask
-            done = [0] * rows if mask is None else (mask == 0).sum(dim=1).tolist()
+            done = (
+                [0] * rows
+                if mask is None
+                else (calibration.out_in(self.by_name[ref.module], mask) == 0).sum(dim=1).tolist()
+            )
             try:
                 targets = row_targets(rule.amount, rule.sparsity, done, row_len)
             except ValueError as exc:
@@ -551,20 +556,18 @@ class _Planner:
 
     def _fits(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef) -> bool:
         """Whether the method can prune this tensor; else an issue at the option or the rule."""
+        shape = ref.shape
         if info.capabilities.statistics:
             module = self.by_name[ref.module]
-            if not isinstance(module, nn.Linear):
+            if calibration.transposed(module):
+                shape = (ref.shape[1], ref.shape[0]) if len(ref.shape) == 2 else ref.shape
+            elif not isinstance(module, nn.Linear):
                 kind = type(module).__name__
-                why = (
-                    "transformers' Conv1D stores its weight transposed, (in, out); this version collects "
-                    "calibration statistics for torch.nn.Linear only"
-                    if kind == "Conv1D"
-                    else "calibration statistics are collected for torch.nn.Linear layers only"
-                )
                 self.issue(
                     ("rules", index, "select"),
                     f"tensor {ref.name}: {info.name} reads calibration statistics of the module's input, but "
-                    f"{ref.module or 'the model'} is a {kind}: {why}",
+                    f"{ref.module or 'the model'} is a {kind}: calibration statistics are collected for "
+                    "torch.nn.Linear layers (and transformers' Conv1D) only",
                     "select Linear layers only (types: [Linear])",
                 )
                 return False
@@ -579,7 +582,7 @@ class _Planner:
             self.issue(path, f"tensor {ref.name}: {info.name}: {misfit.message}")
             return False
         try:
-            problem = info.method.check_tensor(ref.shape, rule.options)
+            problem = info.method.check_tensor(shape, rule.options)  # (out, in) for a data-aware method
         except Exception as exc:
             problem = f"check_tensor failed: {type(exc).__name__}: {exc}"
         if problem:

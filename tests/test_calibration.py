@@ -33,7 +33,7 @@ def test_siblings_share_one_statistic_computed_once(monkeypatch: object) -> None
         calls.append(tuple(x.shape))
         return real(x, keep)
 
-    monkeypatch.setattr(calibration, "input_sq_sums", counted)  # type: ignore[attr-defined]
+    monkeypatch.setitem(calibration._COMPUTE, "input_sq_norms", counted)  # type: ignore[attr-defined]
     batches = [torch.randn(2, 3, 8), torch.randn(1, 4, 8)]
     stats = calibration.collect(model, _modules(model), {"input_sq_norms"}, batches, "rules[0]")
     assert len(calls) == 4  # per batch: once for q/k/v's input, once for o's

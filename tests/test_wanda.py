@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,58 +24,86 @@ def _model_and_data(seed: int = 0) -> tuple[nn.Sequential, list[torch.Tensor]]:
     return model, data
 
 
-def _norms(model: nn.Sequential, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """||X_j||_2 of each Linear's input, by hand: every token of every batch stacked."""
+Masker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _expected(model: nn.Sequential, data: list[torch.Tensor], masker: Masker, *, sequential: bool = True) -> dict:
+    """Each Linear's mask by hand, from ||X_j||_2 of its input over every token of every batch; with
+    ``sequential``, layer 2's input comes from layer 0 already pruned (the formula's mask applied)."""
+    masks = {}
     with torch.no_grad():
         x = torch.cat(data)
-        first = x
-        second = model[1](model[0](x))
-    return {"0": first.pow(2).sum(0).sqrt(), "2": second.pow(2).sum(0).sqrt()}
+        first = model[0]
+        masks["0"] = masker(first.weight, x.pow(2).sum(0).sqrt())
+        weight = first.weight * masks["0"] if sequential else first.weight
+        hidden = torch.relu(nn.functional.linear(x, weight, first.bias))
+        masks["2"] = masker(model[2].weight, hidden.pow(2).sum(0).sqrt())
+    return masks
+
+
+def _per_row(amount: float) -> Masker:
+    def masker(w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        score = w.abs() * norms
+        expected = torch.ones_like(w)
+        expected.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, : round(amount * w.shape[1])], 0.0)
+        return expected
+
+    return masker
+
+
+def _per_tensor(sparsity: float) -> Masker:
+    def masker(w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        score = (w.abs() * norms).reshape(-1)
+        expected = torch.ones(w.numel())
+        expected[torch.sort(score, stable=True).indices[: round(sparsity * w.numel())]] = 0.0
+        return expected.reshape(w.shape)
+
+    return masker
+
+
+def _two_four(w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    score = w.abs() * norms
+    expected = torch.ones_like(w)
+    for i in range(w.shape[0]):
+        for g in range(0, w.shape[1], 4):
+            low = torch.sort(score[i, g : g + 4], descending=True, stable=True).indices[2:]
+            expected[i, g + low] = 0.0
+    return expected
 
 
 def _spec(**rule: object) -> dict[str, object]:
     return {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", **rule}]}
 
 
-def test_per_row_masks_are_the_formula() -> None:
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: model.get_submodule(name).weight_mask for name in ("0", "2")}
+
+
+def test_per_row_masks_are_the_formula_layer_after_pruned_layer() -> None:
     model, data = _model_and_data()
-    norms = _norms(model, data)
-    weights = {name: model.get_submodule(name).weight.detach().clone() for name in norms}
+    expected = _expected(model, data, _per_row(0.3))
+    dense = _expected(model, data, _per_row(0.3), sequential=False)
+    assert not torch.equal(expected["2"], dense["2"])  # the test tells sequential from one dense pass
     prunespec.apply(model, _spec(amount=0.3), data=data)
-    for name, w in weights.items():
-        score = w.abs() * norms[name]
-        k = round(0.3 * w.shape[1])
-        expected = torch.ones_like(w)
-        expected.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], 0.0)
-        assert torch.equal(model.get_submodule(name).weight_mask, expected)
+    for name, mask in _masks(model).items():
+        assert torch.equal(mask, expected[name])
 
 
 def test_per_tensor_masks_are_the_formula() -> None:
     model, data = _model_and_data(1)
-    norms = _norms(model, data)
-    weights = {name: model.get_submodule(name).weight.detach().clone() for name in norms}
+    expected = _expected(model, data, _per_tensor(0.4))
     prunespec.apply(model, _spec(sparsity=0.4, options={"compare": "tensor"}), data=data)
-    for name, w in weights.items():
-        score = (w.abs() * norms[name]).reshape(-1)
-        expected = torch.ones(w.numel())
-        expected[torch.sort(score, stable=True).indices[: round(0.4 * w.numel())]] = 0.0
-        assert torch.equal(model.get_submodule(name).weight_mask, expected.reshape(w.shape))
+    for name, mask in _masks(model).items():
+        assert torch.equal(mask, expected[name])
 
 
 def test_two_four_keeps_the_two_highest_of_every_four() -> None:
     model, data = _model_and_data(2)
-    norms = _norms(model, data)
-    weights = {name: model.get_submodule(name).weight.detach().clone() for name in norms}
+    expected = _expected(model, data, _two_four)
     report = prunespec.apply(model, _spec(options={"n": 2, "m": 4}), data=data)
     assert report.global_sparsity == 0.5
-    for name, w in weights.items():
-        score = w.abs() * norms[name]
-        expected = torch.ones_like(w)
-        for i in range(w.shape[0]):
-            for g in range(0, w.shape[1], 4):
-                low = torch.sort(score[i, g : g + 4], descending=True, stable=True).indices[2:]
-                expected[i, g + low] = 0.0
-        assert torch.equal(model.get_submodule(name).weight_mask, expected)
+    for name, mask in _masks(model).items():
+        assert torch.equal(mask, expected[name])
 
 
 def test_amount_and_n_m_together_is_a_spec_error() -> None:
@@ -99,7 +128,8 @@ def test_no_data_is_a_plan_error_before_anything_changes() -> None:
 def test_a_bad_batch_is_an_apply_error_naming_it_and_the_model_is_untouched() -> None:
     model, data = _model_and_data()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(prunespec.ApplyError, match="calibration batch 2: the forward pass failed") as info:
+    message = r"calibration batch 2: its input to 0 has shape \[2, 5\], but 0 takes 16 features"
+    with pytest.raises(prunespec.ApplyError, match=message) as info:
         prunespec.apply(model, _spec(amount=0.5), data=[*data, torch.randn(2, 5)])
     assert info.value.batch == 2  # type: ignore[attr-defined]
     after = model.state_dict()

@@ -12,9 +12,9 @@ statistic, :mod:`prunespec.calibration`). The lowest scores are pruned:
 * ``n``/``m`` (N:M): keep the ``n`` highest-scored of every ``m`` consecutive inputs of each row
   (``n`` is the number KEPT, as in prunespec-nm: ``n: 2, m: 4`` is 2:4); the rule then gives no amount.
 
-Only ``torch.nn.Linear`` weights, ``(out, in)``; transformers' ``Conv1D`` (weight ``(in, out)``) is a plan
-error in this version. ``scope: global`` is refused: the scores of different layers are not comparable
-without a per-layer budget (the paper prunes each layer to the same sparsity).
+``torch.nn.Linear`` weights, ``(out, in)``, and transformers' ``Conv1D`` (GPT-2), whose weight is
+``(in, out)``: rows are always output rows. ``scope: global`` is refused: the scores of different
+layers are not comparable without a per-layer budget (the paper prunes each layer to the same sparsity).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..calibration import out_in
 from ..masks import n_to_prune, row_targets
 from ..selection import prune_rows
 from .base import Capabilities, MaskContext, PruningMethod
@@ -98,28 +99,30 @@ class Wanda(PruningMethod):
         return None
 
     def score(self, ctx: MaskContext) -> torch.Tensor:
+        weight = out_in(ctx.module, ctx.values)  # (out, in): Conv1D keeps (in, out)
         sums = ctx.statistics.get("input_sq_norms")
         if sums is None:
             raise ValueError("wanda needs the input_sq_norms statistic: pass calibration data (data=...)")
-        if sums.shape != (ctx.values.shape[1],):
+        if sums.shape != (weight.shape[1],):
             raise ValueError(
-                f"input_sq_norms has shape {list(sums.shape)}, expected [{ctx.values.shape[1]}] (one per input)"
+                f"input_sq_norms has shape {list(sums.shape)}, expected [{weight.shape[1]}] (one per input)"
             )
         norms = sums.to(device=ctx.values.device, dtype=torch.float32).sqrt()
-        return ctx.values.abs().to(torch.float32) * norms.unsqueeze(0)
+        return out_in(ctx.module, weight.abs().to(torch.float32) * norms.unsqueeze(0))
 
     def mask(self, ctx: MaskContext) -> torch.Tensor:
         """N:M (``n``/``m``) masks; with an amount, the mask prunespec's selection gives (for direct calls)."""
-        scores = self.score(ctx)
+        scores = out_in(ctx.module, self.score(ctx))  # (out, in) views throughout, mapped back at the end
+        before = None if ctx.mask is None else out_in(ctx.module, ctx.mask)
         default = ctx.default_mask
         if self.n is not None and self.m is not None:
-            keep = _nm_keep(scores, ctx.mask, self.n, self.m)
+            keep = _nm_keep(scores, before, self.n, self.m)
         else:
             assert self.amount is not None
-            done = [0] * scores.shape[0] if ctx.mask is None else (ctx.mask == 0).sum(dim=1).tolist()
+            done = [0] * scores.shape[0] if before is None else (before == 0).sum(dim=1).tolist()
             if self.compare == "row":
                 targets = row_targets(self.amount, None, done, scores.shape[1])
-                keep = ~prune_rows(scores, ctx.mask, targets)
+                keep = ~prune_rows(scores, before, targets)
             else:
                 flat = scores.reshape(1, -1)
                 already = sum(done)
@@ -127,8 +130,9 @@ class Wanda(PruningMethod):
                 k = n_to_prune(self.amount, left)
                 if k > left:
                     raise ValueError(f"amount={self.amount} is more than the {left} entries left to prune")
-                flat_mask = None if ctx.mask is None else ctx.mask.reshape(1, -1)
+                flat_mask = None if before is None else before.reshape(1, -1)
                 keep = ~prune_rows(flat, flat_mask, [already + k]).reshape(scores.shape)
+        keep = out_in(ctx.module, keep)
         return default * keep.to(default.dtype)
 
 

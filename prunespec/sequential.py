@@ -1,0 +1,293 @@
+"""One forward pass of every calibration batch that stops at each module being pruned.
+
+Data-aware pruning wants each module calibrated on the outputs of the modules before it, *already
+pruned*, with the arguments the model really passes it (masks, position embeddings, per-layer
+settings). Rather than cut the model into pieces (torch.fx) or replay one block's inputs through the
+next, prunespec runs the model's own ``forward`` once per batch, every batch in its own thread, and
+stops each of them at the first watched module they reach:
+
+* every batch waits at that module (:meth:`Pass.next_stop` returns a :class:`Stop` with each batch's
+  input to it);
+* the caller computes the module's statistics and masks, then :meth:`Pass.release` lets the batches go
+  on, the module computing from then on with the weights the caller gives (its pruned values), so every
+  later module sees the pruned outputs.
+
+Only one thread runs at any time, the others wait for their turn (a baton passed in batch order), so a
+pass is deterministic and torch's thread pool is not shared. Memory beyond the model: what each
+batch's forward holds where it waits (about one block's activations for every batch), and the current
+stop's inputs (the same tensors). Modules a batch never reaches (a mixture-of-experts expert with no
+tokens) are released when every other batch has gone past or finished; a module run twice in one
+forward is calibrated on its first call (later calls compute with the released weights).
+
+The caller's thread only coordinates: an interrupt there stops every batch (they unwind with an
+exception no model code catches) before it propagates, and the hooks, modes and weights are restored
+whatever happens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "attention_mask", "run_batch"]
+
+
+class BatchFailed(Exception):
+    """A batch's forward raised ``error`` (an Exception) before the pass ended."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"batch {index}: {type(error).__name__}: {error}")
+        self.index = index
+        self.error = error
+
+
+class _Abort(BaseException):
+    """Unwinds a waiting batch's forward when the pass is stopped (no ``except Exception`` catches it)."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One batch at a stop: its index, its input to the module, and its ``attention_mask`` if any."""
+
+    batch: int
+    x: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Every batch that reached ``module`` waits there: ``arrivals`` in batch order."""
+
+    module: str
+    arrivals: list[Arrival]
+
+
+class _Worker:
+    def __init__(self, index: int, batch: Any) -> None:
+        self.index = index
+        self.batch = batch
+        self.mask = attention_mask(batch)
+        self.go = threading.Event()
+        self.state = "ready"  # ready | running | waiting | done
+        self.at: str | None = None
+        self.x: torch.Tensor | None = None
+        self.order = 0
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+
+class Pass:
+    """A calibration pass over ``batches`` that stops at each of ``watched`` (module name -> module).
+
+    ``weights``: module name -> {parameter name: tensor} the modules compute with from the start (masks
+    computed before the pass); :meth:`release` adds more. Use as a context manager; iterate with
+    :meth:`next_stop` until it returns None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        watched: Mapping[str, nn.Module],
+        weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.model = model
+        self.watched = dict(watched)
+        self.weights: dict[str, dict[str, torch.Tensor]] = {k: dict(v) for k, v in (weights or {}).items()}
+        self.released: set[str] = set()
+        self.workers = [_Worker(i, b) for i, b in enumerate(batches)]
+        self._local = threading.local()
+        self._back = threading.Event()
+        self._aborting = False
+        self._arrivals = itertools.count()
+        self._handles: list[Any] = []
+        self._saved: dict[int, list[tuple[nn.Module, str, Any]]] = {}
+        self._modes: list[tuple[nn.Module, bool]] = []
+        self.reached: set[str] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def __enter__(self) -> Pass:
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        by_module = dict(self.model.named_modules())
+        try:
+            for name in sorted(set(self.watched) | set(self.weights)):
+                module = self.watched.get(name) or by_module[name]
+                self._handles.append(module.register_forward_pre_hook(self._before(name), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._after(name), always_call=True))
+            self.model.eval()
+            for worker in self.workers:
+                worker.thread = threading.Thread(target=self._work, args=(worker,), daemon=True)
+                worker.thread.start()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._aborting = True
+        for worker in self.workers:
+            if worker.thread is not None and worker.thread.is_alive():
+                worker.go.set()
+                worker.thread.join()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for stack in self._saved.values():  # a forward hook that never ran (it always does; to be sure)
+            while stack:
+                module, pname, saved = stack.pop()
+                _restore(module, pname, saved)
+        for module, training in self._modes:
+            module.training = training
+
+    # --- the coordinator's side --------------------------------------------------------------------
+
+    def next_stop(self) -> Stop | None:
+        """Run every batch that can go on until each waits at a watched module or is done; the module
+        where the earliest of them waits, with every batch waiting there (None: all done).
+
+        Raises :class:`BatchFailed` for a batch whose forward raised an Exception, and re-raises
+        anything else (an interrupt inside the model) as it is."""
+        for worker in self.workers:
+            if worker.state == "ready":
+                self._run(worker)
+            if worker.error is not None:
+                if isinstance(worker.error, Exception):
+                    raise BatchFailed(worker.index, worker.error) from worker.error
+                raise worker.error
+        waiting = [w for w in self.workers if w.state == "waiting"]
+        if not waiting:
+            return None
+        module = min(waiting, key=lambda w: w.order).at
+        assert module is not None
+        arrivals = [Arrival(w.index, w.x, w.mask) for w in waiting if w.at == module and w.x is not None]
+        return Stop(module, arrivals)
+
+    def release(self, module: str, weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Let the batches waiting at ``module`` go on; ``weights`` (module name -> {param: tensor}) are
+        what those modules compute with from now on."""
+        self.released.add(module)
+        for name, tensors in (weights or {}).items():
+            self.weights.setdefault(name, {}).update(tensors)
+        for worker in self.workers:
+            if worker.state == "waiting" and worker.at == module:
+                worker.state, worker.at, worker.x = "ready", None, None
+
+    def _run(self, worker: _Worker) -> None:
+        worker.state = "running"
+        self._back.clear()
+        worker.go.set()
+        self._back.wait()
+
+    # --- the batches' side -------------------------------------------------------------------------
+
+    def _work(self, worker: _Worker) -> None:
+        self._local.worker = worker
+        worker.go.wait()
+        worker.go.clear()
+        try:
+            if not self._aborting:
+                with torch.no_grad():
+                    run_batch(self.model, worker.batch)
+        except _Abort:
+            pass
+        except BaseException as exc:  # handed to the coordinator, which raises it in its own thread
+            worker.error = exc
+        finally:
+            worker.state, worker.x, worker.batch = "done", None, None
+            self._back.set()
+
+    def _wait(self, worker: _Worker, module: str, x: torch.Tensor) -> None:
+        worker.state, worker.at, worker.x, worker.order = "waiting", module, x, next(self._arrivals)
+        self._back.set()
+        worker.go.wait()
+        worker.go.clear()
+        if self._aborting:
+            raise _Abort
+
+    def _before(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            worker: _Worker | None = getattr(self._local, "worker", None)
+            if worker is None:
+                return
+            if name in self.watched and name not in self.released:
+                x = _first_tensor(args, kwargs)
+                if x is not None:
+                    self.reached.add(name)
+                    self._wait(worker, name, x)
+            stack = self._saved.setdefault(id(module), [])
+            for pname, tensor in self.weights.get(name, {}).items():
+                stack.append((module, pname, module.__dict__.get(pname, _MISSING)))
+                module.__dict__[pname] = tensor  # found before the Parameter (nn.Module.__getattr__ comes last)
+
+        return hook
+
+    def _after(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            stack = self._saved.get(id(module), [])
+            for _ in self.weights.get(name, {}):
+                if stack:
+                    owner, pname, saved = stack.pop()
+                    _restore(owner, pname, saved)
+
+        return hook
+
+    def unreached(self) -> list[str]:
+        """Watched modules no batch ever ran."""
+        return [name for name in self.watched if name not in self.reached]
+
+
+_MISSING = object()
+
+
+def _restore(module: nn.Module, pname: str, saved: Any) -> None:
+    if saved is _MISSING:
+        module.__dict__.pop(pname, None)
+    else:
+        module.__dict__[pname] = saved
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("input", "hidden_states", "x"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """One forward pass with ``batch`` as the model's input: a Tensor is the first positional argument,
+    a tuple or list the positional arguments, a mapping the keyword arguments. TypeError otherwise."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(f"a batch is a Tensor, a tuple or list, or a mapping; got {type(batch).__name__}")
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` (a mapping's 2-D tensor under that key), or None."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def iterate(p: Pass) -> Iterator[Stop]:
+    """The pass's stops, one by one; the caller releases each before asking for the next."""
+    while (stop := p.next_stop()) is not None:
+        yield stop

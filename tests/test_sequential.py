@@ -1,0 +1,242 @@
+"""The calibration pass: stops in forward order, each module calibrated on the outputs of the modules
+before it as pruned, with the arguments the model really passes it; failures leave the model as it was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunespec
+from examples.tiny_transformers import tiny_gpt2
+from prunespec import calibration
+from prunespec.sequential import BatchFailed, Pass
+
+
+class Blocks(nn.Module):
+    """Two blocks; the model passes each its own ``scale`` (as Gemma-2 passes each layer its own mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, scale=float(i + 1))
+        return x
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 10), nn.Linear(10, 6)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)) * scale)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    hooks = any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before) and not hooks
+
+
+def test_stops_come_in_forward_order_once_per_module() -> None:
+    torch.manual_seed(0)
+    model = Blocks()
+    watched = {name: model.get_submodule(name) for name in ("layers.1.down", "layers.0.up", "layers.0.down")}
+    seen = []
+    with Pass(model, [torch.randn(3, 6), torch.randn(2, 6)], watched) as p:
+        while (stop := p.next_stop()) is not None:
+            seen.append((stop.module, [a.batch for a in stop.arrivals]))
+            p.release(stop.module)
+    assert seen == [("layers.0.up", [0, 1]), ("layers.0.down", [0, 1]), ("layers.1.down", [0, 1])]
+
+
+def test_each_block_sees_its_own_arguments_and_the_pruned_outputs_before_it() -> None:
+    torch.manual_seed(0)
+    model = Blocks()
+    data = [torch.randn(4, 6), torch.randn(3, 6)]
+    spec = {
+        "version": 1,
+        "rules": [{"select": {"names": ["layers.*.down"]}, "method": "wanda", "amount": 0.5}],
+    }
+    with torch.no_grad():  # by hand: block 0 pruned by the formula, then block 1's input to down
+        x = torch.cat(data)
+        first = model.layers[0]
+        hidden0 = torch.relu(first.up(x)) * 1.0
+        score0 = first.down.weight.abs() * hidden0.pow(2).sum(0).sqrt()
+        mask0 = torch.ones_like(score0).scatter_(1, torch.sort(score0, dim=1, stable=True).indices[:, :5], 0.0)
+        x1 = x + nn.functional.linear(hidden0, first.down.weight * mask0, first.down.bias)
+        second = model.layers[1]
+        hidden1 = torch.relu(second.up(x1)) * 2.0  # block 1's own scale
+        score1 = second.down.weight.abs() * hidden1.pow(2).sum(0).sqrt()
+        mask1 = torch.ones_like(score1).scatter_(1, torch.sort(score1, dim=1, stable=True).indices[:, :5], 0.0)
+    prunespec.apply(model, spec, data=data)
+    assert torch.equal(model.layers[0].down.weight_mask, mask0)
+    assert torch.equal(model.layers[1].down.weight_mask, mask1)
+
+
+class Routed(nn.Module):
+    """A mixture: batches whose first value is positive go through ``a``, the others through ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) if float(x[0, 0]) > 0 else self.b(x)
+        return self.out(h)
+
+
+def test_a_module_some_batches_never_reach_does_not_hold_up_the_others() -> None:
+    torch.manual_seed(0)
+    model = Routed()
+    up, down = torch.randn(2, 4), torch.randn(3, 4)
+    up[0, 0], down[0, 0] = 1.0, -1.0
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.25}]}
+    report = prunespec.apply(model, spec, data=[up, down, up.clone()])
+    assert set(report.tensors) == {"a.weight", "b.weight", "out.weight"}
+    with torch.no_grad():  # `a` saw batches 0 and 2 only
+        norms = torch.cat([up, up]).pow(2).sum(0).sqrt()
+    score = model.a.weight_orig.abs() * norms
+    expected = torch.ones_like(score).scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :1], 0.0)
+    assert torch.equal(model.a.weight_mask, expected)
+
+
+def test_a_module_the_forward_never_runs_is_an_error_and_nothing_changes() -> None:
+    model = Routed()
+    before = _state(model)
+    x = torch.ones(2, 4)
+    spec = {"version": 1, "rules": [{"select": {"names": ["b"]}, "method": "wanda", "amount": 0.25}]}
+    with pytest.raises(prunespec.ApplyError, match="never ran b"):
+        prunespec.apply(model, spec, data=[x])
+    assert _same(model, before)
+
+
+class Failing(nn.Module):
+    def __init__(self, error: BaseException, at: int) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.error, self.at, self.calls = error, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return self.second(h)
+
+
+def test_a_batch_failing_mid_pass_is_named_and_nothing_changes() -> None:
+    model = Failing(RuntimeError("boom"), at=2)
+    before = _state(model)
+    threads = threading.active_count()
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    with pytest.raises(prunespec.ApplyError, match="calibration batch 1: the forward pass failed: RuntimeError: boom"):
+        prunespec.apply(model, spec, data=[torch.randn(2, 4) for _ in range(3)])
+    assert _same(model, before)
+    assert "weight" in model.first._parameters and "weight" not in model.first.__dict__
+    assert threading.active_count() == threads
+
+
+def test_an_interrupt_inside_the_model_propagates_and_nothing_changes() -> None:
+    model = Failing(KeyboardInterrupt(), at=3)
+    before = _state(model)
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    with pytest.raises(KeyboardInterrupt):
+        prunespec.apply(model, spec, data=[torch.randn(2, 4) for _ in range(3)])
+    assert _same(model, before)
+
+
+def test_an_interrupt_in_the_coordinator_stops_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Blocks()
+    before = _state(model)
+    threads = threading.active_count()
+    real = calibration.Accumulator.at
+    calls = []
+
+    def interrupted(self: calibration.Accumulator, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calibration.Accumulator, "at", interrupted)
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    with pytest.raises(KeyboardInterrupt):
+        prunespec.apply(model, spec, data=[torch.randn(2, 6) for _ in range(4)])
+    assert _same(model, before)
+    assert threading.active_count() == threads
+
+
+def test_pass_reports_a_failed_batch_by_index() -> None:
+    model = Failing(ValueError("bad"), at=1)
+    with Pass(model, [torch.randn(1, 4), torch.randn(1, 4)], {"second": model.second}) as p:
+        with pytest.raises(BatchFailed) as info:
+            p.next_stop()
+    assert info.value.index == 0 and isinstance(info.value.error, ValueError)
+
+
+def _gpt2_batches() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    return [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1, :5], "attention_mask": mask[:1, :5]}]
+
+
+GPT2_SPEC = {
+    "version": 1,
+    "rules": [
+        {"select": {"names": ["re:transformer\\.h\\..*"], "types": ["Conv1D"]}, "method": "wanda", "sparsity": 0.5}
+    ],
+}
+
+
+def test_tiny_gpt2_conv1d_through_the_api_rows_are_outputs() -> None:
+    model = tiny_gpt2()
+    report = prunespec.apply(model, GPT2_SPEC, data=_gpt2_batches())
+    assert report.tensors and all(abs(s - 0.5) < 1e-9 for s in report.tensors.values())
+    attn = model.transformer.h[0].attn.c_attn  # Conv1D: weight (in, out); each output column is a "row"
+    zeros_per_output = (attn.weight_mask == 0).sum(dim=0)
+    assert torch.all(zeros_per_output == attn.weight.shape[0] // 2)
+    with torch.no_grad():
+        model(**_gpt2_batches()[0])
+
+
+def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    factory = tmp_path / "calib.py"
+    factory.write_text(
+        "import torch\n\n\ndef batches():\n"
+        "    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))\n"
+        "    mask = torch.ones(2, 12, dtype=torch.long)\n    mask[1, 7:] = 0\n"
+        "    return [{'input_ids': ids, 'attention_mask': mask}]\n"
+    )
+    spec = tmp_path / "nm.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - select: {types: [Conv1D], names: ['re:transformer\\.h\\..*']}\n"
+        "    method: wanda\n    options: {n: 2, m: 4}\n"
+    )
+    out = tmp_path / "pruned.pt"
+    cmd = [sys.executable, "-m", "prunespec", "apply", str(spec), "--model", "examples/tiny_transformers.py:tiny_gpt2"]
+    done = subprocess.run(
+        [*cmd, "--data", f"{factory}:batches", "--out", str(out)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "50.00%" in done.stdout
+    model = tiny_gpt2()
+    prunespec.load(model, out)
+    mask = model.transformer.h[0].mlp.c_fc.weight_mask  # (in, out): groups of 4 run along the inputs, dim 0
+    groups = mask.T.reshape(mask.shape[1], -1, 4)
+    assert torch.all(groups.sum(dim=2) == 2)
