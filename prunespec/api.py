@@ -67,12 +67,14 @@ def run(
     data: Iterable[Any] | None = None,
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
-    pruned = engine.execute(model, the_plan, progress, merge=merge, data=data)
+    outcome = engine.execute(model, the_plan, progress, merge=merge, data=data)
+    pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
+    errors = {p.name: p.error for p in pruned if p.error is not None}
     with lean():
         estimated = [name for name, (_, _, exact) in the_plan.tensors.items() if not exact]
-        report = collect(model, [p.name for p in pruned], predicted, counted, estimated)  # before any finalize
+        report = collect(model, [p.name for p in pruned], predicted, counted, estimated, errors)  # before finalize
     if finalize:
         engine.make_permanent(pruned)
     return report

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -253,14 +254,28 @@ def _progress_bar(args: argparse.Namespace) -> Progress | None:
     if not (args.progress or (args.progress is None and sys.stderr.isatty())):
         return None
 
+    started = time.monotonic()
+
     def show(done: int, total: int, what: str) -> None:
         width = 30
         filled = width * done // max(total, 1)
-        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}"[:120].ljust(120)
+        elapsed = time.monotonic() - started
+        eta = f" ETA {_duration(elapsed / done * (total - done))}" if 0 < done < total else ""
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}{eta} {what}"[:120].ljust(120)
         sys.stderr.write(line + ("\n" if done >= total else ""))
         sys.stderr.flush()
 
     return show
+
+
+def _duration(seconds: float) -> str:
+    """``75.2`` -> ``"1:15"``."""
+    whole = round(seconds)
+    return (
+        f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+        if whole >= 3600
+        else f"{whole // 60}:{whole % 60:02d}"
+    )
 
 
 def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:

@@ -41,7 +41,7 @@ from .sequential import Pass as sequential_pass
 
 log = logging.getLogger("prunespec")
 
-__all__ = ["GlobalMask", "Progress", "Pruned", "execute", "make_permanent"]
+__all__ = ["GlobalMask", "Outcome", "Progress", "Pruned", "execute", "make_permanent"]
 
 
 @dataclass
@@ -83,6 +83,16 @@ class Pruned:
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
 
 
+@dataclass
+class Outcome:
+    """What :func:`execute` did: the tensors it pruned, and for a calibrated apply the batches it used
+    and the tokens counted (after padding is left out) at the first module calibrated."""
+
+    pruned: list[Pruned]
+    samples: int | None = None
+    tokens: int | None = None
+
+
 def execute(
     model: nn.Module,
     plan: Plan,
@@ -90,7 +100,7 @@ def execute(
     *,
     merge: bool = False,
     data: Iterable[Any] | None = None,
-) -> list[Pruned]:
+) -> Outcome:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
     ``progress`` is called after each local step and each global group (masks are computed then; the
@@ -114,10 +124,12 @@ def execute(
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
             _compute(model, plan, unit, [_stage(modules, tensors, step, generators) for step in unit])
             counter.done(unit)
+        tokens = None
         if batches is not None:
-            _calibrated(model, plan, [units[i] for i in sorted(later)], modules, tensors, batches, generators, counter)
+            later_units = [units[i] for i in sorted(later)]
+            tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter)
         _install(list(tensors.values()), merge)
-    return list(tensors.values())
+    return Outcome(list(tensors.values()), None if batches is None else len(batches), tokens)
 
 
 class _Counter:
@@ -199,10 +211,10 @@ def _calibrated(
     batches: list[Any],
     generators: Generators | None,
     counter: _Counter,
-) -> None:
+) -> int | None:
     """The units that need the calibration pass: each local one at its module's stop (in forward order),
     on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
-    the pass, from the statistics its tensors' stops gathered."""
+    the pass, from the statistics its tensors' stops gathered. Returns the tokens counted."""
     sequential, errors = _settings(plan)
     rules = ", ".join(plan.needs_data)
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
@@ -262,6 +274,7 @@ def _calibrated(
         counter.done(unit)
     for tensor in tensors.values():
         tensor.statistics = {}
+    return accumulator.tokens
 
 
 def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, torch.Tensor]]:

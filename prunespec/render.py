@@ -120,24 +120,34 @@ def format_report(report: Report) -> str:
     """The report as people read it: the pruned tensors, then every other parameter, then two totals
     (over the pruned tensors, and over all parameters), each labelled with what it counts."""
     show_predicted = any(s.predicted is not None for s in report.entries.values())
+    show_error = any(s.error is not None for s in report.entries.values())
     headers = ["tensor", "shape", "numel", "zeros", "sparsity", "pruned"] + (["predicted"] if show_predicted else [])
+    headers += ["recon. error"] if show_error else []
 
-    def row(s: TensorStats, pruned: str, predicted: str = "") -> list[str]:
+    def row(s: TensorStats, pruned: str, predicted: str = "", error: str = "") -> list[str]:
         cells = [s.name, shape(s.shape), f"{s.numel:,}", f"{s.zeros:,}", pct(s.sparsity), pruned]
-        return cells + ([predicted] if show_predicted else [])
+        return cells + ([predicted] if show_predicted else []) + ([error] if show_error else [])
 
     def total(label: str, stats: Iterable[TensorStats]) -> list[str]:
         stats = list(stats)
         numel, zeros = sum(s.numel for s in stats), sum(s.zeros for s in stats)
         cells = [label, "", f"{numel:,}", f"{zeros:,}", pct(zeros / numel if numel else 0.0), ""]
-        return cells + ([""] if show_predicted else [])
+        return cells + ([""] if show_predicted else []) + ([""] if show_error else [])
 
     rows = [
-        row(s, "mask" if s.masked else "zeros", ("~" if s.estimated else "") + pct(s.predicted))
+        row(s, "mask" if s.masked else "zeros", ("~" if s.estimated else "") + pct(s.predicted), _error(s.error))
         for s in report.entries.values()
     ]
     rows += [row(s, "mask" if s.masked else "-") for s in report.others.values()]
     rows.append(total(f"total: pruned ({plural(len(report.entries), 'tensor')})", report.entries.values()))
     every = [*report.entries.values(), *report.others.values()]
     rows.append(total(f"total: all parameters ({plural(len(every), 'tensor')})", every))
-    return table(headers, rows, right={2, 3, 4} | ({6} if show_predicted else set()))
+    right = {2, 3, 4} | ({6} if show_predicted else set()) | ({len(headers) - 1} if show_error else set())
+    text = table(headers, rows, right=right)
+    if show_error:
+        text += "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on the calibration data"
+    return text
+
+
+def _error(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

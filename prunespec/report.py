@@ -29,6 +29,7 @@ class TensorStats:
     masked: bool  # has a prune mask installed
     predicted: float | None = None  # what the plan predicted, when the report comes from apply
     estimated: bool = False  # the prediction was an estimate (a global split that depends on the values)
+    error: float | None = None  # ||W X - W' X||^2 / ||W X||^2 on the calibration data (data-aware apply)
 
     @property
     def numel(self) -> int:
@@ -92,6 +93,7 @@ class Report:
                 "mask": s.masked,
                 "predicted": s.predicted,
                 "predicted_exact": not s.estimated,
+                "reconstruction_error": s.error,
             }
 
         def total(stats: list[TensorStats]) -> dict[str, Any]:
@@ -119,10 +121,12 @@ def collect(
     predicted: dict[str, float | None] | None = None,
     zeros: dict[str, int] | None = None,
     estimated: Iterable[str] = (),
+    errors: dict[str, float] | None = None,
 ) -> Report:
     """A report whose pruned tensors are those called ``names`` (``"module.param"``), or, when ``names`` is
     None, those :class:`Report` describes; every other parameter of ``model`` goes to ``others``. ``zeros``
-    are counts the caller already has (the engine counts the masks it makes)."""
+    are counts the caller already has (the engine counts the masks it makes); ``errors``: each tensor's
+    relative reconstruction error on the calibration data, when known."""
     found: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # every name, tied ones included
     first: dict[int, str] = {}  # each tensor's first name
     for module_name, module in model.named_modules():
@@ -148,7 +152,10 @@ def collect(
         wanted = [n for n in unique if found[n][1] is not None] or [n for n in unique if count(n)]
     guesses = set(estimated)
     entries = {
-        name: _stats(name, found[name], count(name), (predicted or {}).get(name), name in guesses) for name in wanted
+        name: _stats(
+            name, found[name], count(name), (predicted or {}).get(name), name in guesses, (errors or {}).get(name)
+        )
+        for name in wanted
     }
     taken = {id(found[name][0]) for name in entries}
     rest = [name for name in first.values() if id(found[name][0]) not in taken]
@@ -197,9 +204,10 @@ def _stats(
     zeros: int,
     predicted: float | None = None,
     estimated: bool = False,
+    error: float | None = None,
 ) -> TensorStats:
     tensor, mask = found
-    return TensorStats(name, tuple(tensor.shape), zeros, mask is not None, predicted, estimated)
+    return TensorStats(name, tuple(tensor.shape), zeros, mask is not None, predicted, estimated, error)
 
 
 def sparsity(model: nn.Module) -> Report:

@@ -181,9 +181,11 @@ def test_an_interrupt_in_the_coordinator_stops_every_batch(monkeypatch: pytest.M
 
 def test_pass_reports_a_failed_batch_by_index() -> None:
     model = Failing(ValueError("bad"), at=1)
-    with Pass(model, [torch.randn(1, 4), torch.randn(1, 4)], {"second": model.second}) as p:
-        with pytest.raises(BatchFailed) as info:
-            p.next_stop()
+    with (
+        Pass(model, [torch.randn(1, 4), torch.randn(1, 4)], {"second": model.second}) as p,
+        pytest.raises(BatchFailed) as info,
+    ):
+        p.next_stop()
     assert info.value.index == 0 and isinstance(info.value.error, ValueError)
 
 
@@ -240,3 +242,20 @@ def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path) -> None:
     mask = model.transformer.h[0].mlp.c_fc.weight_mask  # (in, out): groups of 4 run along the inputs, dim 0
     groups = mask.T.reshape(mask.shape[1], -1, 4)
     assert torch.all(groups.sum(dim=2) == 2)
+
+
+def test_the_report_gives_each_tensors_reconstruction_error_on_the_calibration_data() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    data = [torch.randn(5, 8), torch.randn(4, 8)]
+    dense = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    report = prunespec.apply(model, spec, data=data)
+    with torch.no_grad():
+        x = torch.cat(data)
+        hidden = torch.relu(model[0](x))  # the pruned first layer's outputs: what the second layer saw
+        for name, w, inputs in (("0.weight", dense[0], x), ("2.weight", dense[1], hidden)):
+            pruned = model.get_submodule(name[0]).weight
+            expected = ((inputs @ w.T - inputs @ pruned.T).pow(2).sum() / (inputs @ w.T).pow(2).sum()).item()
+            assert report.entries[name].error == pytest.approx(expected, rel=1e-4)
+    assert "recon. error" in str(report) and report.to_dict()["tensors"]["0.weight"]["reconstruction_error"] > 0

@@ -196,3 +196,19 @@ def test_tiny_llama_through_the_cli(tmp_path: Path) -> None:
     assert "50.00%" in done.stdout and out.is_file()
     missing = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     assert missing.returncode == 1 and "--data file.py:factory" in missing.stderr
+
+
+def test_two_four_saves_and_loads(tmp_path: Path) -> None:
+    model, data = _model_and_data(3)
+    spec = _spec(options={"n": 2, "m": 4})
+    prunespec.apply(model, spec, data=data)
+    path = tmp_path / "nm.pt"
+    prunespec.save(model, path, spec=spec)
+    fresh, _ = _model_and_data(4)  # other weights: everything must come from the file
+    loaded = prunespec.load(fresh, path)
+    assert loaded is not None and loaded.rules[0].options == {"compare": "row", "n": 2, "m": 4}
+    for name in ("0", "2"):
+        assert torch.equal(fresh.get_submodule(name).weight_mask, model.get_submodule(name).weight_mask)
+        assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x))
