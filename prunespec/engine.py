@@ -277,15 +277,14 @@ def _calibrated(
     return accumulator.tokens
 
 
-def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, torch.Tensor]]:
-    """What each owner of these tensors computes with, masks and new values applied."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
+def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """What each owner of these tensors computes with: (values, mask), new values and masks so far."""
+    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for tensor in tensors:
         if tensor.mask is None:
             continue
-        effective = tensor.current.detach() * tensor.mask.to(tensor.current.dtype)
         for module, pname in tensor.owner_names:
-            out.setdefault(module, {})[pname] = effective
+            out.setdefault(module, {})[pname] = (tensor.current.detach(), tensor.mask)
     return out
 
 

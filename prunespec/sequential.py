@@ -38,6 +38,9 @@ from torch import nn
 __all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "attention_mask", "run_batch"]
 
 
+Weight = tuple[torch.Tensor, torch.Tensor]  # (values, mask): a module computes with values * mask
+
+
 class BatchFailed(Exception):
     """A batch's forward raised ``error`` (an Exception) before the pass ended."""
 
@@ -85,9 +88,10 @@ class _Worker:
 class Pass:
     """A calibration pass over ``batches`` that stops at each of ``watched`` (module name -> module).
 
-    ``weights``: module name -> {parameter name: tensor} the modules compute with from the start (masks
-    computed before the pass); :meth:`release` adds more. Use as a context manager; iterate with
-    :meth:`next_stop` until it returns None.
+    ``weights``: module name -> {parameter name: (values, mask)}: the modules compute with ``values *
+    mask`` from the start (masks computed before the pass); :meth:`release` adds more. The product is
+    made at each call and dropped after it, so a pass holds no second copy of the pruned weights.
+    Use as a context manager; iterate with :meth:`next_stop` until it returns None.
     """
 
     def __init__(
@@ -95,11 +99,11 @@ class Pass:
         model: nn.Module,
         batches: Sequence[Any],
         watched: Mapping[str, nn.Module],
-        weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        weights: Mapping[str, Mapping[str, Weight]] | None = None,
     ) -> None:
         self.model = model
         self.watched = dict(watched)
-        self.weights: dict[str, dict[str, torch.Tensor]] = {k: dict(v) for k, v in (weights or {}).items()}
+        self.weights: dict[str, dict[str, Weight]] = {k: dict(v) for k, v in (weights or {}).items()}
         self.released: set[str] = set()
         self.workers = [_Worker(i, b) for i, b in enumerate(batches)]
         self._local = threading.local()
@@ -172,9 +176,9 @@ class Pass:
         arrivals = [Arrival(w.index, w.x, w.mask) for w in waiting if w.at == module and w.x is not None]
         return Stop(module, arrivals)
 
-    def release(self, module: str, weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Let the batches waiting at ``module`` go on; ``weights`` (module name -> {param: tensor}) are
-        what those modules compute with from now on."""
+    def release(self, module: str, weights: Mapping[str, Mapping[str, Weight]] | None = None) -> None:
+        """Let the batches waiting at ``module`` go on; ``weights`` (module name -> {param: (values,
+        mask)}) are what those modules compute with from now on."""
         self.released.add(module)
         for name, tensors in (weights or {}).items():
             self.weights.setdefault(name, {}).update(tensors)
@@ -225,9 +229,10 @@ class Pass:
                     self.reached.add(name)
                     self._wait(worker, name, x)
             stack = self._saved.setdefault(id(module), [])
-            for pname, tensor in self.weights.get(name, {}).items():
+            for pname, (values, mask) in self.weights.get(name, {}).items():
                 stack.append((module, pname, module.__dict__.get(pname, _MISSING)))
-                module.__dict__[pname] = tensor  # found before the Parameter (nn.Module.__getattr__ comes last)
+                # found before the Parameter: nn.Module.__getattr__ is only the fallback
+                module.__dict__[pname] = values * mask
 
         return hook
 
