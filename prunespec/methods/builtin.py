@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 from ..hookspecs import Register, hookimpl
 from .base import MaskContext, PruningMethod
+from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 
@@ -163,5 +164,5 @@ class LnStructured(PruningMethod):
 
 @hookimpl
 def prunespec_register_methods(register: Register) -> None:
-    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured, Wanda):
+    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured, Wanda, SparseGPT):
         register(method)

@@ -1,0 +1,318 @@
+"""``sparsegpt``: prune a layer and reconstruct the weights it keeps (Frantar & Alistarh, 2023,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+A Linear layer's output on calibration inputs ``X`` (tokens as rows) is ``X W^T``. SparseGPT prunes
+``W`` and moves the error of each pruned weight onto the weights of its row not yet visited, so that
+``||X W^T - X W'^T||^2`` stays small (optimal brain surgeon, one column at a time). The Hessian of that
+error is ``H = X^T X`` (the ``input_gram`` statistic, :mod:`prunespec.calibration`) plus
+``dampening * mean(diag H)`` on its diagonal. With ``U`` the upper Cholesky factor of ``H^-1``, columns
+are visited left to right in blocks of ``block_size``; inside a block, the pruned weights of column
+``j`` (``w``, the column's current values) give the error ``e = w_pruned / U_jj``, and the row's
+later columns of the block take ``-e * U[j, j:]``; at the end of a block its errors reach every later
+column with one matmul (the paper's lazy batch updates). Which weights are pruned:
+
+* an amount (unstructured): the rule's count (``self.n_to_prune`` of the entries left) is shared out
+  between the blocks in proportion to the entries each has left (the shares add up to exactly the
+  count); each block prunes, over all rows together, its share of the lowest ``w^2 / U_jj^2`` among its
+  current values (the paper's adaptive mask selection; ties to the lower flat index);
+* ``n``/``m`` (N:M): when the sweep reaches the first column of each group of ``m`` consecutive inputs,
+  each row keeps the ``n`` highest ``w^2 / U_jj^2`` of its group's current values (``n`` is the number
+  KEPT, as for ``wanda``: ``n: 2, m: 4`` is 2:4; earlier-pruned entries count as pruned first); the rule
+  then gives no amount.
+
+Options: ``n``, ``m``; ``block_size`` (128): columns per lazy batch; ``dampening`` (0.01): the fraction
+of the mean of ``diag H`` added to the diagonal. The weight is computed in float32 on its own device,
+starting from the masked values: entries pruned earlier are zeros and stay pruned.
+
+An input that is never active (``H_jj = 0``) gets ``H_jj = 1``: it carries no error to the others and
+keeps its value unless it is selected for pruning (the original script zeroes such weights; prunespec
+does not, so a layer pruned on data that never exercised an input keeps it).
+
+Afterwards ``weight_orig`` holds the reconstructed values at kept entries and the values from before
+this step at pruned ones, ``weight_mask`` the pruned entries: ``finalize`` leaves the plain result.
+Only 2-D weights, ``(out, in)``; transformers' ``Conv1D`` (weight ``(in, out)``) works through its
+transpose. ``scope: global`` is refused (each layer's error is its own). Memory: one ``(in, in)``
+float32 Hessian per distinct layer input (``q``/``k``/``v`` share one) and its factor ``U``, computed
+once per Hessian and cached while the Hessian lives, plus a float32 copy of the weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..calibration import out_in
+from .base import Capabilities, MaskContext, PruningMethod
+
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+
+class SparseGPTOptions(BaseModel):
+    """Options of ``sparsegpt``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: PositiveInt | None = Field(
+        default=None,
+        description="N:M sparsity: how many of every m consecutive inputs of a row are KEPT (n: 2, m: 4 is 2:4); "
+        "with n and m the rule gives no amount or sparsity.",
+    )
+    m: PositiveInt | None = Field(
+        default=None, description="N:M sparsity: the group size, m consecutive inputs of a row (in must be a multiple)."
+    )
+    block_size: PositiveInt = Field(
+        default=128, description="Columns per lazy batch update (the paper's B); masks are chosen per block."
+    )
+    dampening: float = Field(
+        default=0.01,
+        gt=0,
+        allow_inf_nan=False,
+        description="Fraction of the mean of the Hessian's diagonal added to its diagonal (the paper's percdamp).",
+    )
+
+    @field_validator("dampening", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        # pydantic would read True as 1.0 and "0.1" as 0.1: a spec that says either meant something else
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"dampening must be a number such as 0.01, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _n_and_m(self) -> SparseGPTOptions:
+        if (self.n is None) != (self.m is None):
+            raise ValueError("give both n and m for N:M sparsity (n: 2, m: 4 keeps 2 of every 4), or neither")
+        if self.n is not None and self.m is not None and self.n >= self.m:
+            raise ValueError(f"n={self.n} must be smaller than m={self.m}: n is how many of every m are KEPT")
+        return self
+
+
+class SparseGPT(PruningMethod):
+    """Prune with the smallest w^2 / [H^-1]_jj and compensate in the kept weights (calibration Hessian)."""
+
+    own_random = True  # deterministic
+
+    name = "sparsegpt"
+    Options = SparseGPTOptions
+    statistics: ClassVar[tuple[str, ...]] = ("input_gram",)
+    amount_replaced_by: ClassVar[tuple[str, ...]] = ("n", "m")
+    updates_values: ClassVar[bool] = True
+
+    n: int | None
+    m: int | None
+    block_size: int
+    dampening: float
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        # each layer's reconstruction error is on its own scale: one budget across layers is not SparseGPT
+        return dataclasses.replace(super().capabilities(), supports_global=False)
+
+    @classmethod
+    def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
+        if len(shape) != 2:
+            return f"sparsegpt prunes Linear weights (out, in); this tensor has shape {list(shape)}"
+        m = options.get("m")
+        if isinstance(m, int) and shape[1] % m:
+            return f"the input dimension {shape[1]} of shape {list(shape)} is not a multiple of m={m}"
+        return None
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "sparsegpt needs its module and calibration data: prunespec computes its masks and values with "
+            "reconstruct(ctx) at apply (prunespec.apply(..., data=...))"
+        )
+
+    def mask(self, ctx: MaskContext) -> torch.Tensor:
+        """The mask :meth:`reconstruct` gives (for direct calls; the values are discarded)."""
+        return self.reconstruct(ctx)[0]
+
+    def reconstruct(self, ctx: MaskContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, values)`` in the parameter's layout: the new mask and ``weight_orig``'s new values
+        (reconstructed where kept, as before this step where pruned)."""
+        original = out_in(ctx.module, ctx.values.detach())
+        rows, cols = original.shape
+        gram = _gram(ctx, cols)
+        if self.m is not None and cols % self.m:
+            raise ValueError(f"{ctx.name}: the input dimension {cols} is not a multiple of m={self.m}")
+        weight = original.to(torch.float32, copy=True)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"sparsegpt cannot reconstruct {ctx.name}: its weight has inf or NaN entries")
+        if ctx.mask is None:
+            pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+        else:
+            pruned = out_in(ctx.module, ctx.mask) == 0
+            weight.masked_fill_(pruned, 0.0)
+
+        counts: list[int] | None = None
+        if self.n is None:
+            counts = self._block_counts(pruned)
+            if not any(counts):  # nothing more to prune: nothing moves either
+                return ctx.default_mask.clone(), ctx.values.detach().clone()
+        factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name)
+        _sweep(weight, pruned, factor, self.block_size, counts, self.n, self.m)
+
+        values = torch.empty_like(ctx.values)
+        out_in(ctx.module, values).copy_(torch.where(pruned, original, weight.to(original.dtype)))
+        mask = torch.empty_like(ctx.default_mask)
+        out_in(ctx.module, mask).copy_(~pruned)
+        return mask, values
+
+    def _block_counts(self, pruned: torch.Tensor) -> list[int]:
+        """Entries each block of columns prunes: the rule's count shared in proportion to the entries
+        each block has left, rounded cumulatively so the shares add up to the count."""
+        block = self.block_size
+        left_per_column = (~pruned).sum(dim=0)
+        padded = torch.nn.functional.pad(left_per_column, (0, -left_per_column.numel() % block))
+        cumulative = padded.reshape(-1, block).sum(dim=1).cumsum(0)
+        left = int(cumulative[-1])
+        k = self.n_to_prune(left)
+        if left == 0:
+            return [0] * cumulative.numel()
+        shares = (2 * k * cumulative + left) // (2 * left)  # k * cumulative / left rounded half up, in integers
+        return torch.diff(shares, prepend=shares.new_zeros(1)).tolist()
+
+
+def _gram(ctx: MaskContext, cols: int) -> torch.Tensor:
+    gram = ctx.statistics.get("input_gram")
+    if gram is None:
+        raise ValueError(f"sparsegpt needs the input_gram statistic for {ctx.name}: pass calibration data (data=...)")
+    if gram.shape != (cols, cols):
+        raise ValueError(
+            f"input_gram for {ctx.name} has shape {list(gram.shape)}, expected [{cols}, {cols}] "
+            "(one row and column per input feature of the weight)"
+        )
+    return gram
+
+
+def _sweep(
+    weight: torch.Tensor,
+    pruned: torch.Tensor,
+    factor: torch.Tensor,
+    block_size: int,
+    counts: list[int] | None,
+    n: int | None,
+    m: int | None,
+) -> None:
+    """The column sweep, in place: ``weight`` ends reconstructed (zeros where pruned), ``pruned`` with
+    every entry pruned. ``counts``: entries each block prunes (unstructured), or None for N:M."""
+    cols = weight.shape[1]
+    diag = factor.diagonal()
+    for block, start in enumerate(range(0, cols, block_size)):
+        end = min(start + block_size, cols)
+        w = weight[:, start:end].clone()
+        u = factor[start:end, start:end]
+        done = pruned[:, start:end]  # a view: selections below land in `pruned`
+        errors = torch.zeros_like(w)
+        if counts is not None and counts[block]:
+            score = (w / diag[start:end]).square().masked_fill(done, math.inf)
+            chosen = torch.sort(score.reshape(-1), stable=True).indices[: counts[block]]
+            flat = torch.zeros(score.numel(), dtype=torch.bool, device=w.device)
+            flat[chosen] = True
+            done |= flat.view(score.shape)
+        for i in range(end - start):
+            column = start + i
+            if m is not None and n is not None and column % m == 0:
+                _select_group(w, errors, weight, pruned, factor, start, end, i, n, m)
+            current = w[:, i]
+            kept = current.masked_fill(done[:, i], 0.0)
+            error = (current - kept) / u[i, i]
+            w[:, i:].addr_(error, u[i, i:], alpha=-1.0)
+            w[:, i] = kept  # exactly zero where pruned, not a rounding residue
+            errors[:, i] = error
+        weight[:, start:end] = w
+        weight[:, end:].addmm_(errors, factor[start:end, end:], alpha=-1.0)
+
+
+def _select_group(
+    w: torch.Tensor,
+    errors: torch.Tensor,
+    weight: torch.Tensor,
+    pruned: torch.Tensor,
+    factor: torch.Tensor,
+    start: int,
+    end: int,
+    i: int,
+    n: int,
+    m: int,
+) -> None:
+    """Mark, in each row, the ``m - n`` lowest ``w^2 / U_jj^2`` of the group of ``m`` columns starting
+    at block column ``i``, on the group's current values."""
+    first = start + i
+    inside = min(m, end - first)
+    values = w[:, i : i + inside]
+    if inside < m:
+        # the group runs past the block: those columns have not had this block's errors yet
+        later = weight[:, end : first + m] - errors[:, :i] @ factor[start:first, end : first + m]
+        values = torch.cat([values, later], dim=1)
+    group = pruned[:, first : first + m]
+    score = (values / factor.diagonal()[first : first + m]).square().masked_fill(group, -math.inf)
+    lowest = torch.sort(score, dim=1, stable=True).indices[:, : m - n]
+    group.scatter_(1, lowest, True)
+
+
+# --- the inverse Hessian's factor, once per Hessian ----------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    factor: torch.Tensor
+    finalizer: weakref.finalize[Any, Any]
+
+
+_CACHE_SIZE = 4  # a few: modules sharing an input (q/k/v, gate/up) are pruned one after the other
+_cache: OrderedDict[tuple[int, int, float, torch.device], _Entry] = OrderedDict()
+# reentrant: a Hessian freed while the lock is held runs its finalizer, which takes the lock too
+_lock = threading.RLock()
+
+
+def _forget(key: tuple[int, int, float, torch.device]) -> None:
+    with _lock:
+        _cache.pop(key, None)
+
+
+def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
+    """``U``, the upper Cholesky factor of the dampened ``gram``'s inverse, on ``device``; computed once
+    per gram object (and version: an in-place change misses the cache) while that object lives."""
+    # id() alone could be reused by a new tensor once this one is freed: the finalizer drops the entry first
+    key = (id(gram), gram._version, float(dampening), device)
+    with _lock:  # held while factoring: a second caller with the same Hessian waits rather than factors it too
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)
+            return entry.factor
+        factor = _factor(gram, dampening, device, where)
+        _cache[key] = _Entry(factor, weakref.finalize(gram, _forget, key))
+        while len(_cache) > _CACHE_SIZE:
+            _, oldest = _cache.popitem(last=False)
+            oldest.finalizer.detach()
+        return factor
+
+
+def _factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
+    h = gram.detach().to(device=device, dtype=torch.float32, copy=True)
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0  # a never-active input: its row and column are zero, any positive value will do
+    diagonal += dampening * diagonal.mean()
+    # One Cholesky instead of the paper's two (of H, then of H^-1): with P the order reversal and
+    # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1.
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    del h, diagonal
+    if int(info) != 0 or not bool(torch.isfinite(lower.diagonal()).all()):
+        raise ValueError(
+            f"sparsegpt: the Hessian of {where} (input_gram plus dampening={dampening} times its mean diagonal) "
+            "is not positive definite; raise dampening (e.g. 0.1), or check the calibration data for inf/NaN"
+        )
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    inverse: torch.Tensor = torch.linalg.solve_triangular(lower, eye, upper=False)
+    del lower, eye
+    return inverse.flip(0, 1)
