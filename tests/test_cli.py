@@ -24,6 +24,7 @@ from torch.nn.utils import prune
 import prunespec
 import prunespec.cli
 from prunespec.cli import main
+from prunespec.methods.sparsegpt import SparseGPT
 from prunespec.methods.wanda import Wanda
 
 MODEL = f"{EXAMPLES / 'lenet.py'}:make_lenet"
@@ -35,6 +36,7 @@ BUILTINS = {
     "random_structured": prune.RandomStructured,
     "ln_structured": prune.LnStructured,
     "wanda": Wanda,
+    "sparsegpt": SparseGPT,
 }
 ALL_SPECS = sorted(SPECS.glob("*.yaml"))
 
@@ -180,6 +182,7 @@ def test_methods_table_lists_the_builtins(capsys: pytest.CaptureFixture[str]) ->
         "random_structured": ["structured", "channels"],
         "ln_structured": ["structured", "channels"],
         "wanda": ["unstructured", "entries"],
+        "sparsegpt": ["unstructured", "entries"],
     }
 
 

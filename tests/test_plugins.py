@@ -36,7 +36,15 @@ from prunespec.methods.base import MethodInfo, NoOptions
 from prunespec.plugins import KNOWN_PLUGINS, PluginWarning, provider_hint
 from prunespec.testing import check_method, registered_methods
 
-BUILTIN_NAMES = {"identity", "random_unstructured", "l1_unstructured", "random_structured", "ln_structured", "wanda"}
+BUILTIN_NAMES = {
+    "identity",
+    "random_unstructured",
+    "l1_unstructured",
+    "random_structured",
+    "ln_structured",
+    "wanda",
+    "sparsegpt",
+}
 PLUGIN_PACKAGES = {"foobar": "prunespec-foobar", "nm": "prunespec-nm"}
 
 
