@@ -593,11 +593,11 @@ class _Checker:
                 rule, f"reconstruct(ctx) returned {_describe(result)}, not a (mask, values) pair of tensors", case
             )
             return
-        for what, part in zip(("mask", "values"), result, strict=True):
+        for what, part in zip(("mask is", "values are"), result, strict=True):
             if (part.shape, part.dtype, part.device) != (t.shape, t.dtype, t.device):
                 self.fail(
                     rule,
-                    f"the {what} is {list(part.shape)} {part.dtype} on {part.device}; ctx.values is "
+                    f"reconstruct's {what} {list(part.shape)} {part.dtype} on {part.device}; ctx.values is "
                     f"{list(t.shape)} {t.dtype} on {t.device}, and both must be so",
                     case,
                 )

@@ -230,8 +230,8 @@ def test_check_method_accepts_a_method_that_reconstructs() -> None:
     [
         (WritesValues, "inputs untouched", "reconstruct(ctx) wrote into ctx.values or ctx.mask"),
         (DampensInPlace, "inputs untouched", "reconstruct(ctx) wrote into ctx.statistics['input_gram']"),
-        (FlatMask, "reconstruct (mask, values)", "the mask is [128] torch.float32 on cpu; ctx.values is [8, 16]"),
-        (DoubleValues, "reconstruct (mask, values)", "the values is [8, 16] torch.float64 on cpu"),
+        (FlatMask, "reconstruct (mask, values)", "mask is [128] torch.float32 on cpu; ctx.values is [8, 16]"),
+        (DoubleValues, "reconstruct (mask, values)", "reconstruct's values are [8, 16] torch.float64 on cpu"),
         (MaskOnly, "reconstruct (mask, values)", "returned Tensor, not a (mask, values) pair of tensors"),
         (HalfMask, "binary", "reconstruct's mask has values other than 0 and 1: [0.0, 0.5]"),
         (Revives, "respects default_mask", "reconstruct(ctx)'s mask set"),
