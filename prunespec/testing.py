@@ -31,8 +31,10 @@ one ``AssertionError`` naming the method and every rule it breaks:
 * **options kept on the instance**: each option is the method object's attribute of the same name
   (``prunespec.save`` records options from there, and ``prunespec.load`` rebuilds the hook from them);
 * **inputs untouched**: ``compute_mask`` changes neither ``t`` nor ``default_mask`` in place;
+  ``score``/``mask``/``reconstruct`` write into none of ``ctx.values``, ``ctx.mask`` and
+  ``ctx.statistics`` (statistics are shared by modules fed the same input);
 * **respects default_mask**: entries that are 0 in ``default_mask`` stay 0, called directly and
-  through ``PruningContainer``;
+  through ``PruningContainer`` (and in ``reconstruct``'s mask, the zeros of ``ctx.mask``);
 * **honours the amount** (methods that take one): exactly ``round(amount * remaining)`` of the units
   the method declares (entries, channels along ``dim``, blocks, ...) are pruned, as torch rounds (an
   integer amount is a count), and from a dense start every unit is kept or pruned whole;
@@ -44,11 +46,20 @@ one ``AssertionError`` naming the method and every rule it breaks:
   and, where the method also computes masks, every unit it prunes scores no higher than every unit it
   keeps;
 * **deterministic under a seed**: ``torch.manual_seed(s)`` before two calls gives the same mask;
-* **data-aware methods** (a class with ``statistics``): ``score``/``mask`` get synthetic statistics (for
-  ``input_sq_norms``: a positive random vector, one per input of a 2-D weight), and "works through
-  prunespec" runs ``prunespec.apply`` on an ``nn.Linear`` holding the weight with random calibration
-  batches (other shapes are not run through prunespec: statistics are collected for Linear layers only);
-  a method whose amount applies per row (``per_row``) is counted, and its scores compared, row by row;
+* **data-aware methods** (a class with ``statistics``): ``score``/``mask``/``reconstruct`` get synthetic
+  statistics for the weight's inputs (dim 1), those the class declares, from :func:`synthetic_statistics`
+  (``input_gram``: a random symmetric positive-definite float32 ``(in, in)`` matrix; ``input_sq_norms``: its
+  diagonal, positive); **statistics**: each declared one can be made so; and "works through prunespec"
+  runs ``prunespec.apply`` on an ``nn.Linear`` holding the weight with random calibration batches (other
+  shapes are not run through prunespec: statistics are collected for Linear layers only); a method whose
+  amount applies per row (``per_row``) is counted, and its scores compared, row by row (each row pruning
+  its share of the entries left in it);
+* **reconstruct (mask, values)** (a class with ``updates_values``): ``reconstruct(ctx)``, from a dense
+  start and after earlier pruning, returns a ``(mask, values)`` pair of tensors of ``ctx.values``'s shape,
+  dtype and device; the mask is also checked for **binary**, **respects default_mask**, **honours the
+  amount** and **inputs untouched** as above; "works through prunespec" gives it calibration batches too
+  and counts what the mask prunes (whether apply installs the new values is the engine's part, not
+  checked here);
 * **pickle-able**: the method object (which becomes the module's forward pre-hook, and is pickled with
   the model by ``torch.save(model)``) survives ``pickle`` and computes the same mask afterwards.
 """
@@ -74,7 +85,7 @@ from .methods.base import MaskContext, MethodInfo, PruningMethod
 from .plugins import MethodRegistry, PluginSource, _registrar
 from .schema import build_schema
 
-__all__ = ["DEFAULT_DTYPES", "DEFAULT_SHAPES", "check_method", "registered_methods"]
+__all__ = ["DEFAULT_DTYPES", "DEFAULT_SHAPES", "check_method", "registered_methods", "synthetic_statistics"]
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((16,), (8, 16), (8, 16, 3, 3))
 """A bias, a ``Linear`` weight (out, in) and a ``Conv2d`` weight (out, in, kh, kw). Shapes the method's
@@ -83,6 +94,19 @@ DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((16,), (8, 16), (8, 16, 3, 3))
 DEFAULT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 _KEPT_FRACTION = 0.7  # of entries left unpruned by the random default masks
+
+
+def synthetic_statistics(inputs: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Made-up calibration statistics of a module with ``inputs`` input features, one for each name in
+    :data:`prunespec.calibration.STATISTICS`, consistent with each other as collected ones are:
+    ``input_gram`` is ``A A^T / k + 0.01 I`` for a random ``(inputs, k)`` matrix ``A`` of ``k = 2 * inputs``
+    "tokens" (float32, symmetric positive definite), and ``input_sq_norms`` its diagonal (positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 * inputs
+    a = torch.randn(inputs, k, generator=gen)
+    gram = a @ a.T / k + 0.01 * torch.eye(inputs)
+    gram = (gram + gram.T) / 2  # exactly symmetric, whatever the matmul's rounding
+    return {"input_sq_norms": gram.diagonal().clone(), "input_gram": gram}
 
 
 def registered_methods(plugin: object, *, name: str = "plugin-under-test") -> dict[str, MethodInfo]:
@@ -165,11 +189,24 @@ class _Checker:
         return self.info.needs_amount(self.options)
 
     def statistics(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Synthetic calibration statistics for ``t``'s module, one per name the method declares."""
-        if not self.info.capabilities.statistics or t.dim() < 2:
+        """Synthetic calibration statistics for ``t``'s module, one per name the method declares (fresh
+        tensors each call, so a method writing into them can be caught)."""
+        names = self.info.capabilities.statistics
+        if not names or t.dim() < 2:
             return {}
-        gen = torch.Generator().manual_seed(self.seed + 7)
-        return {"input_sq_norms": torch.rand(t.shape[1], generator=gen) * 4 + 0.25}
+        made = synthetic_statistics(t.shape[1], self.seed + 7)
+        return {name: made[name] for name in names if name in made}
+
+    def check_statistics(self) -> None:
+        """Every statistic the method declares can be made up here (a name prunespec collects but this
+        module cannot make is prunespec's omission, named so rather than as the method's KeyError)."""
+        missing = [name for name in self.info.capabilities.statistics if name not in synthetic_statistics(2, 0)]
+        if missing:
+            self.fail(
+                "statistics",
+                f"check_method has no synthetic {', '.join(missing)} (prunespec.testing.synthetic_statistics "
+                "lacks them): report it to prunespec",
+            )
 
     def fail(self, rule: str, detail: str, case: str | None = None) -> None:
         self.failures.setdefault(rule, []).append(f"{detail} [{case}]" if case else detail)
@@ -193,6 +230,7 @@ class _Checker:
         if method is None:
             return
         self.check_options_kept(method)
+        self.check_statistics()
         refused: dict[tuple[int, ...], str] = {}
         for shape in shapes:
             try:
@@ -296,6 +334,7 @@ class _Checker:
                     mask_so_far = None if dense else default
                     ctx = MaskContext("weight", "", "weight", nn.Module(), t, mask_so_far, self.options, stats)
                     mask = method.mask(ctx)
+                    self.check_statistics_untouched(case, stats, t, "mask(ctx)")
                 else:
                     mask = method.compute_mask(t, default_mask=default)
         except Exception as exc:
@@ -353,6 +392,9 @@ class _Checker:
         masked = t * default  # what prunespec hands a method: the weight with earlier pruning applied
 
         self.check_through_prunespec(case, t)
+        if self.info.capabilities.updates_values:
+            self.check_reconstruct(case, t, None)
+            self.check_reconstruct(case, t, default)
         if not self.computes_masks:
             self.check_scores(case, t, None)
             return
@@ -392,10 +434,12 @@ class _Checker:
         if self.takes_amount:
             self.check_amount(case + ", via PruningContainer", composed, default)
 
-    def check_keeps_zeros(self, rule: str, case: str, mask: torch.Tensor, default: torch.Tensor, how: str) -> None:
+    def check_keeps_zeros(
+        self, rule: str, case: str, mask: torch.Tensor, default: torch.Tensor, how: str, earlier: str = "default_mask"
+    ) -> None:
         revived = int((mask[default == 0] != 0).sum())
         if revived:
-            self.fail(rule, f"{how} set {revived} entries to 1 that are 0 in default_mask", case)
+            self.fail(rule, f"{how} set {revived} entries to 1 that are 0 in {earlier}", case)
 
     def unit(self) -> Unit | None:
         try:
@@ -422,8 +466,21 @@ class _Checker:
             if bool(partly.any()):
                 self.fail("honours the amount", f"{int(partly.sum())} {name} are only partly pruned", case)
         expected = n_to_prune(self.amount, alive_before)
-        if self.per_row(mask):
-            expected = mask.shape[0] * n_to_prune(self.amount, mask.shape[1])
+        if self.per_row(mask):  # each row prunes its own share of the entries left in it
+            left = (default != 0).sum(dim=1).tolist()
+            wanted = [n_to_prune(self.amount, n) for n in left]
+            got = [a - b for a, b in zip(left, (mask != 0).sum(dim=1).tolist(), strict=True)]
+            wrong = [i for i, (w, g) in enumerate(zip(wanted, got, strict=True)) if w != g]
+            if wrong:
+                i = wrong[0]
+                self.fail(
+                    "honours the amount",
+                    f"amount={self.amount} applies to each row: row {i} has {left[i]} entries left and should "
+                    f"prune {wanted[i]}, but {got[i]} were pruned ({len(wrong)} rows wrong)",
+                    case,
+                )
+                return
+            expected = sum(wanted)
         pruned = alive_before - alive_after
         if pruned != expected:
             self.fail(
@@ -448,9 +505,13 @@ class _Checker:
             return
         try:
             method = self.info.instance(self.amount if self.takes_amount else None, self.options)
-            ctx = MaskContext("weight", "", "weight", nn.Module(), t, None, self.options, self.statistics(t))
+            stats, values = self.statistics(t), t.clone()
+            ctx = MaskContext("weight", "", "weight", nn.Module(), values, None, self.options, stats)
             scores = method.score(ctx)
             again = method.score(ctx)
+            self.check_statistics_untouched(case, stats, t, "score(ctx)")
+            if not torch.equal(values, t):
+                self.fail("inputs untouched", "score(ctx) wrote into ctx.values: work on a copy", case)
             flat = method.importance(t.reshape(-1)) if caps.elementwise else None
         except Exception as exc:
             self.fail(rule, f"scoring raised {type(exc).__name__}: {exc}", case)
@@ -486,6 +547,71 @@ class _Checker:
                     case,
                 )
 
+    def check_statistics_untouched(
+        self, case: str, stats: Mapping[str, torch.Tensor], t: torch.Tensor, how: str
+    ) -> None:
+        """Statistics are shared (modules fed the same input get the very same tensor): never written into."""
+        fresh = self.statistics(t)
+        changed = [name for name, value in stats.items() if not torch.equal(value, fresh[name])]
+        if changed:
+            self.fail(
+                "inputs untouched",
+                f"{how} wrote into ctx.statistics[{', '.join(map(repr, changed))}] (statistics are shared between "
+                "modules fed the same input: work on a copy)",
+                case,
+            )
+
+    def check_reconstruct(self, case: str, t: torch.Tensor, mask_so_far: torch.Tensor | None) -> None:
+        """A method with ``updates_values``: ``reconstruct(ctx)`` gives a binary mask keeping the zeros of
+        ``ctx.mask`` and new values, both like ``ctx.values``, leaves the context alone and prunes the amount."""
+        rule = "reconstruct (mask, values)"
+        case = case + ("" if mask_so_far is None else ", after earlier pruning")
+        stats = self.statistics(t)
+        values = t.clone()
+        mask = None if mask_so_far is None else mask_so_far.clone()
+        try:
+            method = self.info.instance(self.amount if self.takes_amount else None, self.options)
+            ctx = MaskContext("weight", "", "weight", nn.Module(), values, mask, self.options, stats)
+            with _seeded(self.seed):
+                result = method.reconstruct(ctx)
+        except Exception as exc:
+            self.fail(rule, f"reconstruct(ctx) raised {type(exc).__name__}: {exc}", case)
+            return
+        if not torch.equal(values, t) or (
+            mask is not None and mask_so_far is not None and not torch.equal(mask, mask_so_far)
+        ):
+            self.fail(
+                "inputs untouched", "reconstruct(ctx) wrote into ctx.values or ctx.mask: return new tensors", case
+            )
+        self.check_statistics_untouched(case, stats, t, "reconstruct(ctx)")
+        if (
+            not isinstance(result, tuple)
+            or len(result) != 2
+            or not all(isinstance(part, torch.Tensor) for part in result)
+        ):
+            self.fail(
+                rule, f"reconstruct(ctx) returned {_describe(result)}, not a (mask, values) pair of tensors", case
+            )
+            return
+        for what, part in zip(("mask is", "values are"), result, strict=True):
+            if (part.shape, part.dtype, part.device) != (t.shape, t.dtype, t.device):
+                self.fail(
+                    rule,
+                    f"reconstruct's {what} {list(part.shape)} {part.dtype} on {part.device}; ctx.values is "
+                    f"{list(t.shape)} {t.dtype} on {t.device}, and both must be so",
+                    case,
+                )
+                return
+        new_mask = result[0]
+        if not bool(((new_mask == 0) | (new_mask == 1)).all()):
+            found = sorted({float(v) for v in new_mask.detach().float().flatten().tolist()})[:6]
+            self.fail("binary", f"reconstruct's mask has values other than 0 and 1: {found}", case)
+            return
+        default = torch.ones_like(t) if mask_so_far is None else mask_so_far
+        self.check_keeps_zeros("respects default_mask", case, new_mask, default, "reconstruct(ctx)'s mask", "ctx.mask")
+        if self.takes_amount:
+            self.check_amount(case + ", reconstruct", new_mask, default)
+
     def check_through_prunespec(self, case: str, t: torch.Tensor) -> None:
         """The method run by prunespec itself (plan, apply) on a module holding ``t``: with ``amount`` and
         with ``sparsity``, each counted in the method's units."""
@@ -495,7 +621,8 @@ class _Checker:
             return
         count = unit.count(tuple(t.shape))
         how: list[dict[str, Any]] = [{"amount": self.amount}, {"sparsity": 0.5}] if self.takes_amount else [{}]
-        data_aware = bool(self.info.capabilities.statistics)
+        caps = self.info.capabilities
+        data_aware = bool(caps.statistics) or caps.updates_values  # both work from calibration data
         if data_aware and t.dim() != 2:
             return  # calibration statistics are collected for Linear layers only
         for extra in how:
@@ -566,3 +693,10 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _describe(value: Any) -> str:
+    """What a method returned, briefly: the type, and the parts' types for a tuple."""
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__

@@ -33,14 +33,16 @@ sys.path.insert(0, str(PLUGINS))
 import block_l1  # noqa: E402
 import column_weighted  # noqa: E402
 import near_value  # noqa: E402
+import ria  # noqa: E402
 from block_l1 import BlockL1  # noqa: E402
 from column_weighted import ColumnWeighted  # noqa: E402
-from mlp import mlp  # noqa: E402
+from mlp import batches, mlp  # noqa: E402
 from near_value import NearValue  # noqa: E402
+from ria import Ria  # noqa: E402
 
 DOC = ROOT / "docs" / "writing-a-plugin.md"
 MARKED = re.compile(r"<!-- (file: (?P<path>\S+)|output) -->\n```[a-z]*\n(?P<body>.*?)\n```", re.DOTALL)
-ENTRY_POINTS = {"block_l1": "block_l1", "column_weighted": "column_weighted", "nearvalue": "near_value"}
+ENTRY_POINTS = {"block_l1": "block_l1", "column_weighted": "column_weighted", "nearvalue": "near_value", "ria": "ria"}
 
 R = C = 4  # the block size the example specs use
 
@@ -59,7 +61,7 @@ def marked_blocks(kind: str) -> list[tuple[str, str]]:
 
 def registry() -> MethodRegistry:
     methods = dict(prunespec.load_methods(builtins_only=True))
-    for plugin in (block_l1, column_weighted, near_value):
+    for plugin in (block_l1, column_weighted, near_value, ria):
         methods.update(registered_methods(plugin))
     return MethodRegistry(methods)
 
@@ -102,20 +104,35 @@ def test_pasted_command_output_is_what_the_command_prints(
 
 def test_the_pasted_outputs_cover_the_worked_examples() -> None:
     commands = " ".join(c for c, _ in marked_blocks("output"))
-    for spec in ("block_l1_local.yaml", "block_l1_global.yaml", "column_weighted_global.yaml"):
+    for spec in ("block_l1_local.yaml", "block_l1_global.yaml", "column_weighted_global.yaml", "ria.yaml"):
         assert spec in commands
+
+
+def page_tests(path: str) -> list[Any]:
+    """The test functions of the page's block ``path`` (``tests/test_nearvalue.py``, ...)."""
+    (source,) = re.findall(rf"`{re.escape(path)}`:\n\n```python\n(.*?)\n```", DOC.read_text(), re.DOTALL)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, Path(path).name, "exec"), namespace)
+    return [f for name, f in namespace.items() if name.startswith("test_")]
 
 
 def test_the_pages_plugin_tests_pass(installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page's tests/test_nearvalue.py, run against the page's prunespec_nearvalue (near_value.py)."""
     monkeypatch.setitem(sys.modules, "prunespec_nearvalue", near_value)
-    (source,) = re.findall(r"`tests/test_nearvalue.py`:\n\n```python\n(.*?)\n```", DOC.read_text(), re.DOTALL)
-    namespace: dict[str, Any] = {}
-    exec(compile(source, "test_nearvalue.py", "exec"), namespace)
-    tests = [f for name, f in namespace.items() if name.startswith("test_")]
+    tests = page_tests("tests/test_nearvalue.py")
     assert len(tests) == 4
     for test in tests:
         test()
+
+
+def test_the_pages_ria_tests_pass(installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's tests/test_ria.py, run against the page's prunespec_ria (ria.py)."""
+    monkeypatch.setitem(sys.modules, "prunespec_ria", ria)
+    tests = page_tests("tests/test_ria.py")
+    assert len(tests) == 3
+    with torch.random.fork_rng(devices=[]):  # the page's test seeds torch's generator
+        for test in tests:
+            test()
 
 
 # --- the contract ----------------------------------------------------------------------------------
@@ -131,6 +148,9 @@ def test_the_pages_plugin_tests_pass(installed: None, monkeypatch: pytest.Monkey
         (BlockL1, {"rows": 8, "cols": 1}, 0.3),
         (ColumnWeighted, {}, 0.5),
         (ColumnWeighted, {}, 5),
+        (Ria, {}, 0.5),
+        (Ria, {"compare": "row", "a": 1.0}, 3),
+        (Ria, {"a": 0.0}, 7),
     ],
 )
 def test_the_examples_keep_the_method_contract(method: type, options: dict[str, Any], amount: float | int) -> None:
@@ -144,6 +164,10 @@ def test_capabilities_are_what_the_page_says() -> None:
     assert (column.unit, column.scores, column.elementwise, column.supports_global) == ("entries", True, False, True)
     assert BlockL1.units({"rows": 2, "cols": 8}) == Blocks(2, 8)
     assert f">>> BlockL1.capabilities()\n{block!r}\n" in DOC.read_text()
+    data_aware = Ria.capabilities()
+    assert (data_aware.scores, data_aware.elementwise, data_aware.supports_global) == (True, False, False)
+    assert data_aware.statistics == ("input_sq_norms",)
+    assert Ria.per_row({"compare": "row"}) and not Ria.per_row({"compare": "tensor"})
 
 
 # --- block_l1, against block norms computed one block at a time -------------------------------------
@@ -272,6 +296,122 @@ def test_column_weighted_global_with_max_sparsity() -> None:
     assert report.tensors["fc3.weight"] == math.floor(0.7 * 256) / 256  # the cap binds on fc3
     assert max(report.tensors.values()) <= 0.7
     assert plan.global_sparsity == pytest.approx(report.global_sparsity) == k / 1792
+
+
+# --- ria, against the formula computed with statistics gathered here ---------------------------------
+
+
+def sq_norms_by_hand(model: nn.Module, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each Linear's sum over the calibration tokens of each input feature squared, in float64, with
+    hooks of our own (not prunespec's collector)."""
+    names = {m: n for n, m in linears(model).items()}
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for m, n in names.items()}
+
+    def add(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        sums[names[module]] += (x * x).sum(dim=0)
+
+    handles = [m.register_forward_pre_hook(add) for m in names]
+    with torch.no_grad():
+        for batch in data:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return sums
+
+
+def ria_scores(w: torch.Tensor, sq_norms: torch.Tensor, a: float = 0.5) -> torch.Tensor:
+    """(|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||^a, entry by entry, in float64."""
+    w = w.double().abs().tolist()
+    out, inputs = len(w), len(w[0])
+    columns = [sum(w[k][j] for k in range(out)) for j in range(inputs)]
+    rows = [sum(w[i]) for i in range(out)]
+    norms = [math.sqrt(float(v)) for v in sq_norms]
+    return torch.tensor(
+        [[(w[i][j] / columns[j] + w[i][j] / rows[i]) * norms[j] ** a for j in range(inputs)] for i in range(out)],
+        dtype=torch.float64,
+    )
+
+
+def lowest_entries(scores: torch.Tensor, k: int, among: torch.Tensor | None = None) -> set[int]:
+    flat = scores.reshape(-1)
+    candidates = range(flat.numel()) if among is None else among.reshape(-1).nonzero().reshape(-1).tolist()
+    return set(sorted(candidates, key=lambda i: float(flat[i]))[:k])
+
+
+def pruned_entries(mask: torch.Tensor) -> set[int]:
+    return set((mask.reshape(-1) == 0).nonzero().reshape(-1).tolist())
+
+
+def test_ria_prunes_what_the_formula_says_on_real_calibration_data() -> None:
+    model, data = mlp(), batches()
+    sq_norms = sq_norms_by_hand(model, data)
+    weights = {name: m.weight.detach().clone() for name, m in linears(model).items()}
+    report = prunespec.apply(model, PLUGINS / "ria.yaml", methods=registry(), data=data)
+
+    for name in ("fc1", "fc2"):  # compare: tensor, sparsity 0.5: the lowest half of the whole weight
+        scores = ria_scores(weights[name], sq_norms[name])
+        mask = model.get_submodule(name).get_buffer("weight_mask")
+        assert pruned_entries(mask) == lowest_entries(scores, scores.numel() // 2)
+    scores = ria_scores(weights["fc3"], sq_norms["fc3"])  # compare: row, amount 8: the lowest 8 of each row
+    mask = model.fc3.get_buffer("weight_mask")
+    for i in range(8):
+        assert pruned_entries(mask[i]) == lowest_entries(scores[i], 8)
+    assert report.tensors == {"fc1.weight": 0.5, "fc2.weight": 0.5, "fc3.weight": 0.25}
+
+
+def test_ria_ranks_what_earlier_rules_left_with_their_zeros_counted() -> None:
+    model, data = mlp(), batches()
+    sq_norms = sq_norms_by_hand(model, data)
+    w = model.fc2.weight.detach().clone()
+    first = torch.ones(w.numel())
+    first[list(lowest_entries(w.abs(), 256))] = 0  # what l1_unstructured prunes first
+    spec = {
+        "version": 1,
+        "rules": [
+            {"select": {"names": ["fc2"]}, "method": "l1_unstructured", "amount": 256},
+            {"select": {"names": ["fc2"]}, "method": "ria", "sparsity": 0.5, "options": {"a": 1.0}},
+        ],
+    }
+    prunespec.apply(model, spec, methods=registry(), data=data)
+    # the sums are over the weights the model computes with: the first rule's zeros count as zeros
+    scores = ria_scores(w * first.reshape(w.shape), sq_norms["fc2"], a=1.0)
+    expected = pruned_entries(first) | lowest_entries(scores, 256, among=first)
+    assert pruned_entries(model.fc2.get_buffer("weight_mask")) == expected
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D as prunespec.calibration tells it apart: a weight stored (in, out), and `nf`."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.nf = outputs
+        self.weight = nn.Parameter(torch.randn(inputs, outputs))
+
+
+def test_ria_scores_a_weight_stored_in_out_by_its_outputs_and_inputs() -> None:
+    torch.manual_seed(0)
+    conv = Conv1D(6, 4)
+    sq_norms = torch.rand(6) + 0.1
+    w = conv.weight.detach()
+    ctx = prunespec.MaskContext("c.weight", "c", "weight", conv, w, None, {}, {"input_sq_norms": sq_norms})
+    scores = Ria(amount=0.5, a=1.0).score(ctx)
+    assert scores.shape == w.shape
+    assert torch.allclose(scores.double(), ria_scores(w.T, sq_norms, a=1.0).T, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match=r"c\.weight is stored as \(in, out\).*use compare: tensor"):
+        Ria(amount=0.5, compare="row").score(ctx)
+
+
+def test_ria_needs_data_and_refuses_scope_global() -> None:
+    model = mlp()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(prunespec.PlanError, match=r"ria needs calibration data, and none was given"):
+        prunespec.apply(model, PLUGINS / "ria.yaml", methods=registry())
+    assert not torch.nn.utils.prune.is_pruned(model)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    rule = {"select": {"types": ["Linear"]}, "scope": "global", "method": "ria", "sparsity": 0.5}
+    with pytest.raises(prunespec.SpecError, match=r"scope: global needs .*'ria'"):
+        prunespec.plan(model, {"version": 1, "rules": [rule]}, methods=registry())
 
 
 # --- what the page's near_value promises ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The model the plugin examples of docs/writing-a-plugin.md prune: three Linear layers, seeded."""
+"""The model the plugin examples of docs/writing-a-plugin.md prune (three Linear layers, seeded), and
+calibration batches for the data-aware one."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def mlp(seed: int = 0) -> MLP:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MLP()
+
+
+def batches(n: int = 4, size: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    """``n`` calibration batches of ``size`` random inputs of the MLP (16 features each), drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 16, generator=gen) for _ in range(n)]
