@@ -395,6 +395,7 @@ class _Checker:
         if self.info.capabilities.updates_values:
             self.check_reconstruct(case, t, None)
             self.check_reconstruct(case, t, default)
+            return  # its masks come with its values from reconstruct(ctx), never from compute_mask
         if not self.computes_masks:
             self.check_scores(case, t, None)
             return
@@ -632,7 +633,7 @@ class _Checker:
                 holder = nn.Linear(t.shape[1], t.shape[0], bias=False, dtype=t.dtype)
                 holder.weight = nn.Parameter(t.clone())
                 gen = torch.Generator().manual_seed(self.seed)
-                data = [torch.randn(4, t.shape[1], generator=gen).to(t.dtype) for _ in range(2)]
+                data = [torch.randn(2 * t.shape[1], t.shape[1], generator=gen).to(t.dtype) for _ in range(2)]
             else:
                 holder = nn.Module()
                 holder.weight = nn.Parameter(t.clone())
@@ -675,8 +676,8 @@ class _Checker:
                 "pre-hook, so torch.save(model) pickles it: keep lambdas, open files and locks out of it",
             )
             return
-        if not self.computes_masks:
-            return  # its masks come from scores, which prunespec computes at apply, never from the hook
+        if not self.computes_masks or self.info.capabilities.updates_values:
+            return  # its masks come from scores or reconstruct(ctx), computed at apply, never from the hook
         gen = torch.Generator().manual_seed(self.seed)
         t = torch.randn(shape, generator=gen)
         ones = torch.ones(shape)
