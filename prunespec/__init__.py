@@ -13,7 +13,7 @@ __version__ = "0.1.0"  # the one place the version is written: pyproject.toml re
 from . import calibration
 from .api import apply, finalize, plan
 from .calibration import STATISTICS
-from .checkpoint import load, save
+from .checkpoint import inspect, load, save
 from .errors import ApplyError, CalibrationError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
 from .hookspecs import hookimpl
 from .loader import load_spec, loads_spec
@@ -21,6 +21,7 @@ from .masks import Blocks, Channels, Entries, Unit
 from .methods.base import Capabilities, MaskContext, PruningMethod
 from .planner import Plan, Step
 from .plugins import MethodRegistry, load_methods
+from .record import CalibrationRecord, Fingerprint
 from .report import Report, sparsity
 from .scheduler import Scheduler
 from .spec import Spec
@@ -30,10 +31,12 @@ __all__ = [
     "ApplyError",
     "Blocks",
     "CalibrationError",
+    "CalibrationRecord",
     "Capabilities",
     "Channels",
     "CheckpointError",
     "Entries",
+    "Fingerprint",
     "MaskContext",
     "MethodRegistry",
     "Plan",
@@ -52,6 +55,7 @@ __all__ = [
     "calibration",
     "finalize",
     "hookimpl",
+    "inspect",
     "load",
     "load_methods",
     "load_spec",

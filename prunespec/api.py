@@ -8,11 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from . import engine, layout
+from . import budgets, calibration, engine, layout
 from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
 from .plugins import MethodRegistry, load_methods
+from .record import CalibrationRecord, Fingerprint
 from .report import Report, collect
 from .runtime import lean
 from .spec import Spec
@@ -20,15 +21,29 @@ from .spec import Spec
 SpecLike = Spec | str | os.PathLike[str] | Mapping[str, Any]
 
 
-def plan(model: nn.Module, spec: SpecLike, *, methods: MethodRegistry | None = None) -> Plan:
+def plan(
+    model: nn.Module, spec: SpecLike, *, methods: MethodRegistry | None = None, data: Iterable[Any] | None = None
+) -> Plan:
     """Resolve ``spec`` (a Spec, a YAML path or a mapping) against ``model`` without changing it.
 
-    Raises SpecError for an invalid spec and PlanError when it does not fit the model.
+    ``data``: calibration batches, only for rules with ``owl``: their blocks' sparsities are then
+    allocated (one pass over the data) and shown. Raises SpecError for an invalid spec and PlanError
+    when it does not fit the model.
     """
     methods = load_methods() if methods is None else methods
     the_spec = load_spec(spec, methods=methods)
     with lean():
-        return make_plan(model, the_spec, methods)
+        the_plan = make_plan(model, the_spec, methods)
+    if data is not None and any(o.allocated is None for o in the_plan.owl):
+        the_plan = _allocated(model, the_plan, calibration.batches(data, ", ".join(the_plan.needs_data)))
+    return the_plan
+
+
+def _allocated(model: nn.Module, the_plan: Plan, batches: list[Any]) -> Plan:
+    """The plan again, its OWL rules' blocks given their sparsities from ``batches``."""
+    allocations = budgets.owl_allocations(model, the_plan, batches)
+    with lean():
+        return make_plan(model, the_plan.spec, the_plan.methods, allocations=allocations)
 
 
 def apply(
@@ -67,7 +82,12 @@ def run(
     data: Iterable[Any] | None = None,
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
-    outcome = engine.execute(model, the_plan, progress, merge=merge, data=data)
+    batches = None
+    if the_plan.needs_data:
+        batches = engine.calibration_batches(the_plan, data)
+        if any(o.allocated is None for o in the_plan.owl):
+            the_plan = _allocated(model, the_plan, batches)
+    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches)
     pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
@@ -75,9 +95,27 @@ def run(
     with lean():
         estimated = [name for name, (_, _, exact) in the_plan.tensors.items() if not exact]
         report = collect(model, [p.name for p in pruned], predicted, counted, estimated, errors)  # before finalize
+    if batches is not None:
+        report.calibration = _record(the_plan, batches, outcome)
     if finalize:
         engine.make_permanent(pruned)
     return report
+
+
+def _record(the_plan: Plan, batches: list[Any], outcome: engine.Outcome) -> CalibrationRecord:
+    """What the calibration used, for the report and the checkpoint."""
+    fingerprint = Fingerprint()
+    for batch in batches:
+        fingerprint.add(batch)
+    allocations = {o.rule_index: dict(o.allocated) for o in the_plan.owl if o.allocated is not None}
+    return CalibrationRecord(
+        samples=len(batches),
+        tokens=outcome.tokens or 0,
+        sequential=the_plan.spec.calibration.sequential,
+        blocks=tuple(the_plan.blocks),
+        fingerprint=fingerprint.hexdigest(),
+        allocations=allocations,
+    )
 
 
 def finalize(model: nn.Module) -> list[str]:

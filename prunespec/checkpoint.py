@@ -4,13 +4,16 @@ A prunespec checkpoint is a plain dict that ``torch.load(..., weights_only=True)
 
     {"state_dict": ...,                    # with <name>_orig / <name>_mask for pruned tensors
      "prunespec": {"format": 1,
-                   "spec": {...} or None,  # the spec that pruned it
+                   "spec": {...} or None,  # the spec that pruned it (its `calibration` block included)
                    "hooks": {"conv1.weight": [{"method": "l1_unstructured", "amount": 0.2,
-                                               "options": {}, ...}, ...]}}}
+                                               "options": {}, ...}, ...]},
+                   "calibration": {...}}}  # optional: the CalibrationRecord of the apply
 
 ``hooks`` records which methods pruned each tensor (:mod:`prunespec.checkpoint_hooks`), so that loading
 installs the same hook objects (torch's ``L1Unstructured``, a ``PruningContainer`` ...) and not a generic
-one. A bare state_dict (what ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
+one. ``calibration`` (a :class:`~prunespec.record.CalibrationRecord`, read back by :func:`inspect`) says
+what data the calibration used; checkpoints without one load as before. A bare state_dict (what
+``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
 
 Saving is atomic (:mod:`prunespec.files`). Loading checks the whole checkpoint before it changes the
 model: the file (:mod:`prunespec.checkpoint_file`), then every key, dtype, shape, mask and hook record
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
@@ -37,6 +41,7 @@ from .files import atomic_write, check_writable
 from .layout import ensure_detach_hook
 from .loader import load_spec, validate_document
 from .plugins import MethodRegistry, load_methods
+from .record import CalibrationRecord
 from .spec import SourceMap, Spec
 from .transaction import ModelSnapshot
 
@@ -49,9 +54,11 @@ def save(
     spec: Spec | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     *,
     methods: MethodRegistry | None = None,
+    record: CalibrationRecord | None = None,
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
-    Spec, a YAML path or a mapping) and which methods pruned each tensor.
+    Spec, a YAML path or a mapping), which methods pruned each tensor and, given a ``record``, what
+    the calibration used (:func:`inspect` reads it back).
 
     The file appears whole or not at all: a failed or killed save leaves the previous file as it was.
     """
@@ -60,9 +67,11 @@ def save(
     spec = load_spec(spec, methods=methods) if spec is not None else None
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "spec": spec.model_dump(mode="json", exclude_none=True) if spec is not None else None,
+        "spec": _spec_record(spec) if spec is not None else None,
         "hooks": checkpoint_hooks.describe(model, methods),
     }
+    if record is not None:
+        meta["calibration"] = record.to_dict()
     content = {"state_dict": _storable(model.state_dict()), "prunespec": meta}
 
     def write(file: BinaryIO) -> None:
@@ -74,6 +83,13 @@ def save(
             raise OutputError(f"{path}: could not write the checkpoint: {type(exc).__name__}: {exc}") from exc
 
     atomic_write(path, write)
+
+
+def _spec_record(spec: Spec) -> dict[str, Any]:
+    """The spec as plain data in the document's own keys (`lambda`, not `lam`); the `calibration` block
+    only when the spec gives one, so that a spec read back says the same."""
+    exclude = None if spec.calibration_given else {"calibration"}
+    return spec.model_dump(mode="json", exclude_none=True, by_alias=True, exclude=exclude)
 
 
 def _storable(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,9 +120,42 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
         if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
     }
     hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
+    _recorded_calibration(path, meta)  # refused here, before the model changes, if it is not a record
     spec = _recorded_spec(path, meta, methods)
     _commit(model, state_dict, to_prune, hooks)
     return spec
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a checkpoint records besides its tensors (see :func:`inspect`)."""
+
+    spec: Spec | None  # the spec that pruned it (None: not recorded, or not valid here: a warning says why)
+    calibration: CalibrationRecord | None  # what the calibration used (None: not recorded)
+    pruned: tuple[str, ...]  # the tensors pruned in it (``<name>_orig`` and ``<name>_mask`` both present)
+    hooks: Mapping[str, Any]  # the recorded hook records per pruned tensor, as stored (unchecked)
+
+
+def inspect(path: str | os.PathLike[str], *, methods: MethodRegistry | None = None) -> Saved:
+    """Read what a checkpoint records (spec, calibration record, pruned tensors) without a model.
+
+    The file is checked as :func:`read` checks it, and the calibration record as :func:`load` does (a
+    CheckpointError if it is not a valid record). A bare state_dict has no spec and no record.
+    """
+    methods = load_methods() if methods is None else methods
+    state_dict, meta = read(path)
+    pruned = tuple(
+        key.removesuffix("_mask")
+        for key in state_dict
+        if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
+    )
+    hooks = meta.get("hooks") if meta else None
+    return Saved(
+        _recorded_spec(path, meta, methods),
+        _recorded_calibration(path, meta),
+        pruned,
+        dict(hooks) if isinstance(hooks, Mapping) else {},
+    )
 
 
 def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -181,6 +230,19 @@ def _recorded_spec(
     except SpecError as exc:  # the weights still load; the spec is only a record
         warnings.warn(f"{path}: the spec recorded in the checkpoint is not valid here: {exc}", stacklevel=3)
         return None
+
+
+def _recorded_calibration(path: str | os.PathLike[str], meta: Mapping[str, Any] | None) -> CalibrationRecord | None:
+    """The checkpoint's calibration record, checked; CheckpointError saying where it is wrong."""
+    recorded = meta.get("calibration") if meta else None
+    if recorded is None:
+        return None
+    try:
+        return CalibrationRecord.from_dict(recorded)
+    except ValueError as exc:
+        problem = str(exc)
+        sep = ": " if problem.startswith(("is ", "unknown ", "missing ")) else "."  # the record itself, or a key
+        raise CheckpointError(f"{path}: prunespec.calibration{sep}{problem} (nothing was loaded)") from None
 
 
 def _data_limit(model: nn.Module) -> int:

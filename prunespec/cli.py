@@ -220,7 +220,8 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
-    plan = api.plan(_model(args), args.spec, methods=methods)
+    data = list(load_data(args.data)) if args.data else None
+    plan = api.plan(_model(args), args.spec, methods=methods, data=data)
     if args.json:
         _print_json(plan.to_dict())
     else:
@@ -232,12 +233,12 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.out:  # before the work: a bad --out must not cost a whole apply
         check_writable(args.out)
     model = _model(args)
-    data = load_data(args.data) if args.data else None
-    plan = api.plan(model, args.spec, methods=methods)
+    data = list(load_data(args.data)) if args.data else None  # listed: OWL's allocation reads it too
+    plan = api.plan(model, args.spec, methods=methods, data=data)
     report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args), data=data)
     if args.out:
         applied = plan.spec.model_copy(update={"finalize": True}) if args.finalize else plan.spec
-        checkpoint.save(model, args.out, spec=applied, methods=methods)
+        checkpoint.save(model, args.out, spec=applied, methods=methods, record=report.calibration)
     if args.json:
         _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
         return EXIT_OK
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--model", required=True, metavar="REF", help=model_help)
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
+    p.add_argument(
+        "--data", metavar="REF", help="calibration batches (file.py:factory): OWL rules then show each block's sparsity"
+    )
     p.set_defaults(run=cmd_plan)
     p = add("apply", "prune a model as a spec says and report the result")
     p.add_argument("spec", metavar="SPEC")
@@ -339,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         metavar="REF",
-        help="calibration batches for data-aware methods (wanda): path/to/file.py:factory or "
+        help="calibration batches for data-aware methods (wanda, sparsegpt, owl): path/to/file.py:factory or "
         "package.module:factory returning an iterable of batches",
     )
     p.add_argument(

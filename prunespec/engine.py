@@ -116,9 +116,12 @@ def execute(
     modules = dict(model.named_modules())
     units = plan.units()
     later = _later(plan, units)
-    batches = _batches(plan, data) if later else None
+    batches = None
+    if later:
+        batches = data if isinstance(data, list) and plan.spec.calibration.samples is None else None
+        batches = batches if batches is not None else calibration_batches(plan, data)
     generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
-    counter = _Counter(len(plan.steps), progress)
+    counter = _Counter(len(plan.steps), progress, plan.blocks)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
     with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
@@ -135,15 +138,18 @@ def execute(
 class _Counter:
     """Steps done, for the progress callback and the DEBUG log."""
 
-    def __init__(self, total: int, progress: Progress | None) -> None:
+    def __init__(self, total: int, progress: Progress | None, blocks: list[str]) -> None:
         self.total, self.count, self.progress = total, 0, progress
+        self.blocks = {name: i for i, name in enumerate(blocks)}
 
     def done(self, unit: list[Step], what: str | None = None) -> None:
         self.count += len(unit)
         if self.progress is not None or log.isEnabledFor(logging.DEBUG):
             if what is None:
                 more = f" and {len(unit) - 1} more" if len(unit) > 1 else ""
-                what = f"{unit[0].rule}: {unit[0].tensor.name}{more}"
+                block = unit[0].block
+                where = f" (block {self.blocks[block] + 1}/{len(self.blocks)})" if block in self.blocks else ""
+                what = f"{unit[0].rule}: {unit[0].tensor.name}{more}{where}"
             log.debug("masks computed for %s (%d/%d steps)", what, self.count, self.total)
             if self.progress is not None:
                 self.progress(self.count, self.total, what)
@@ -180,8 +186,9 @@ def _later(plan: Plan, units: list[list[Step]]) -> set[int]:
     return later
 
 
-def _batches(plan: Plan, data: Iterable[Any] | None) -> list[Any]:
-    """The calibration batches the plan needs (PlanError without any)."""
+def calibration_batches(plan: Plan, data: Iterable[Any] | None) -> list[Any]:
+    """The calibration batches the plan needs, as a list (the first ``calibration.samples`` of them);
+    PlanError without any."""
     rules = ", ".join(plan.needs_data)
     if data is None:
         methods = sorted({s.method for s in plan.steps if plan.methods[s.method].capabilities.statistics})
@@ -192,14 +199,7 @@ def _batches(plan: Plan, data: Iterable[Any] | None) -> list[Any]:
                 "--data file.py:factory (an iterable of batches: Tensors, tuples or mappings)",
             )
         )
-    samples = getattr(getattr(plan.spec, "calibration", None), "samples", None)
-    return calibration.batches(data, rules, samples)
-
-
-def _settings(plan: Plan) -> tuple[bool, bool]:
-    """``calibration.sequential`` and ``calibration.errors`` of the plan's spec (both default true)."""
-    settings = getattr(plan.spec, "calibration", None)
-    return bool(getattr(settings, "sequential", True)), bool(getattr(settings, "errors", True))
+    return calibration.batches(data, rules, plan.spec.calibration.samples)
 
 
 def _calibrated(
@@ -215,7 +215,7 @@ def _calibrated(
     """The units that need the calibration pass: each local one at its module's stop (in forward order),
     on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
     the pass, from the statistics its tensors' stops gathered. Returns the tokens counted."""
-    sequential, errors = _settings(plan)
+    sequential, errors = plan.spec.calibration.sequential, plan.spec.calibration.errors
     rules = ", ".join(plan.needs_data)
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
     deferred: list[tuple[list[Step], list[Pruned]]] = []

@@ -184,6 +184,7 @@ class _RuleFacts:
     bounds: tuple[str, ...]  # which of max_sparsity, min_sparsity the rule gives
     schedule: Schedule | None
     schedule_given: bool
+    owl: bool = False  # the rule gives `owl`
 
     @classmethod
     def from_rule(cls, index: int, rule: Rule) -> _RuleFacts:
@@ -200,6 +201,7 @@ class _RuleFacts:
             bounds,
             rule.schedule,
             rule.schedule is not None,
+            rule.owl is not None,
         )
 
     @classmethod
@@ -226,6 +228,7 @@ class _RuleFacts:
             tuple(k for k in ("max_sparsity", "min_sparsity") if raw.get(k) is not None),
             _valid(Schedule, schedule),
             schedule is not None,
+            raw.get("owl") is not None,
         )
 
 
@@ -283,7 +286,7 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
     options = rule.options or {}
     replaced = [key for key in info.method.amount_replaced_by if options.get(key) is not None]
     if info.takes_amount and not replaced:
-        if not (rule.has_amount or rule.has_sparsity or rule.amount_elsewhere):
+        if not (rule.has_amount or rule.has_sparsity or rule.amount_elsewhere or rule.owl):
             issues.append(
                 source.issue(
                     where,
@@ -309,6 +312,8 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
                 )
     if rule.options is not None:
         issues += _option_issues(info, rule.options, (*where, "options"), source)
+    if rule.owl:
+        return issues + _owl_issues(rule, info, replaced, source)
     if rule.scope_global and not info.supports_global:
         why = f"is {info.granularity}" if info.granularity != "unstructured" else ""
         why += (" and " if why else "") + ("takes no amount" if not info.takes_amount else "")
@@ -327,6 +332,64 @@ def _rule_issues(rule: _RuleFacts, name: str, source: SourceMap, methods: Method
                 f"{' and '.join(rule.bounds)} need{'' if len(rule.bounds) > 1 else 's'} a method that scores "
                 f"{info.unit}; {name!r} does not",
                 "use l1_unstructured, or remove the bound",
+            )
+        )
+    return issues
+
+
+def owl_issues(index: int, rule: Rule, info: MethodInfo, source: SourceMap) -> list[Issue]:
+    """What keeps ``rule`` (which gives `owl`) from allocating sparsity per block (part of
+    :func:`check_spec`; the planner asks again for Specs it gets unchecked)."""
+    facts = _RuleFacts.from_rule(index, rule)
+    replaced = [key for key in info.method.amount_replaced_by if rule.options.get(key) is not None]
+    return _owl_issues(facts, info, replaced, source) if facts.owl else []
+
+
+def _owl_issues(rule: _RuleFacts, info: MethodInfo, replaced: Sequence[str], source: SourceMap) -> list[Issue]:
+    """OWL turns the rule's `sparsity` into per-block sparsities of entries, each tensor on its own: it
+    needs `sparsity`, scope: local, and a method that prunes entries by an amount."""
+    where: DocPath = ("rules", rule.index)
+    issues = []
+    fix = "use wanda, sparsegpt or l1_unstructured (any method that prunes entries by an amount), or remove `owl`"
+    if not info.takes_amount or info.unit != "entries":
+        why = (
+            "takes no amount (it decides alone how much it prunes)" if not info.takes_amount else f"prunes {info.unit}"
+        )
+        issues.append(
+            source.issue((*where, "method"), f"owl allocates sparsities of entries per block; {info.name!r} {why}", fix)
+        )
+    elif replaced:
+        issues.append(
+            source.issue(
+                (*where, "options", replaced[0]),
+                f"owl allocates a sparsity per block; {info.name!r} with {' and '.join(replaced)} prunes a fixed "
+                "pattern instead",
+                f"remove {' and '.join(replaced)} (and give `sparsity`), or remove `owl`",
+            )
+        )
+    elif rule.has_amount:
+        issues.append(
+            source.issue(
+                (*where, "amount"),
+                "owl needs `sparsity`, the target mean over blocks, not `amount`",
+                "write `sparsity:` instead of `amount:`",
+            )
+        )
+    elif not (rule.has_sparsity or rule.amount_elsewhere):
+        issues.append(
+            source.issue(
+                (*where, "owl"),
+                "owl needs `sparsity`: the target, the mean of the blocks' sparsities",
+                f"add `sparsity: 0.5` (for example) to rules[{rule.index}]",
+            )
+        )
+    if rule.scope_global:
+        issues.append(
+            source.issue(
+                (*where, "scope"),
+                "owl gives each block its own sparsity, each tensor pruned on its own; scope: global shares one "
+                "budget across tensors",
+                "use scope: local (the default) with owl, or remove `owl`",
             )
         )
     return issues

@@ -19,15 +19,19 @@ import torch
 from torch import nn
 
 from . import calibration, selection
+from .blocks import block_of, find_blocks
 from .errors import Issue, PlanError
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
+from .loader import owl_issues
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
 from .runtime import one_thread
 from .selectors import nearest_names, nearest_types, params_hint, select_modules, why_nothing
 from .spec import Rule, Spec
+
+Allocations = Mapping[int, Mapping[str, float]]  # rule index -> {block name: sparsity}
 
 Owner = tuple[str, str]  # (module name, parameter name)
 Fingerprint = tuple[int, int, tuple[int, ...], int | None, int | None]  # ids and versions, shape
@@ -94,6 +98,7 @@ class Step:
     before: float | None  # predicted sparsity of the tensor before this step
     after: float | None  # predicted after; None when the method's effect cannot be predicted
     exact: bool  # False when ``after`` is an estimate (global split, structured after unstructured)
+    block: str | None = None  # the block the tensor's module lies in (found when the plan needs data)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +119,45 @@ class Step:
             "predicted_before": self.before,
             "predicted_after": self.after,
             "exact": self.exact,
+            "block": self.block,
+        }
+
+
+@dataclass(frozen=True)
+class OwlRule:
+    """How an OWL rule's `sparsity` is split over the blocks: ``target`` is their mean; ``allocated``
+    each block's sparsity (None until allocations from the calibration data are given to make_plan)."""
+
+    rule_index: int
+    rule: str
+    target: float
+    m: float
+    lam: float
+    blocks: tuple[str, ...]  # the blocks holding the rule's tensors, in module order
+    outside: tuple[str, ...]  # the rule's tensors in no block: they keep the target
+    allocated: Mapping[str, float] | None = None
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The lowest and highest block sparsity: allocated, or the most OWL can give. Its sparsities
+        spread over 2 * lam with mean ``target``, so n blocks lie within target +- 2 * lam * (n - 1) / n."""
+        if self.allocated:
+            return min(self.allocated.values()), max(self.allocated.values())
+        n = len(self.blocks)
+        reach = 2 * self.lam * (n - 1) / n if n else 0.0
+        return max(0.0, self.target - reach), min(1.0, self.target + reach)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule_index": self.rule_index,
+            "rule": self.rule,
+            "target": self.target,
+            "m": self.m,
+            "lambda": self.lam,
+            "blocks": list(self.blocks),
+            "outside": list(self.outside),
+            "allocated": None if self.allocated is None else dict(self.allocated),
+            "bounds": list(self.bounds),
         }
 
 
@@ -131,6 +175,9 @@ class Plan:
     cuts: dict[int, list[selection.Cut]] = field(default_factory=dict)
     # what the plan was made from: each tensor's Parameter and mask (identity, version, shape)
     fingerprint: dict[Owner, Fingerprint] = field(default_factory=dict)
+    # the model's repeated blocks (found when a rule needs data; else empty) and the OWL rules' splits
+    blocks: list[str] = field(default_factory=list)
+    owl: list[OwlRule] = field(default_factory=list)
 
     def stale(self, model: nn.Module) -> list[str]:
         """Why this plan no longer fits ``model`` (another model, or weights or masks changed since it
@@ -164,12 +211,21 @@ class Plan:
 
     @property
     def needs_data(self) -> list[str]:
-        """The rules whose method reads calibration statistics (``prunespec.apply(..., data=...)``)."""
+        """The rules that need calibration data (``prunespec.apply(..., data=...)``): those whose method
+        reads calibration statistics, and OWL rules not yet allocated (their blocks' sparsities come from
+        the data)."""
+        owl = {o.rule_index for o in self.owl if o.allocated is None}
         labels: list[str] = []
         for step in self.steps:
-            if self.methods[step.method].capabilities.statistics and step.rule not in labels:
+            wanted = self.methods[step.method].capabilities.statistics or step.rule_index in owl
+            if wanted and step.rule not in labels:
                 labels.append(step.rule)
         return labels
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether calibration data is part of this plan: needed still, or OWL allocations came from it."""
+        return bool(self.needs_data or self.owl)
 
     @property
     def global_sparsity(self) -> float | None:
@@ -191,6 +247,13 @@ class Plan:
             "needs_data": self.needs_data,
             "seed": self.spec.seed,
             "finalize": self.spec.finalize,
+            "calibration": {
+                **self.spec.calibration.model_dump(mode="json"),
+                "given": self.spec.calibration_given,
+                "used": self.uses_data,
+            },
+            "blocks": list(self.blocks),
+            "owl": [o.to_dict() for o in self.owl],
         }
 
     def __str__(self) -> str:
@@ -229,16 +292,27 @@ def _unprunable(param: torch.Tensor) -> str | None:
 
 
 def make_plan(
-    model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo], *, rules: Mapping[int, Rule] | None = None
+    model: nn.Module,
+    spec: Spec,
+    methods: Mapping[str, MethodInfo],
+    *,
+    rules: Mapping[int, Rule] | None = None,
+    allocations: Allocations | None = None,
 ) -> Plan:
     """Resolve ``spec`` against ``model``. Raises PlanError listing every problem found.
 
     ``rules`` plans only those rules (by index in the spec, so errors keep their locations), each as
     given there: the Scheduler's update runs the rules that are due, at their current targets.
+
+    ``allocations`` maps an OWL rule's index to each of its blocks' sparsity (see :mod:`prunespec.owl`):
+    each tensor's step then aims at its block's sparsity (a tensor in no block keeps the rule's), and so
+    do the predictions. Without them, an OWL rule's steps are planned at the rule's `sparsity`.
     """
-    planner = _Planner(model, spec, methods)
-    for index, rule in enumerate(spec.rules) if rules is None else sorted(rules.items()):
+    chosen = list(enumerate(spec.rules)) if rules is None else sorted(rules.items())
+    planner = _Planner(model, spec, methods, chosen, allocations or {})
+    for index, rule in chosen:
         planner.add_rule(index, rule)
+    planner.check_allocations()
     if planner.issues:
         raise PlanError(sorted(planner.issues, key=lambda i: (i.line or 0, i.column or 0)))
     tensors = {
@@ -252,13 +326,32 @@ def make_plan(
             made = fingerprint_of(planner.by_name[step.tensor.module], step.tensor.param)
             assert made is not None
             fingerprint[owner] = made
-    return Plan(spec, planner.steps, methods, planner.warnings, tensors, planner.cuts, fingerprint)
+    return Plan(
+        spec,
+        planner.steps,
+        methods,
+        planner.warnings,
+        tensors,
+        planner.cuts,
+        fingerprint,
+        planner.blocks or [],
+        planner.owl,
+    )
 
 
 class _Planner:
-    def __init__(self, model: nn.Module, spec: Spec, methods: Mapping[str, MethodInfo]):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Spec,
+        methods: Mapping[str, MethodInfo],
+        rules: Sequence[tuple[int, Rule]],
+        allocations: Allocations,
+    ):
         self.spec = spec
         self.methods = methods
+        self.allocations = allocations
+        self.owl: list[OwlRule] = []
         self.modules = list(model.named_modules())
         self.by_name = dict(self.modules)
         self.owners: dict[int, list[Owner]] = {}
@@ -278,6 +371,28 @@ class _Planner:
         self.cuts: dict[int, list[selection.Cut]] = {}
         self.issues: list[Issue] = []
         self.warnings: list[str] = []
+        uses_data = any(
+            rule.owl is not None or (rule.method in methods and methods[rule.method].capabilities.statistics)
+            for _, rule in rules
+        )
+        self.blocks = self._find_blocks(model) if uses_data else None
+
+    def _find_blocks(self, model: nn.Module) -> list[str]:
+        """The model's blocks as `calibration.blocks` names them (or detected); a pattern that matches
+        nothing is an issue."""
+        pattern = self.spec.calibration.blocks
+        try:
+            blocks = find_blocks(model, pattern)
+        except ValueError as exc:  # a Spec built without validation
+            self.issue(("calibration", "blocks"), str(exc))
+            return []
+        if pattern is not None and not blocks:
+            near = nearest_names(pattern, self.modules)
+            hint = (
+                f"nearest: {', '.join(near)}" if near else "run `prunespec plan` with `names: ['**']` to list modules"
+            )
+            self.issue(("calibration", "blocks"), f"calibration.blocks {pattern!r} matches no module", hint)
+        return blocks
 
     def issue(self, path: tuple[str | int, ...], message: str, hint: str | None = None) -> None:
         self.issues.append(self.spec.source.issue(path, message, hint))
@@ -291,6 +406,11 @@ class _Planner:
                 ("rules", index, "method"), f"unknown method {rule.method!r}", provider_hint(rule.method, registry)
             )
             return
+        if rule.owl is not None:
+            problems = owl_issues(index, rule, info, self.spec.source)
+            if problems:  # a Spec that did not go through load_spec
+                self.issues += problems
+                return
         targets = self._targets(index, rule)
         if targets is None:
             return
@@ -311,11 +431,110 @@ class _Planner:
                 f"{label}: has a schedule ({schedule.curve}, {schedule.unit} {schedule.start:g} to {schedule.end:g}); "
                 "applied at once, it prunes to its final `sparsity` (prunespec.Scheduler prunes gradually in training)"
             )
-        if rule.scope == "global":
+        if rule.owl is not None:
+            self._owl(index, rule, info, targets)
+        elif rule.scope == "global":
             self._global(index, rule, info, targets)
         else:
             for ref, param, by in targets:
                 self._local(index, rule, info, ref, param, by)
+
+    # --- OWL -----------------------------------------------------------------------------------
+
+    def _owl(
+        self, index: int, rule: Rule, info: MethodInfo, targets: list[tuple[TensorRef, torch.Tensor, str]]
+    ) -> None:
+        """An OWL rule: each tensor at its block's allocated sparsity (the rule's, until allocated)."""
+        assert rule.owl is not None and rule.sparsity is not None  # owl_issues checked both
+        blocks = self.blocks or []
+        where = {ref.name: block_of(ref.module, blocks) for ref, _, _ in targets}
+        held = tuple(b for b in blocks if b in set(where.values()))
+        outside = tuple(name for name, block in where.items() if block is None)
+        label = rule.label(index)
+        if not held:
+            pattern = self.spec.calibration.blocks
+            if not blocks and pattern is None:
+                self.issue(
+                    ("rules", index, "owl"),
+                    f"{label}: owl allocates sparsity per block, and this model has no repeated blocks prunespec "
+                    "can find (an nn.ModuleList of 2 or more modules of one class)",
+                    "name them: calibration: {blocks: 'model.layers.*'}",
+                )
+            elif blocks:
+                self.issue(
+                    ("rules", index, "owl"),
+                    f"{label}: owl allocates sparsity per block, and none of the rule's tensors lies in a block "
+                    f"({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''})",
+                    "select tensors inside the blocks, or name other blocks in calibration.blocks",
+                )
+            return
+        if len(held) == 1:
+            self.warnings.append(
+                f"{label}: owl finds one block ({held[0]}): every tensor keeps sparsity {rule.sparsity:g}"
+            )
+        allocated = self.allocations.get(index)
+        if allocated is not None:
+            allocated = self._allocated(index, label, held, allocated)
+            if allocated is None:
+                return
+        self.owl.append(OwlRule(index, label, rule.sparsity, rule.owl.m, rule.owl.lam, held, outside, allocated))
+        for ref, param, by in targets:
+            block = where[ref.name]
+            sparsity = rule.sparsity if allocated is None or block is None else allocated[block]
+            aimed = rule if sparsity == rule.sparsity else rule.model_copy(update={"sparsity": sparsity})
+            self._local(index, aimed, info, ref, param, by)
+
+    def _allocated(
+        self, index: int, label: str, held: tuple[str, ...], given: Mapping[str, float]
+    ) -> dict[str, float] | None:
+        """The allocations given for rule ``index``, checked against its blocks (None after an issue)."""
+        missing = [b for b in held if b not in given]
+        extra = [b for b in given if b not in held]
+        wrong = [
+            b
+            for b, s in given.items()
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 <= s <= 1 and math.isfinite(s))
+        ]
+        problems = []
+        if missing:
+            problems.append(f"no sparsity for {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        if extra:
+            problems.append(
+                f"{', '.join(map(str, extra[:3]))} {'is' if len(extra) == 1 else 'are'} not among its blocks"
+            )
+        if wrong:
+            problems.append(f"{wrong[0]}: {given[wrong[0]]!r} is not a sparsity in [0, 1]")
+        if problems:
+            self.issue(
+                ("rules", index, "owl"),
+                f"{label}: the allocations given to make_plan do not fit the rule's blocks: " + "; ".join(problems),
+                f"give one sparsity for each of its {len(held)} blocks ({held[0]} ...), as prunespec.owl.allocate does",
+            )
+            return None
+        return {b: float(given[b]) for b in held}
+
+    def check_allocations(self) -> None:
+        """Allocations given for a rule that is not an OWL rule of this plan are an issue."""
+        planned = {o.rule_index for o in self.owl}
+        for index in self.allocations:
+            if index in planned:
+                continue
+            known = isinstance(index, int) and 0 <= index < len(self.spec.rules)
+            rule = self.spec.rules[index] if known else None
+            if rule is not None and rule.owl is not None:
+                continue  # an OWL rule that failed for another reason, or was not planned: reported, or harmless
+            what = (
+                f"{rule.label(index)}, which has no `owl`"
+                if rule is not None
+                else f"rule index {index!r}, not in the spec"
+            )
+            self.issues.append(
+                self.spec.source.issue(
+                    ("rules", index) if rule is not None else (),
+                    f"allocations were given to make_plan for {what}",
+                    "give allocations only for rules with `owl`",
+                )
+            )
 
     # --- selection -----------------------------------------------------------------------------
 
@@ -451,6 +670,7 @@ class _Planner:
                 before,
                 after,
                 state.exact,
+                None if self.blocks is None else block_of(ref.module, self.blocks),
             )
         )
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .planner import Plan
+    from .planner import OwlRule, Plan
     from .report import Report, TensorStats
 
 MAX_CELL = 40
@@ -61,12 +61,15 @@ def format_plan(plan: Plan) -> str:
     """The plan as people read it: one line per step, then the predicted totals and the warnings."""
     headers = ["#", "rule", "tensor", "shape", "method", "how much", "scope", "sparsity", "selected by"]
     rows = []
+    owl = {o.rule_index: o for o in plan.owl}
     for i, step in enumerate(plan.steps):
         how = (
             f"amount {step.amount}"
             if step.amount is not None
-            else (f"sparsity {step.sparsity}" if step.sparsity is not None else "-")
+            else (f"sparsity {step.sparsity:.4g}" if step.sparsity is not None else "-")
         )
+        if step.rule_index in owl:
+            how += " (owl)" if owl[step.rule_index].allocated is not None else " (owl: mean)"
         opts = options(step.options)
         approx = "" if step.exact else "~"
         tied = (
@@ -106,6 +109,11 @@ def format_plan(plan: Plan) -> str:
             f"Calibration data: needed by {', '.join(plan.needs_data)} (Python: apply(model, spec, data=batches); "
             "CLI: --data file.py:factory)"
         )
+    if plan.uses_data:
+        out.append(calibration(plan))
+    elif plan.spec.calibration_given:
+        out.append("Calibration: the spec's `calibration` block is unused: no rule needs data")
+    out += [line for rule in plan.owl for line in owl_lines(rule)]
     if plan.spec.seed is not None:
         out.append(f"Seed: {plan.spec.seed}")
     if plan.spec.finalize:
@@ -114,6 +122,51 @@ def format_plan(plan: Plan) -> str:
         out.append("Warnings:")
         out += [f"  - {w}" for w in plan.warnings]
     return "\n".join(out)
+
+
+def calibration(plan: Plan) -> str:
+    """The calibration settings of a plan that needs data, on one line."""
+    settings = plan.spec.calibration
+    how = (
+        "sequential (each module on the outputs of the modules before it, already pruned)"
+        if settings.sequential
+        else "one pass over the unpruned model"
+    )
+    if settings.samples is None:
+        samples = "every batch"
+    else:
+        samples = "the first batch" if settings.samples == 1 else f"the first {settings.samples:,} batches"
+    errors = "reported" if settings.errors else "not reported"
+    found = f"{settings.blocks!r}" if settings.blocks is not None else "detected"
+    blocks = f"{plural(len(plan.blocks), 'block')} ({found}: {some(plan.blocks)})" if plan.blocks else f"none ({found})"
+    return f"Calibration: {how}; samples: {samples}; reconstruction errors: {errors}; blocks: {blocks}"
+
+
+def owl_lines(rule: OwlRule) -> list[str]:
+    """How an OWL rule splits its sparsity over the blocks."""
+    low, high = rule.bounds
+    params = f"M={rule.m:g}, lambda={rule.lam:g}"
+    if rule.allocated is None:
+        lines = [
+            f"OWL {rule.rule}: sparsity {rule.target:g} is the mean over {plural(len(rule.blocks), 'block')}; each "
+            f"block's sparsity will be allocated by OWL from the calibration data ({params}), between {pct(low)} "
+            f"and {pct(high)}; the predictions above are at {rule.target:g}",
+            f"  blocks: {some(rule.blocks)}",
+        ]
+    else:
+        lines = [f"OWL {rule.rule}: sparsity allocated per block by OWL ({params}, mean {rule.target:g}):"]
+        width = max(len(b) for b in rule.allocated)
+        lines += [f"  {block.ljust(width)}  {pct(s).rjust(7)}" for block, s in rule.allocated.items()]
+    if rule.outside:
+        lines.append(f"  in no block, at {rule.target:g}: {some(rule.outside)}")
+    return lines
+
+
+def some(names: Sequence[str], n: int = 3) -> str:
+    """``a, b, c, ..., z (26)``: the first few names and the last, for long lists."""
+    if len(names) <= n + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:n])}, ..., {names[-1]}"
 
 
 def format_report(report: Report) -> str:
@@ -146,6 +199,14 @@ def format_report(report: Report) -> str:
     text = table(headers, rows, right=right)
     if show_error:
         text += "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on the calibration data"
+    record = report.calibration
+    if record is not None:
+        how = "sequential" if record.sequential else "one pass over the unpruned model"
+        text += (
+            f"\nCalibration: {record.samples:,} batch{'' if record.samples == 1 else 'es'}, {record.tokens:,} tokens "
+            f"counted, {how}; "
+            f"data sha256 {record.fingerprint[:16]}"
+        )
     return text
 
 

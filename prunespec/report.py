@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import layout, render
+from .record import CalibrationRecord
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Report:
 
     entries: dict[str, TensorStats] = field(default_factory=dict)
     others: dict[str, TensorStats] = field(default_factory=dict)
+    calibration: CalibrationRecord | None = None  # what a data-aware apply's calibration used
 
     @property
     def tensors(self) -> dict[str, float]:
@@ -101,6 +103,7 @@ class Report:
             return {"tensors": len(stats), "numel": numel, "zeros": zeros, "sparsity": _fraction(stats)}
 
         return {
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "global_sparsity": self.global_sparsity,
             "model_sparsity": self.model_sparsity,
             "tensors": {name: one(s, True) for name, s in self.entries.items()},

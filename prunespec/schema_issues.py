@@ -124,15 +124,18 @@ def describe(schema: Any) -> str:
     text = names.get(schema.get("type", ""), "a valid value")
     if "items" in schema and isinstance(schema["items"], dict) and schema["items"].get("type") == "string":
         text = "a list of strings"
-    low, high = schema.get("minimum"), schema.get("maximum")
+    low, open_low = schema.get("minimum"), False
+    if low is None and schema.get("exclusiveMinimum") is not None:
+        low, open_low = schema["exclusiveMinimum"], True
+    high, open_high = schema.get("maximum"), False
+    if high is None and schema.get("exclusiveMaximum") is not None:
+        high, open_high = schema["exclusiveMaximum"], True
     if low is not None and high is not None:
-        text += f" in [{low}, {high}]"
+        text += f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
     elif low is not None:
-        text += f" >= {low}"
-    elif schema.get("exclusiveMinimum") is not None:
-        text += f" > {schema['exclusiveMinimum']}"
+        text += f" {'>' if open_low else '>='} {low}"
     elif high is not None:
-        text += f" <= {high}"
+        text += f" {'<' if open_high else '<='} {high}"
     return text
 
 

@@ -168,6 +168,24 @@ class Schedule(_Model):
         return self
 
 
+class Owl(_Model):
+    """Outlier-weighted layerwise sparsity (OWL, Yin et al., ICML 2024): the rule's `sparsity` becomes the
+    mean over the model's blocks, each block pruned less the more outliers its scores have."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    m: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] = Field(
+        default=5.0,
+        description="An outlier is a score greater than `m` times the mean score of its block (OWL's M).",
+    )
+    lam: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] = Field(
+        default=0.08,
+        alias="lambda",
+        description="The blocks' sparsities spread over 2 * lambda, from the most outliers (least sparse) to "
+        "the fewest (most sparse), shifted so that their mean is the rule's `sparsity` (OWL's lambda).",
+    )
+
+
 class Rule(_Model):
     """One pruning rule: select tensors, then prune them with one method."""
 
@@ -207,6 +225,12 @@ class Rule(_Model):
         default=None,
         description="Prune gradually during training toward `sparsity` (overrides the spec's `schedule`).",
     )
+    owl: Owl | None = Field(
+        default=None,
+        description="Allocate `sparsity` per block by OWL from the calibration data: `sparsity` is then the "
+        "mean over blocks. Needs a method that prunes entries by an amount (wanda, l1_unstructured) and "
+        "scope: local.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
@@ -223,6 +247,32 @@ class Rule(_Model):
         return f"rules[{index}]" + (f" ({self.name})" if self.name else "")
 
 
+class Calibration(_Model):
+    """How data-aware rules are calibrated. Every field is optional; a spec without the block behaves as
+    all defaults."""
+
+    sequential: StrictBool = Field(
+        default=True,
+        description="true: modules are calibrated in forward order, each on the outputs of the modules before "
+        "it, already pruned. false: every statistic comes from the unpruned model, in one pass.",
+    )
+    blocks: NamePattern | None = Field(
+        default=None,
+        description="The model's repeated blocks, a name pattern as in `names` (`model.layers.*`, "
+        "`re:...`): used for OWL's per-block sparsities and per-block progress. Default: detected (the "
+        "children of the ModuleList of repeated blocks holding the most parameters).",
+    )
+    samples: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None,
+        description="Use the first `samples` calibration batches (fewer batches is an error at apply). "
+        "Default: every batch given.",
+    )
+    errors: StrictBool = Field(
+        default=True,
+        description="Report each pruned tensor's relative reconstruction error on the calibration data.",
+    )
+
+
 class Spec(_Model):
     """A whole prunespec document."""
 
@@ -237,6 +287,10 @@ class Spec(_Model):
     finalize: StrictBool = Field(
         default=False, description="Make pruning permanent after apply (torch's prune.remove everywhere)."
     )
+    calibration: Calibration = Field(
+        default_factory=Calibration,
+        description="How rules that need data are calibrated (sequential or not, blocks, samples, errors).",
+    )
 
     _source: SourceMap = PrivateAttr(default_factory=SourceMap)
 
@@ -244,3 +298,8 @@ class Spec(_Model):
     def source(self) -> SourceMap:
         """Where the spec's nodes came from (empty for specs built from a mapping)."""
         return self._source
+
+    @property
+    def calibration_given(self) -> bool:
+        """Whether the spec has a `calibration` block (without one, every setting is its default)."""
+        return "calibration" in self.model_fields_set

@@ -345,9 +345,10 @@ def pruned_entries(mask: torch.Tensor) -> set[int]:
 
 def test_ria_prunes_what_the_formula_says_on_real_calibration_data() -> None:
     model, data = mlp(), batches()
-    sq_norms = sq_norms_by_hand(model, data)
     weights = {name: m.weight.detach().clone() for name, m in linears(model).items()}
     report = prunespec.apply(model, PLUGINS / "ria.yaml", methods=registry(), data=data)
+    # calibration is sequential: each layer saw its inputs in the pruned model, which hooks now see too
+    sq_norms = sq_norms_by_hand(model, data)
 
     for name in ("fc1", "fc2"):  # compare: tensor, sparsity 0.5: the lowest half of the whole weight
         scores = ria_scores(weights[name], sq_norms[name])

@@ -162,6 +162,11 @@ BAD_RECORDS: dict[str, tuple[Edit, list[str]]] = {
     "newer format": (_meta(format=2), ["prunespec.format is 2; this prunespec reads format 1"]),
     "spec not a mapping": (_meta(spec="rules"), ["prunespec.spec is a str; expected a mapping or None"]),
     "metadata not a mapping": (lambda d: d.update(prunespec=5), ["prunespec is an int; expected prunespec's metadata"]),
+    "calibration record not a mapping": (_meta(calibration=5), ["prunespec.calibration: is 5; expected a mapping"]),
+    "calibration record with a huge name": (
+        _meta(calibration={"samples": 1, "tokens": 1, "sequential": True, "blocks": ["b" * 5_000_000]}),
+        ["prunespec.calibration.blocks[0]: is a str of 5000000 characters; expected a module name"],
+    ),
 }
 
 
