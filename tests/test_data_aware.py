@@ -197,3 +197,41 @@ def test_the_record_goes_into_the_checkpoint(tmp_path: Path) -> None:
     for name in report.tensors:
         module = name.rsplit(".", 1)[0]
         assert torch.equal(again.get_submodule(module).weight_mask, model.get_submodule(module).weight_mask)
+
+
+class ActivationL1(prunespec.PruningMethod):
+    """|W_ij| * ||X_j||, ranked across a global group (a plugin may: prunespec does not forbid it)."""
+
+    name = "activation_l1"
+    statistics = ("input_sq_norms",)
+    own_random = True
+
+    def score(self, ctx: prunespec.MaskContext) -> torch.Tensor:
+        return ctx.values.abs() * ctx.statistics["input_sq_norms"].sqrt()
+
+
+def test_a_global_data_aware_rule_ranks_across_layers_from_the_statistics_of_each() -> None:
+    from prunespec.methods.base import MethodInfo
+    from prunespec.plugins import MethodRegistry
+
+    registry = MethodRegistry(
+        {**prunespec.load_methods(builtins_only=True), "activation_l1": MethodInfo.from_class(ActivationL1)}
+    )
+    model = _sequential_model()
+    data = _correlated()
+    dense = {name: model.get_submodule(name).weight.detach().clone() for name in ("0", "2")}
+    spec = {
+        "version": 1,
+        "rules": [{"select": {"types": ["Linear"]}, "method": "activation_l1", "amount": 100, "scope": "global"}],
+    }
+    prunespec.apply(model, spec, data=data, methods=registry)
+    with torch.no_grad():  # statistics from the dense model: a global group is decided after the pass
+        x = torch.cat(data)
+        norms = {
+            "0": x.pow(2).sum(0).sqrt(),
+            "2": torch.relu(nn.functional.linear(x, dense["0"], model[0].bias)).pow(2).sum(0).sqrt(),
+        }
+    scores = torch.cat([(dense[n].abs() * norms[n]).reshape(-1) for n in ("0", "2")])
+    lowest = set(torch.sort(scores, stable=True).indices[:100].tolist())
+    masks = torch.cat([model.get_submodule(n).weight_mask.reshape(-1) for n in ("0", "2")])
+    assert set((masks == 0).nonzero().reshape(-1).tolist()) == lowest
