@@ -20,7 +20,9 @@ The data-aware methods get the same calibration batches (``--calib-samples`` seq
 tokens, 4 per batch, the last quarter of the batches padded with ``attention_mask`` 0). Perplexity is
 ``exp`` of the mean next-token NLL over ``--eval-samples`` held-out windows (files no training or
 calibration window came from). The time is ``time.perf_counter`` around ``prunespec.apply`` (plan,
-calibration pass, masks, install). Every number is as measured in this run; nothing is tuned per method.
+calibration pass, masks, install), with the process's CPU time over it and the share of the CPUs
+other processes used meanwhile (``/proc/stat``; on a shared machine wall times move with it). Every
+number is as measured in this run; nothing is tuned per method.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -48,6 +51,16 @@ import prunespec  # noqa: E402
 METHODS = ("l1_unstructured", "wanda", "sparsegpt")
 SETTINGS = ("50%", "70%", "2:4")
 DATA_AWARE = {"wanda", "sparsegpt"}
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent so far (all processes), from /proc/stat; 0 without it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -82,9 +95,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             model = copy.deepcopy(dense)
             data = calib if method in DATA_AWARE else None
-            start = time.perf_counter()
+            busy, cpu, start = machine_busy(), time.process_time(), time.perf_counter()
             prunespec.apply(model, lm.prunespec_spec(method, setting), methods=methods, data=data)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu, busy = time.perf_counter() - start, time.process_time() - cpu, machine_busy() - busy
+            others = 100 * max(0.0, busy - cpu) / (elapsed * (os.cpu_count() or 1))
             ppl = lm.perplexity(model, heldout)
             rows.append(
                 {
@@ -93,6 +107,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "perplexity": ppl,
                     "sparsity": lm.sparsity(model),
                     "time_s": elapsed,
+                    "cpu_s": cpu,
+                    "other_load_pct": others,
                 }
             )
             log(f"  {method} {setting}: perplexity {ppl:.3f} in {elapsed:.2f} s")
@@ -100,15 +116,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     dense = rows[0]["perplexity"]
     head = ["method", "setting", "held-out perplexity", "vs dense", "sparsity (decoder Linears)", "apply time"]
+    head += ["apply CPU time", "others' CPU"]
     body = []
     for row in rows:
         if "skipped" in row:
-            body.append([row["method"], row["setting"], f"skipped: {row['skipped']}", "", "", ""])
+            body.append([row["method"], row["setting"], f"skipped: {row['skipped']}", "", "", "", "", ""])
             continue
-        time_s = row.get("time_s")
+        time_s, cpu_s, others = row.get("time_s"), row.get("cpu_s"), row.get("other_load_pct")
         body.append(
             [
                 row["method"],
@@ -116,7 +139,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{row['perplexity']:.3f}",
                 f"{row['perplexity'] / dense:.2f}x",
                 f"{row['sparsity']:.2%}",
-                "-" if time_s is None else (f"{time_s:.2f} s" if time_s >= 1 else f"{time_s * 1000:.0f} ms"),
+                _seconds(time_s),
+                _seconds(cpu_s),
+                "-" if others is None else f"{others:.0f}%",
             ]
         )
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
