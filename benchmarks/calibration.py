@@ -561,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = run_worker(*args.worker)
         except Exception as exc:  # reported by the parent with the exact message
-            tail = traceback.format_exc().strip().splitlines()[-12:]
+            tail = traceback.format_exc().strip().splitlines()[-9:-1]  # the last line repeats the message
             result = {
                 "tool": args.worker[0],
                 "method": args.worker[1],
