@@ -6,6 +6,7 @@ Run it from the repository root with the main venv (llm-compressor runs in its o
     python benchmarks/calibration.py             # both settings, a few minutes on 2 cores
     python benchmarks/calibration.py --quick     # small sizes: a smoke test
     python benchmarks/calibration.py --settings speed --json
+    python benchmarks/calibration.py --wait-idle 120   # on a shared machine: wait for idle CPUs per worker
 
 Contenders, each one worker process per (contender, setting), started by this script re-invoking itself
 with ``--worker``:
@@ -285,7 +286,7 @@ def llmc_python() -> Path:
 
 
 def run_one(
-    python: str, tool: str, method: str, setting: str, model_dir: str, data: str, timeout: float
+    python: str, tool: str, method: str, setting: str, model_dir: str, data: str, timeout: float, wait: float = 0
 ) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--worker", tool, method, setting, model_dir, data]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -293,6 +294,8 @@ def run_one(
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     label = f"{TOOL_NAMES.get(tool, tool)} {method} {setting}".strip()
     print(f"  running {label} ...", file=sys.stderr, flush=True)
+    if wait:
+        engine.wait_idle(wait)
     usage, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), engine.busy_seconds(), time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
@@ -385,10 +388,21 @@ def run_parent(args: argparse.Namespace) -> int:
                         if tool == "llmc" and not have_llmc:
                             continue
                         python = str(peer) if tool == "llmc" else sys.executable
-                        r = run_one(python, tool, method, setting, setup["model_dir"], setup["data"], args.timeout)
+                        r = run_one(
+                            python,
+                            tool,
+                            method,
+                            setting,
+                            setup["model_dir"],
+                            setup["data"],
+                            args.timeout,
+                            args.wait_idle,
+                        )
                         results.append({**r, "bench": name})
             if name == "speed":
-                r = run_one(sys.executable, "floors", "-", "-", setup["model_dir"], setup["data"], args.timeout)
+                r = run_one(
+                    sys.executable, "floors", "-", "-", setup["model_dir"], setup["data"], args.timeout, args.wait_idle
+                )
                 results.append({**r, "bench": name})
     if args.json:
         print(json.dumps({"setups": setups, "results": results}))
@@ -552,6 +566,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--settings", default="quality,speed", help="comma-separated: quality, speed (default both)")
     parser.add_argument("--json", action="store_true", help="print setups and results as JSON")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each worker, wait up to SECONDS for other processes to leave the CPUs idle (default: no wait)",
+    )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")
     parser.add_argument(
         "--worker", nargs=5, metavar=("TOOL", "METHOD", "SETTING", "MODEL_DIR", "DATA"), help=argparse.SUPPRESS
