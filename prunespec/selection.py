@@ -259,14 +259,43 @@ def select_rows(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     lower index (the rule :func:`find_cuts` follows). Returns the bool "pruned" matrix and a bool per row
     that is False where NaN scores would have to be pruned (those rows need torch's ranking).
     """
-    ranked, order = torch.sort(scores, dim=1, stable=True)  # NaN sorts last
+    distinct = torch.unique(targets)
     size = scores.shape[1]
+    if scores.dim() == 2 and size > 0 and distinct.numel() <= _FEW_TARGETS and not bool(scores.isnan().any()):
+        return _select_by_threshold(scores, targets, distinct), torch.ones_like(targets, dtype=torch.bool)
+    ranked, order = torch.sort(scores, dim=1, stable=True)  # NaN sorts last
     positions = torch.arange(size, device=scores.device).expand_as(scores)
     chosen = positions < targets.reshape(-1, 1)
     pruned = torch.empty_like(chosen).scatter_(1, order, chosen)
     last = ranked.gather(1, (targets.reshape(-1, 1) - 1).clamp(min=0)).reshape(-1)
     ok = ~last.isnan() | (targets == 0)
     return pruned, ok
+
+
+_FEW_TARGETS = 8  # rows share a handful of targets (one when nothing was pruned before): one topk each
+
+
+def _select_by_threshold(scores: torch.Tensor, targets: torch.Tensor, distinct: torch.Tensor) -> torch.Tensor:
+    """select_rows without sorting (no NaN): each row's ``t``-th lowest score (by ``topk``), everything
+    below it pruned, and of the entries equal to it the lowest-indexed that are still
+    needed: the same entries a stable sort would give."""
+    threshold = torch.empty(scores.shape[0], 1, dtype=scores.dtype, device=scores.device)
+    for t in distinct.tolist():
+        rows = (targets == t).nonzero().reshape(-1)
+        if t == 0:
+            threshold[rows] = -math.inf
+            continue
+        part = scores if rows.numel() == scores.shape[0] else scores[rows]
+        # the t lowest, unordered (topk beats kthvalue and sort on CPU): the highest of them is the t-th
+        threshold[rows] = torch.topk(part, int(t), dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    below = scores < threshold
+    ties = scores == threshold
+    need = targets.reshape(-1, 1) - below.sum(dim=1, keepdim=True)
+    tied = ties.sum(dim=1, keepdim=True)
+    extra = (tied > need).reshape(-1).nonzero().reshape(-1)
+    if extra.numel():  # more entries equal to the threshold than still needed: the lowest-indexed of them
+        ties[extra] &= ties[extra].cumsum(dim=1) <= need[extra]
+    return (below | ties) & (targets.reshape(-1, 1) > 0)
 
 
 def prune_rows(scores: torch.Tensor, mask: torch.Tensor | None, targets: list[int]) -> torch.Tensor:

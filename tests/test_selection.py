@@ -3,12 +3,15 @@ threshold, exact counts and the documented tie rule where scores tie."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 import prunespec
+from prunespec import selection
 from prunespec.selection import MIN_SAMPLE, Entry, apply_cut, find_cuts, group_dtype
 
 
@@ -140,3 +143,19 @@ def test_accelerator_gather_path_gives_the_same_masks(monkeypatch: pytest.Monkey
     original = selection._bracket
     monkeypatch.setattr(selection, "_bracket", lambda *a: (*original(*a)[:2], 1e-4))  # caps far too small
     assert all(torch.equal(a, b) for a, b in zip(select(tensors, 40_000), expected, strict=True))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_select_rows_without_sorting_picks_what_a_stable_sort_picks(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    rows, size = 1 + seed % 7, 1 + seed * 3
+    scores = torch.randint(0, 4, (rows, size), generator=gen).to(torch.float32)  # many ties
+    scores[torch.rand(rows, size, generator=gen) < 0.2] = -math.inf  # pruned before
+    choices = torch.tensor([0, size, size // 2, 1])
+    targets = choices[torch.randint(0, 4, (rows,), generator=gen)]
+    pruned, ok = selection.select_rows(scores, targets)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    chosen = torch.arange(size).expand_as(scores) < targets.reshape(-1, 1)
+    expected = torch.empty_like(chosen).scatter_(1, order, chosen)
+    assert torch.equal(pruned, expected) and bool(ok.all())
+    assert torch.equal(pruned.sum(dim=1), targets)
