@@ -197,6 +197,30 @@ class Accumulator:
         return stats
 
 
+ERROR_TOKENS = 512
+"""At most this many calibration tokens per module measure its reconstruction error (all when fewer)."""
+
+
+def token_sample(stop: Stop, limit: int = ERROR_TOKENS) -> torch.Tensor:
+    """``limit`` of the stop's kept tokens (all of them when fewer), float32 ``(n, features)``, evenly
+    spaced over all the batches' tokens in order, so the sample spreads over the data."""
+    kept = []
+    for arrival in stop.arrivals:
+        keep = tokens_kept(arrival.x, arrival.attention_mask, stop.module)
+        x = arrival.x.detach()
+        kept.append((x[keep] if keep is not None else x).reshape(-1, x.shape[-1]))
+    total = sum(t.shape[0] for t in kept)
+    if total <= limit:
+        return torch.cat(kept).to(torch.float32)
+    chosen = torch.arange(limit, dtype=torch.float64).mul_(total / limit).long()  # evenly over all tokens
+    parts, offset = [], 0
+    for tokens in kept:
+        inside = chosen[(chosen >= offset) & (chosen < offset + tokens.shape[0])] - offset
+        parts.append(tokens[inside.to(tokens.device)])
+        offset += tokens.shape[0]
+    return torch.cat(parts).to(torch.float32)
+
+
 def batches(data: Iterable[Any], rules: str, samples: int | None = None) -> list[Any]:
     """The calibration batches as a list (the first ``samples`` when given): a pass runs them all at once.
 

@@ -226,7 +226,7 @@ def _calibrated(
         staged = [_stage(modules, tensors, step, generators) for step in unit]
         wanted = set(plan.methods[unit[0].method].capabilities.statistics)
         for step in unit:
-            needs.setdefault(step.tensor.module, set()).update(wanted | ({"input_gram"} if errors else set()))
+            needs.setdefault(step.tensor.module, set()).update(wanted)
         if unit[0].scope == "global" or any(step.tensor.name in waiting for step in unit):
             deferred.append((unit, staged))
             waiting.update(step.tensor.name for step in unit)
@@ -258,9 +258,10 @@ def _calibrated(
             for tensor in tensors.values():
                 if tensor.module_name == stop.module and id(tensor) in keep:
                     tensor.statistics = stats
+            sample = calibration.token_sample(stop) if errors and done else None
             for tensor in done:
-                if errors and "input_gram" in stats:
-                    tensor.error = _error(tensor, stats["input_gram"])
+                if sample is not None:
+                    tensor.error = _error(tensor, sample)
                 if id(tensor) not in keep:
                     tensor.statistics = {}
             calibration_pass.release(stop.module, _weights(done) if sequential else None)
@@ -288,21 +289,20 @@ def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, tuple[torch.Tenso
     return out
 
 
-def _error(tensor: Pruned, gram: torch.Tensor) -> float | None:
-    """``||W X - W' X||^2 / ||W X||^2`` over the calibration tokens, from ``X^T X``: W as the model had it
-    before this apply, W' after."""
+def _error(tensor: Pruned, tokens: torch.Tensor) -> float | None:
+    """``||W X - W' X||^2 / ||W X||^2`` over ``tokens`` (the module's inputs, a sample of the calibration
+    tokens): W as the model had it before this apply, W' after."""
     module = tensor.owners[0][0]
     if tensor.orig.dim() != 2 or tensor.mask is None:
         return None
     before = tensor.orig.detach() if tensor.start is None else tensor.orig.detach() * tensor.start
     after = tensor.current.detach() * tensor.mask.to(tensor.current.dtype)
     dense = calibration.out_in(module, before).to(torch.float32)
-    if dense.shape[1] != gram.shape[0]:
+    if dense.shape[1] != tokens.shape[1]:
         return None
-    delta = dense - calibration.out_in(module, after).to(torch.float32)
-    gram = gram.to(dense.device)
-    total = float(((dense @ gram) * dense).sum())
-    lost = float(((delta @ gram) * delta).sum())
+    tokens = tokens.to(dense.device)
+    total = float((tokens @ dense.T).square().sum())
+    lost = float((tokens @ (dense - calibration.out_in(module, after).to(torch.float32)).T).square().sum())
     return lost / total if total > 0 else (0.0 if lost == 0 else math.inf)
 
 

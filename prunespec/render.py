@@ -198,7 +198,9 @@ def format_report(report: Report) -> str:
     right = {2, 3, 4} | ({6} if show_predicted else set()) | ({len(headers) - 1} if show_error else set())
     text = table(headers, rows, right=right)
     if show_error:
-        text += "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on the calibration data"
+        text += (
+            "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on its calibration inputs (up to 512 tokens)"
+        )
     record = report.calibration
     if record is not None:
         how = "sequential" if record.sequential else "one pass over the unpruned model"

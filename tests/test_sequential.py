@@ -259,3 +259,23 @@ def test_the_report_gives_each_tensors_reconstruction_error_on_the_calibration_d
             expected = ((inputs @ w.T - inputs @ pruned.T).pow(2).sum() / (inputs @ w.T).pow(2).sum()).item()
             assert report.entries[name].error == pytest.approx(expected, rel=1e-4)
     assert "recon. error" in str(report) and report.to_dict()["tensors"]["0.weight"]["reconstruction_error"] > 0
+
+
+def test_errors_are_measured_on_a_spread_sample_of_kept_tokens() -> None:
+    from prunespec.sequential import Arrival, Stop
+
+    gen = torch.Generator().manual_seed(0)
+    arrivals = []
+    for i in range(3):
+        x = torch.randn(4, 100, 8, generator=gen)
+        mask = torch.ones(4, 100, dtype=torch.long)
+        mask[:, 60:] = 0
+        x[:, 60:] = 1e6  # padding: never sampled
+        arrivals.append(Arrival(i, x, mask))
+    sample = calibration.token_sample(Stop("m", arrivals), limit=100)
+    assert sample.shape == (100, 8) and bool((sample.abs() < 1e5).all())
+    firsts = {round(float(v), 5) for v in sample[:, 0]}
+    for a in arrivals:  # every batch contributes
+        assert firsts & {round(float(v), 5) for v in a.x[:, :60, 0].reshape(-1)}
+    few = calibration.token_sample(Stop("m", arrivals[:1]), limit=10_000)
+    assert few.shape == (240, 8)  # all kept tokens when fewer than the limit
