@@ -87,7 +87,7 @@ def run(
         batches = engine.calibration_batches(the_plan, data)
         if any(o.allocated is None for o in the_plan.owl):
             the_plan = _allocated(model, the_plan, batches)
-    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches)
+    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches, finalize=finalize)
     pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}
@@ -97,8 +97,6 @@ def run(
         report = collect(model, [p.name for p in pruned], predicted, counted, estimated, errors)  # before finalize
     if batches is not None:
         report.calibration = _record(the_plan, batches, outcome)
-    if finalize:
-        engine.make_permanent(pruned)
     return report
 
 

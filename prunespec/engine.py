@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import calibration, layout, selection
+from . import calibration, layout, runtime, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
@@ -100,6 +100,7 @@ def execute(
     *,
     merge: bool = False,
     data: Iterable[Any] | None = None,
+    finalize: bool = False,
 ) -> Outcome:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
@@ -107,7 +108,9 @@ def execute(
     install that follows is quick). ``merge`` folds each new hook record into the tensor's last one where
     they say the same (:func:`prunespec.layout.merged`; the Scheduler's repeated updates). ``data``: the
     calibration batches, run through the model once before any mask when a rule's method reads
-    statistics (:mod:`prunespec.calibration`); without it such a plan is a PlanError.
+    statistics (:mod:`prunespec.calibration`); without it such a plan is a PlanError. ``finalize``:
+    make the pruning permanent too (:func:`make_permanent`); a tensor no earlier pruning touched then
+    gets its pruned values in place, never torch's layout (no mask, no second copy of the weights).
     """
     stale = plan.stale(model)
     if stale:
@@ -131,7 +134,10 @@ def execute(
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter)
-        _install(list(tensors.values()), merge)
+        if finalize:
+            _finalize(list(tensors.values()), merge)
+        else:
+            _install(list(tensors.values()), merge)
     return Outcome(list(tensors.values()), None if batches is None else len(batches), tokens)
 
 
@@ -264,6 +270,7 @@ def _calibrated(
                     tensor.error = _error(tensor, sample)
                 if id(tensor) not in keep:
                     tensor.statistics = {}
+                    tensor.mask = tensor.mask.bool() if tensor.mask is not None else None  # final: 1 byte an entry
             calibration_pass.release(stop.module, _weights(done) if sequential else None)
         missing = calibration_pass.unreached()
     if missing:
@@ -744,6 +751,21 @@ def _checked(step: Step, tensor: Pruned, mask: Any, default: torch.Tensor) -> to
 # --- install, all or nothing -------------------------------------------------------------------
 
 
+def _finalize(tensors: list[Pruned], merge: bool) -> None:
+    """Install then finalize, all or nothing: tensors in torch's layout already go through it (and
+    ``prune.remove``); the others get their values in place, once nothing can fail any more."""
+    layered = [t for t in tensors if t.start is not None or any(layout.is_pruned(m, p) for m, p in t.owners)]
+    lean = [t for t in tensors if all(t is not other for other in layered)]
+    with runtime.deferred_interrupts():
+        _install(layered, merge)
+        make_permanent(layered)
+        for tensor in lean:
+            assert tensor.mask is not None
+            if tensor.zeros is None:  # the report counts the mask's zeros, not zeros the values had anyway
+                tensor.zeros = zeros(tensor.mask)
+            layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
+
+
 def _install(tensors: list[Pruned], merge: bool) -> None:
     restores = [
         layout.snapshot(module, pname, values=t.values is not None) for t in tensors for module, pname in t.owners
@@ -754,6 +776,8 @@ def _install(tensors: list[Pruned], merge: bool) -> None:
             for module, pname in current.owners:
                 mask = current.mask
                 assert mask is not None
+                if mask.dtype == torch.bool:  # kept compact while other masks were computed
+                    mask = mask.to(current.orig.dtype)
                 layout.install(module, pname, mask, current.new_hooks, merge=merge, values=current.values)
     except BaseException as exc:  # an interrupt too: the model is all pruned or not at all
         for restore in restores:

@@ -232,6 +232,24 @@ def remove_all(owners: Sequence[tuple[nn.Module, str]]) -> None:
         raise
 
 
+def finalized_in_place(
+    owners: Sequence[tuple[nn.Module, str]], mask: torch.Tensor, values: torch.Tensor | None
+) -> None:
+    """What :func:`install` then :func:`remove` leave, without the layout in between: the Parameter
+    (the same object) holds ``values * mask`` (``values``: new original values, or its own), and moves to
+    the end of each owner's parameters, as ``prune.remove`` puts it. No mask, no second copy: the
+    memory-lean way to finalize a tensor no earlier pruning touched. Interrupts wait until it is done."""
+    first = owners[0][0]._parameters[owners[0][1]]
+    assert first is not None
+    with torch.no_grad():
+        if values is not None:
+            first.data.copy_(values)
+        first.data.mul_(mask)
+    for module, pname in owners:
+        param = module._parameters.pop(pname)
+        module._parameters[pname] = param
+
+
 _MISSING = object()
 
 

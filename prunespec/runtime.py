@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -64,3 +66,20 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the block and raise it afterwards: for work that cannot be undone
+    halfway (weights written in place). Outside the main thread, signals do not arrive anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
