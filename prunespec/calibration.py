@@ -197,7 +197,7 @@ class Accumulator:
         return stats
 
 
-ERROR_TOKENS = 512
+ERROR_TOKENS = 256
 """At most this many calibration tokens per module measure its reconstruction error (all when fewer)."""
 
 

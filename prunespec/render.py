@@ -199,7 +199,7 @@ def format_report(report: Report) -> str:
     text = table(headers, rows, right=right)
     if show_error:
         text += (
-            "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on its calibration inputs (up to 512 tokens)"
+            "\nrecon. error: ||W X - W' X||^2 / ||W X||^2 of each tensor on its calibration inputs (up to 256 tokens)"
         )
     record = report.calibration
     if record is not None:
