@@ -51,6 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..calibration import out_in
+from ..selection import select_rows
 from .base import Capabilities, MaskContext, PruningMethod
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
@@ -215,10 +216,10 @@ def _sweep(
         errors = torch.zeros_like(w)
         if counts is not None and counts[block]:
             score = (w / diag[start:end]).square().masked_fill(done, math.inf)
-            chosen = torch.sort(score.reshape(-1), stable=True).indices[: counts[block]]
-            flat = torch.zeros(score.numel(), dtype=torch.bool, device=w.device)
-            flat[chosen] = True
-            done |= flat.view(score.shape)
+            # the block's lowest scores, ties to the lower flat index, without sorting the whole block
+            target = torch.tensor([counts[block]], device=w.device)
+            chosen, _ = select_rows(score.reshape(1, -1), target)
+            done |= chosen.view(score.shape)
         for i in range(end - start):
             column = start + i
             if m is not None and n is not None and column % m == 0:
