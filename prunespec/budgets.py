@@ -19,7 +19,7 @@ from . import calibration, layout, owl
 from .blocks import block_of
 from .errors import CalibrationError
 from .planner import Plan, Step
-from .sequential import BatchFailed, Pass
+from .sequential import Pass
 
 __all__ = ["owl_allocations"]
 
@@ -47,22 +47,10 @@ def owl_allocations(model: nn.Module, plan: Plan, batches: Sequence[Any]) -> All
         for index, name in [key for key in scores if block is None or key[1] == block]:
             ratios[index][name] = owl.outlier_ratio(scores.pop((index, name)), wanted[index].m)
 
-    accumulator = calibration.Accumulator()
     current: str | None = None
     with Pass(model, list(batches), {name: modules[name] for name in by_module}) as calibration_pass:
-        while True:
-            try:
-                stop = calibration_pass.next_stop()
-            except BatchFailed as failed:
-                message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
-                raise CalibrationError(labels, message, failed.index) from failed.error
-            if stop is None:
-                break
+        for stop, stats in calibration.stops(calibration_pass, lambda _: ("input_sq_norms",), labels):
             module = modules[stop.module]
-            try:
-                stats = accumulator.at(stop, {"input_sq_norms"}, calibration.features(module))
-            except calibration.BadInput as exc:
-                raise CalibrationError(labels, str(exc), exc.batch) from exc
             block = block_of(stop.module, plan.blocks)
             if block != current:
                 close(current)

@@ -37,7 +37,7 @@ whatever happens.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -245,6 +245,32 @@ def batches(data: Iterable[Any], rules: str, samples: int | None = None) -> list
     return found
 
 
+def stops(
+    calibration_pass: Pass,
+    names: Callable[[str], Collection[str]],
+    rules: str,
+    accumulator: Accumulator | None = None,
+) -> Iterator[tuple[Stop, dict[str, torch.Tensor]]]:
+    """Each stop of ``calibration_pass`` with the statistics ``names(module)`` of its module (summed by
+    ``accumulator``, a new one by default); the caller releases each stop before the next. A batch
+    whose forward fails, or whose input to a module does not fit it, is a :class:`CalibrationError`
+    naming the batch (``rules``: who needed the data)."""
+    accumulator = Accumulator() if accumulator is None else accumulator
+    while True:
+        try:
+            stop = calibration_pass.next_stop()
+        except BatchFailed as failed:
+            message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
+            raise CalibrationError(rules, message, failed.index) from failed.error
+        if stop is None:
+            return
+        try:
+            stats = accumulator.at(stop, names(stop.module), features(calibration_pass.watched[stop.module]))
+        except BadInput as exc:
+            raise CalibrationError(rules, str(exc), exc.batch) from exc
+        yield stop, stats
+
+
 def collect(
     model: nn.Module, modules: Mapping[str, nn.Module], names: Collection[str], data: Iterable[Any], rules: str
 ) -> Statistics:
@@ -258,21 +284,10 @@ def collect(
     if unknown:
         known = ", ".join(STATISTICS)
         raise CalibrationError(rules, f"no such statistics: {', '.join(unknown)} (prunespec collects {known})")
-    found = batches(data, rules)
-    accumulator = Accumulator()
     out: Statistics = {}
-    with Pass(model, found, modules) as calibration_pass:
-        while True:
-            try:
-                stop = calibration_pass.next_stop()
-                if stop is None:
-                    break
-                out[stop.module] = accumulator.at(stop, names, features(modules[stop.module]))
-            except BatchFailed as failed:
-                message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
-                raise CalibrationError(rules, message, failed.index) from failed.error
-            except BadInput as exc:
-                raise CalibrationError(rules, str(exc), exc.batch) from exc
+    with Pass(model, batches(data, rules), modules) as calibration_pass:
+        for stop, stats in stops(calibration_pass, lambda _: names, rules):
+            out[stop.module] = stats
             calibration_pass.release(stop.module)
         missing = calibration_pass.unreached()
     if missing:

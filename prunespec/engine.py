@@ -36,7 +36,6 @@ from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .runtime import lean, one_thread
-from .sequential import BatchFailed
 from .sequential import Pass as sequential_pass
 
 log = logging.getLogger("prunespec")
@@ -239,21 +238,10 @@ def _calibrated(
         else:
             at_stop.setdefault(unit[0].tensor.module, []).append((unit, staged))
     keep = {id(t) for _, staged in deferred for t in staged}  # their statistics are needed after the pass
-    accumulator = calibration.Accumulator()
     watched = {name: modules[name] for name in needs}
+    accumulator = calibration.Accumulator()
     with sequential_pass(model, batches, watched, early) as calibration_pass:
-        while True:
-            try:
-                stop = calibration_pass.next_stop()
-            except BatchFailed as failed:
-                message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
-                raise CalibrationError(rules, message, failed.index) from failed.error
-            if stop is None:
-                break
-            try:
-                stats = accumulator.at(stop, needs[stop.module], calibration.features(modules[stop.module]))
-            except calibration.BadInput as exc:
-                raise CalibrationError(rules, str(exc), exc.batch) from exc
+        for stop, stats in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             done: list[Pruned] = []
             for unit, staged in at_stop.pop(stop.module, []):
                 for tensor in staged:

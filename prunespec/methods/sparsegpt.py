@@ -45,31 +45,20 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from ..calibration import out_in
 from ..selection import select_rows
 from .base import Capabilities, MaskContext, PruningMethod
+from .nm import NMOptions, PositiveInt
 
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
-
-class SparseGPTOptions(BaseModel):
+class SparseGPTOptions(NMOptions):
     """Options of ``sparsegpt``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    n: PositiveInt | None = Field(
-        default=None,
-        description="N:M sparsity: how many of every m consecutive inputs of a row are KEPT (n: 2, m: 4 is 2:4); "
-        "with n and m the rule gives no amount or sparsity.",
-    )
-    m: PositiveInt | None = Field(
-        default=None, description="N:M sparsity: the group size, m consecutive inputs of a row (in must be a multiple)."
-    )
     block_size: PositiveInt = Field(
         default=128, description="Columns per lazy batch update (the paper's B); masks are chosen per block."
     )
@@ -87,14 +76,6 @@ class SparseGPTOptions(BaseModel):
         if isinstance(value, (bool, str)):
             raise ValueError(f"dampening must be a number such as 0.01, got {value!r}")
         return value
-
-    @model_validator(mode="after")
-    def _n_and_m(self) -> SparseGPTOptions:
-        if (self.n is None) != (self.m is None):
-            raise ValueError("give both n and m for N:M sparsity (n: 2, m: 4 keeps 2 of every 4), or neither")
-        if self.n is not None and self.m is not None and self.n >= self.m:
-            raise ValueError(f"n={self.n} must be smaller than m={self.m}: n is how many of every m are KEPT")
-        return self
 
 
 class SparseGPT(PruningMethod):

@@ -22,44 +22,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..calibration import out_in
 from ..masks import n_to_prune, row_targets
 from ..selection import prune_rows
 from .base import Capabilities, MaskContext, PruningMethod
+from .nm import NMOptions
 
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
-
-class WandaOptions(BaseModel):
+class WandaOptions(NMOptions):
     """Options of ``wanda``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     compare: Literal["row", "tensor"] = Field(
         default="row",
         description="row: each output row prunes its own share of its lowest scores (the paper's choice); "
         "tensor: the lowest scores of the whole weight.",
     )
-    n: PositiveInt | None = Field(
-        default=None,
-        description="N:M sparsity: how many of every m consecutive inputs of a row are KEPT (n: 2, m: 4 is 2:4); "
-        "with n and m the rule gives no amount or sparsity.",
-    )
-    m: PositiveInt | None = Field(
-        default=None, description="N:M sparsity: the group size, m consecutive inputs of a row (in must be a multiple)."
-    )
 
     @model_validator(mode="after")
-    def _n_and_m(self) -> WandaOptions:
-        if (self.n is None) != (self.m is None):
-            raise ValueError("give both n and m for N:M sparsity (n: 2, m: 4 keeps 2 of every 4), or neither")
-        if self.n is not None and self.m is not None and self.n >= self.m:
-            raise ValueError(f"n={self.n} must be smaller than m={self.m}: n is how many of every m are KEPT")
+    def _groups_in_rows(self) -> WandaOptions:
         if self.n is not None and self.compare != "row":
             raise ValueError("N:M groups lie within rows: leave `compare` out with n and m")
         return self
