@@ -90,7 +90,8 @@ class Pass:
 
     ``weights``: module name -> {parameter name: (values, mask)}: the modules compute with ``values *
     mask`` from the start (masks computed before the pass); :meth:`release` adds more. The product is
-    made at each call and dropped after it, so a pass holds no second copy of the pruned weights.
+    made when the first batch calls the module and dropped at the next stop, so a pass holds the
+    pruned weights of only the modules the batches just went through, never a copy of all of them.
     Use as a context manager; iterate with :meth:`next_stop` until it returns None.
     """
 
@@ -113,6 +114,7 @@ class Pass:
         self._handles: list[Any] = []
         self._saved: dict[int, list[tuple[nn.Module, str, Any]]] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._made: dict[tuple[str, str], torch.Tensor] = {}  # values * mask, while the batches pass a module
         self.reached: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -168,6 +170,7 @@ class Pass:
                 if isinstance(worker.error, Exception):
                     raise BatchFailed(worker.index, worker.error) from worker.error
                 raise worker.error
+        self._made.clear()  # every batch went past the modules used since the last stop
         waiting = [w for w in self.workers if w.state == "waiting"]
         if not waiting:
             return None
@@ -182,6 +185,8 @@ class Pass:
         self.released.add(module)
         for name, tensors in (weights or {}).items():
             self.weights.setdefault(name, {}).update(tensors)
+            for pname in tensors:
+                self._made.pop((name, pname), None)
         for worker in self.workers:
             if worker.state == "waiting" and worker.at == module:
                 worker.state, worker.at, worker.x = "ready", None, None
@@ -231,8 +236,11 @@ class Pass:
             stack = self._saved.setdefault(id(module), [])
             for pname, (values, mask) in self.weights.get(name, {}).items():
                 stack.append((module, pname, module.__dict__.get(pname, _MISSING)))
+                made = self._made.get((name, pname))
+                if made is None:  # once for all the batches that pass the module one after the other
+                    made = self._made[name, pname] = values * mask
                 # found before the Parameter: nn.Module.__getattr__ is only the fallback
-                module.__dict__[pname] = values * mask
+                module.__dict__[pname] = made
 
         return hook
 
