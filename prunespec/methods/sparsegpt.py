@@ -201,18 +201,38 @@ def _sweep(
             target = torch.tensor([counts[block]], device=w.device)
             chosen, _ = select_rows(score.reshape(1, -1), target)
             done |= chosen.view(score.shape)
-        for i in range(end - start):
-            column = start + i
-            if m is not None and n is not None and column % m == 0:
-                _select_group(w, errors, weight, pruned, factor, start, end, i, n, m)
-            current = w[:, i]
-            kept = current.masked_fill(done[:, i], 0.0)
-            error = (current - kept) / u[i, i]
-            w[:, i:].addr_(error, u[i, i:], alpha=-1.0)
-            w[:, i] = kept  # exactly zero where pruned, not a rounding residue
-            errors[:, i] = error
+        width = end - start
+        step = _sub_block(width, block_size, m)
+        for low in range(0, width, step):
+            high = min(low + step, width)
+            for i in range(low, high):
+                column = start + i
+                if m is not None and n is not None and column % m == 0:
+                    _select_group(w, errors, weight, pruned, factor, start, end, i, n, m)
+                current = w[:, i]
+                kept = current.masked_fill(done[:, i], 0.0)
+                error = (current - kept) / u[i, i]
+                w[:, i:high].addr_(error, u[i, i:high], alpha=-1.0)
+                w[:, i] = kept  # exactly zero where pruned, not a rounding residue
+                errors[:, i] = error
+            if high < width:  # the sub-block's errors reach the rest of the block in one matmul
+                w[:, high:].addmm_(errors[:, low:high], u[low:high, high:], alpha=-1.0)
         weight[:, start:end] = w
         weight[:, end:].addmm_(errors, factor[start:end, end:], alpha=-1.0)
+
+
+_SUB_BLOCK = 16  # columns updated one by one before their errors reach the rest of the block at once
+
+
+def _sub_block(width: int, block_size: int, m: int | None) -> int:
+    """Columns per inner step: the same result as one column at a time over the whole block (lazy
+    updates, as between blocks), with less memory traffic. N:M groups must not straddle a step, so
+    with ``m`` the steps are multiples of it and blocks must start on group boundaries."""
+    if m is None:
+        return min(_SUB_BLOCK, width)
+    if block_size % m:
+        return width
+    return max(m, _SUB_BLOCK // m * m)
 
 
 def _select_group(
