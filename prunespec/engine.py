@@ -84,11 +84,10 @@ Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what wa
 
 @dataclass
 class Outcome:
-    """What :func:`execute` did: the tensors it pruned, and for a calibrated apply the batches it used
-    and the tokens counted (after padding is left out) at the first module calibrated."""
+    """What :func:`execute` did: the tensors it pruned, and for a calibrated apply the tokens counted
+    (after padding is left out) at the first module calibrated."""
 
     pruned: list[Pruned]
-    samples: int | None = None
     tokens: int | None = None
 
 
@@ -118,10 +117,7 @@ def execute(
     modules = dict(model.named_modules())
     units = plan.units()
     later = _later(plan, units)
-    batches = None
-    if later:
-        batches = data if isinstance(data, list) and plan.spec.calibration.samples is None else None
-        batches = batches if batches is not None else calibration_batches(plan, data)
+    batches = calibration_batches(plan, data) if later else None
     generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
     counter = _Counter(len(plan.steps), progress, plan.blocks)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
@@ -137,7 +133,7 @@ def execute(
             _finalize(list(tensors.values()), merge)
         else:
             _install(list(tensors.values()), merge)
-    return Outcome(list(tensors.values()), None if batches is None else len(batches), tokens)
+    return Outcome(list(tensors.values()), tokens)
 
 
 class _Counter:
@@ -237,7 +233,11 @@ def _calibrated(
             waiting.update(step.tensor.name for step in unit)
         else:
             at_stop.setdefault(unit[0].tensor.module, []).append((unit, staged))
-    keep = {id(t) for _, staged in deferred for t in staged}  # their statistics are needed after the pass
+    kept: dict[str, dict[int, Pruned]] = {}  # by module: tensors whose statistics are needed after the pass
+    for _, staged in deferred:
+        for tensor in staged:
+            kept.setdefault(tensor.module_name, {})[id(tensor)] = tensor
+    keep = {key for by_id in kept.values() for key in by_id}
     watched = {name: modules[name] for name in needs}
     accumulator = calibration.Accumulator()
     with sequential_pass(model, batches, watched, early) as calibration_pass:
@@ -249,9 +249,8 @@ def _calibrated(
                 _compute(model, plan, unit, staged)
                 done.extend(t for t in staged if all(t is not d for d in done))
                 counter.done(unit)
-            for tensor in tensors.values():
-                if tensor.module_name == stop.module and id(tensor) in keep:
-                    tensor.statistics = stats
+            for tensor in kept.get(stop.module, {}).values():
+                tensor.statistics = stats
             sample = calibration.token_sample(stop) if errors and done else None
             for tensor in done:
                 if sample is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,9 +298,3 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             return mask
     return None
-
-
-def iterate(p: Pass) -> Iterator[Stop]:
-    """The pass's stops, one by one; the caller releases each before asking for the next."""
-    while (stop := p.next_stop()) is not None:
-        yield stop
