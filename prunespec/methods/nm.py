@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,3 +32,14 @@ class NMOptions(BaseModel):
         if self.n is not None and self.m is not None and self.n >= self.m:
             raise ValueError(f"n={self.n} must be smaller than m={self.m}: n is how many of every m are KEPT")
         return self
+
+
+def linear_problem(method: str, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
+    """Why ``method`` cannot prune a weight of ``shape`` (seen as ``(out, in)``) with these options: it
+    is not 2-D, or its inputs are not a multiple of ``m``; None when it can."""
+    if len(shape) != 2:
+        return f"{method} prunes Linear weights (out, in); this tensor has shape {list(shape)}"
+    m = options.get("m")
+    if isinstance(m, int) and shape[1] % m:
+        return f"the input dimension {shape[1]} of shape {list(shape)} is not a multiple of m={m}"
+    return None

@@ -53,7 +53,7 @@ from pydantic import Field, field_validator
 from ..calibration import out_in
 from ..selection import select_rows
 from .base import Capabilities, MaskContext, PruningMethod
-from .nm import NMOptions, PositiveInt
+from .nm import NMOptions, PositiveInt, linear_problem
 
 
 class SparseGPTOptions(NMOptions):
@@ -101,12 +101,7 @@ class SparseGPT(PruningMethod):
 
     @classmethod
     def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
-        if len(shape) != 2:
-            return f"sparsegpt prunes Linear weights (out, in); this tensor has shape {list(shape)}"
-        m = options.get("m")
-        if isinstance(m, int) and shape[1] % m:
-            return f"the input dimension {shape[1]} of shape {list(shape)} is not a multiple of m={m}"
-        return None
+        return linear_problem(cls.name, shape, options)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(

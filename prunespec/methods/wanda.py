@@ -31,7 +31,7 @@ from ..calibration import out_in
 from ..masks import n_to_prune, row_targets
 from ..selection import prune_rows
 from .base import Capabilities, MaskContext, PruningMethod
-from .nm import NMOptions
+from .nm import NMOptions, linear_problem
 
 
 class WandaOptions(NMOptions):
@@ -76,12 +76,7 @@ class Wanda(PruningMethod):
 
     @classmethod
     def check_tensor(cls, shape: tuple[int, ...], options: Mapping[str, Any]) -> str | None:
-        if len(shape) != 2:
-            return f"wanda prunes Linear weights (out, in); this tensor has shape {list(shape)}"
-        m = options.get("m")
-        if isinstance(m, int) and shape[1] % m:
-            return f"the input dimension {shape[1]} of shape {list(shape)} is not a multiple of m={m}"
-        return None
+        return linear_problem(cls.name, shape, options)
 
     def score(self, ctx: MaskContext) -> torch.Tensor:
         weight = out_in(ctx.module, ctx.values)  # (out, in): Conv1D keeps (in, out)
