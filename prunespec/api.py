@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from . import budgets, calibration, engine, layout
+from . import budgets, engine, layout
 from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
@@ -35,7 +35,7 @@ def plan(
     with lean():
         the_plan = make_plan(model, the_spec, methods)
     if data is not None and any(o.allocated is None for o in the_plan.owl):
-        the_plan = _allocated(model, the_plan, calibration.batches(data, ", ".join(the_plan.needs_data)))
+        the_plan = _allocated(model, the_plan, engine.calibration_batches(the_plan, data))
     return the_plan
 
 

@@ -4,6 +4,7 @@ and its record in the report and the checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,3 +236,21 @@ def test_a_global_data_aware_rule_ranks_across_layers_from_the_statistics_of_eac
     lowest = set(torch.sort(scores, stable=True).indices[:100].tolist())
     masks = torch.cat([model.get_submodule(n).weight_mask.reshape(-1) for n in ("0", "2")])
     assert set((masks == 0).nonzero().reshape(-1).tolist()) == lowest
+
+
+def test_planning_with_data_uses_the_same_samples_as_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunespec import budgets
+
+    real, seen = budgets.owl_allocations, []
+
+    def counted(model: nn.Module, plan: prunespec.Plan, batches: list[Any]) -> dict[int, dict[str, float]]:
+        seen.append(len(batches))
+        return real(model, plan, batches)
+
+    monkeypatch.setattr(budgets, "owl_allocations", counted)
+    rule = {"select": LINEARS, "method": "wanda", "sparsity": 0.6, "owl": {}}
+    spec = {"version": 1, "calibration": {"samples": 2}, "rules": [rule]}
+    planned = prunespec.plan(tiny_llama(), spec, data=_llama_batches(3))
+    assert seen == [2] and planned.owl[0].allocated is not None
+    prunespec.apply(tiny_llama(), spec, data=_llama_batches(3))
+    assert seen == [2, 2]
