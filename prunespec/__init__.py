@@ -14,7 +14,16 @@ from . import calibration
 from .api import apply, finalize, plan
 from .calibration import STATISTICS
 from .checkpoint import inspect, load, save
-from .errors import ApplyError, CalibrationError, CheckpointError, PlanError, PluginError, PrunespecError, SpecError
+from .errors import (
+    ApplyError,
+    CalibrationError,
+    CheckpointError,
+    PlanError,
+    PluginError,
+    PrunespecError,
+    ShrinkError,
+    SpecError,
+)
 from .hookspecs import hookimpl
 from .loader import load_spec, loads_spec
 from .masks import Blocks, Channels, Entries, Unit
@@ -24,6 +33,7 @@ from .plugins import MethodRegistry, load_methods
 from .record import CalibrationRecord, Fingerprint
 from .report import Report, sparsity
 from .scheduler import Scheduler
+from .shrink import ShrinkReport, shrink
 from .spec import Spec
 
 __all__ = [
@@ -46,6 +56,8 @@ __all__ = [
     "PruningMethod",
     "Report",
     "Scheduler",
+    "ShrinkError",
+    "ShrinkReport",
     "Spec",
     "SpecError",
     "Step",
@@ -62,5 +74,6 @@ __all__ = [
     "loads_spec",
     "plan",
     "save",
+    "shrink",
     "sparsity",
 ]

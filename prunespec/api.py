@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from . import budgets, engine, layout
+from . import budgets, engine, layout, transaction
 from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
@@ -16,6 +16,7 @@ from .plugins import MethodRegistry, load_methods
 from .record import CalibrationRecord, Fingerprint
 from .report import Report, collect
 from .runtime import lean
+from .shrink import shrink as shrink_model
 from .spec import Spec
 
 SpecLike = Spec | str | os.PathLike[str] | Mapping[str, Any]
@@ -52,14 +53,18 @@ def apply(
     *,
     methods: MethodRegistry | None = None,
     finalize: bool | None = None,
+    shrink: bool | None = None,
     progress: Progress | None = None,
     data: Iterable[Any] | None = None,
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
-    ``finalize`` overrides the spec's ``finalize``. ``progress(done, total, what)`` is called as steps
-    finish (off by default; the ``prunespec`` logger also logs each step at DEBUG level). On any error
-    the model is left exactly as it was.
+    ``finalize`` and ``shrink`` override the spec's. With ``shrink``, the units that ``group`` rules
+    pruned are then removed (:func:`prunespec.shrink`, checked on the first calibration batch, or on
+    random token ids for a transformers model); its report is ``Report.shrink``.
+
+    ``progress(done, total, what)`` is called as steps finish (off by default; the ``prunespec`` logger
+    also logs each step at DEBUG level). On any error the model is left exactly as it was.
 
     ``data``: calibration batches for data-aware methods (``wanda``): any iterable, each batch a Tensor
     (the model's first positional argument), a tuple or list (positional arguments) or a mapping (keyword
@@ -69,7 +74,19 @@ def apply(
     """
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
     chosen = the_plan.spec.finalize if finalize is None else finalize
-    return run(model, the_plan, finalize=chosen, progress=progress, data=data)
+    if not (the_plan.spec.shrink if shrink is None else shrink):
+        return run(model, the_plan, finalize=chosen, progress=progress, data=data)
+    undo = transaction.BindingsSnapshot(model)  # shrink runs after install: a failure undoes both
+    try:
+        report = run(model, the_plan, finalize=False, progress=progress, data=data)
+        example = engine.calibration_batches(the_plan, data)[0] if data is not None else None
+        report.shrink = shrink_model(model, example)
+        if chosen:
+            _make_permanent(model)
+    except BaseException:
+        undo.restore()
+        raise
+    return report
 
 
 def run(
@@ -119,6 +136,10 @@ def _record(the_plan: Plan, batches: list[Any], outcome: engine.Outcome) -> Cali
 def finalize(model: nn.Module) -> list[str]:
     """Make all pruning on ``model`` permanent (torch's ``prune.remove`` on every pruned tensor, whoever
     pruned it), all or nothing; returns the names of the tensors finalized."""
+    return _make_permanent(model)
+
+
+def _make_permanent(model: nn.Module) -> list[str]:
     found = list(layout.pruned_in(model))
     layout.remove_all([(module, pname) for _, module, pname, _ in found])
     return [name for name, _, _, _ in found]

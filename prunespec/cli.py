@@ -235,9 +235,17 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     model = _model(args)
     data = list(load_data(args.data)) if args.data else None  # listed: OWL's allocation reads it too
     plan = api.plan(model, args.spec, methods=methods, data=data)
-    report = api.apply(model, plan, finalize=True if args.finalize else None, progress=_progress_bar(args), data=data)
+    report = api.apply(
+        model,
+        plan,
+        finalize=True if args.finalize else None,
+        shrink=True if args.shrink else None,
+        progress=_progress_bar(args),
+        data=data,
+    )
     if args.out:
-        applied = plan.spec.model_copy(update={"finalize": True}) if args.finalize else plan.spec
+        changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
+        applied = plan.spec.model_copy(update=changed) if changed else plan.spec
         checkpoint.save(model, args.out, spec=applied, methods=methods, record=report.calibration)
     if args.json:
         _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
@@ -340,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
     p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
+    p.add_argument(
+        "--shrink",
+        action="store_true",
+        help="remove the units that group rules pruned (as the spec's `shrink: true`; outputs are checked)",
+    )
     p.add_argument(
         "--data",
         metavar="REF",

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import calibration, layout, runtime, selection
+from . import calibration, groups, layout, runtime, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
+from .group_planner import count
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
@@ -160,7 +161,9 @@ def _compute(model: nn.Module, plan: Plan, unit: list[Step], staged: list[Pruned
     """The new masks of one unit (a local step, a global group, a batch of small local steps)."""
     info = plan.methods[unit[0].method]
     try:
-        if unit[0].scope == "global":
+        if unit[0].group is not None:
+            _run_groups(plan, unit, staged, info)
+        elif unit[0].scope == "global":
             _run_global(model, unit, staged, info, plan.cuts.get(unit[0].rule_index))
         elif len(unit) > 1:
             _run_batch(unit, staged, info)
@@ -712,6 +715,68 @@ def _run_global(
         tensor.zeros = None
         tensor.mask = _checked(step, tensor, piece, own_default)
         tensor.new_hooks.append(GlobalMask(info.name, amount, len(tensors)))
+
+
+def _run_groups(plan: Plan, unit: list[Step], tensors: list[Pruned], info: MethodInfo) -> None:
+    """A `group` rule: each unit scored by the sum of its members' per-entry scores (a block's by their
+    mean), the lowest pruned per group or across the groups (``scope: global``), every member masked."""
+    step = unit[0]
+    rule = plan.spec.rules[step.rule_index]
+    assert rule.group is not None
+    options = rule.group
+    amount = step.amount if step.amount is not None else step.sparsity
+    method = _instance(step, info, amount, f"{len(tensors)} tensors of its groups")
+    by_tensor = {(s.tensor.module, s.tensor.param): t for s, t in zip(unit, tensors, strict=True)}
+    found = [plan.groups[i] for i in dict.fromkeys(s.group for s in unit if s.group is not None)]
+    scores, already = [], []
+    for planned in found:
+        group = planned.group
+        total = torch.zeros(group.size, dtype=torch.float64)
+        entries = torch.zeros(group.size, dtype=torch.float64)
+        whole = torch.ones(group.size, dtype=torch.bool)
+        for member in group.members:
+            tensor = by_tensor.get((member.module, member.param))
+            if tensor is None:
+                continue
+            whole &= groups.pruned_units(group, member, tensor.mask)
+            if member.role != "scored":
+                continue
+            if method.capabilities().elementwise:
+                score = (method.elementwise() or _identity)(tensor.current.detach())
+            else:
+                score = _scores(step, method, tensor.context(step.options), tuple(tensor.orig.shape))
+            if tensor.mask is not None:
+                score = score * tensor.mask.to(score.dtype)
+            total += groups.unit_scores(group, member, score).cpu()
+            entries += groups.unit_entries(group, member, tensor.orig)
+        scores.append(total / entries.clamp(min=1) if group.kind == "blocks" else total)
+        already.append(whole)
+    least = options.min
+    if step.scope == "global" and options.unit != "blocks":
+        size = sum(p.group.size for p in found)
+        done = sum(int(a.sum()) for a in already)
+        k = count(rule, size - done, size, done)
+        counts: list[int] | int = k or 0
+    else:
+        counts = []
+        for planned, before in zip(found, already, strict=True):
+            size, done = planned.group.size, int(before.sum())
+            k = count(rule, size - done, size, done) or 0
+            if k > size - done:
+                raise _fail(step, planned.group.name, f"amount={amount} is more than the {size - done} units left")
+            counts.append(size - groups.kept_count(size, done + k, options.round_to, least))
+    keeps = groups.choose(scores, already, counts, options.round_to, least)
+    for planned, keep in zip(found, keeps, strict=True):
+        group = planned.group
+        for member in group.members:
+            tensor = by_tensor.get((member.module, member.param))
+            if tensor is None:
+                continue
+            mask = groups.member_mask(group, member, keep.to(tensor.orig.device), tensor.orig)
+            if tensor.mask is not None:
+                mask = mask * tensor.mask.to(mask.dtype)
+            tensor.mask, tensor.zeros = mask, zeros(mask)
+            tensor.new_hooks.append(GlobalMask(info.name, amount if amount is not None else 0, len(group.members)))
 
 
 def _checked(step: Step, tensor: Pruned, mask: Any, default: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,17 @@ class ApplyError(PrunespecError):
         super().__init__(f"{rule}, tensor {tensor}: {message} (the model was left unchanged)")
 
 
+class ShrinkError(PrunespecError):
+    """Pruned units could not be removed, or removing them would change the model's outputs (``error``:
+    the largest relative difference found); the model was left as it was."""
+
+    def __init__(self, message: str, error: float | None = None):
+        self.error = error
+        if error is not None:
+            message = f"removing the pruned units of {message} changes the outputs (relative difference {error:.3g})"
+        super().__init__(f"{message} (the model was left unchanged)")
+
+
 class PluginError(PrunespecError):
     """Plugins clash or misbehave (e.g. two providers of one method name)."""
 

@@ -10,6 +10,7 @@ member a unit covers, per-unit scores from per-entry ones, and a member's mask f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -98,12 +99,15 @@ def unit_entries(group: Group, member: Member, tensor: torch.Tensor) -> torch.Te
     return torch.full((group.size,), float(per_unit), dtype=torch.float64)
 
 
-def pruned_units(group: Group, member: Member, mask: torch.Tensor) -> torch.Tensor:
-    """Which units the member's ``mask`` prunes whole (bool, one per unit)."""
+def pruned_units(group: Group, member: Member, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which units the member's ``mask`` (None: not pruned) prunes whole, bool per unit; a block's
+    member says True for the other blocks, so that the members' answers combine with ``&``."""
     if member.block is not None:
-        out = torch.zeros(group.size, dtype=torch.bool)
-        out[member.block] = not bool(mask.any())
+        out = torch.ones(group.size, dtype=torch.bool)
+        out[member.block] = mask is not None and not bool(mask.any())
         return out
+    if mask is None:
+        return torch.zeros(group.size, dtype=torch.bool)
     return ~_along(member, group.size, mask).bool().any(dim=1).cpu()
 
 
@@ -122,15 +126,16 @@ def member_mask(group: Group, member: Member, keep: torch.Tensor, like: torch.Te
     return mask
 
 
-def kept_indices(group: Group, member: Member, keep: Sequence[bool], length: int) -> torch.Tensor:
-    """The indices along the member's ``dim`` that remain when only the units in ``keep`` are kept."""
-    out: list[int] = list(range(member.offset))
-    for unit, kept in enumerate(keep):
-        if kept:
-            start = member.offset + unit * member.width
-            out.extend(range(start, start + member.width))
-    out.extend(range(member.offset + group.size * member.width, length))
-    return torch.tensor(out, dtype=torch.long)
+def kept_indices(group: Group, members: Sequence[Member], keep: Sequence[bool], length: int) -> torch.Tensor:
+    """The indices along ``dim`` of one tensor that remain when only the units in ``keep`` are kept;
+    ``members`` are the group's members on that tensor and dim (GPT-2's c_attn has three)."""
+    kept = torch.ones(length, dtype=torch.bool)
+    for member in members:
+        for unit, alive in enumerate(keep):
+            if not alive:
+                start = member.offset + unit * member.width
+                kept[start : start + member.width] = False
+    return kept.nonzero().reshape(-1)
 
 
 def kept_count(size: int, pruned: int, round_to: int, least: int) -> int:
@@ -142,3 +147,48 @@ def kept_count(size: int, pruned: int, round_to: int, least: int) -> int:
         kept = int((kept + round_to / 2) // round_to) * round_to
         least = -(-least // round_to) * round_to
     return min(size, max(kept, least))
+
+
+def choose(
+    scores: Sequence[torch.Tensor],
+    already: Sequence[torch.Tensor],
+    counts: Sequence[int] | int,
+    round_to: int,
+    least: int,
+) -> list[torch.Tensor]:
+    """Which units each group keeps (bool per unit), the lowest scores pruned first.
+
+    ``scores`` and ``already`` (units pruned before) are per group. ``counts``: per group, the units it
+    ends with pruned (each group on its own), or one total of units to prune now across every group
+    (ranked together, each group kept to ``least`` units and a multiple of ``round_to``, so the total
+    is met as nearly as rounding allows). Ties go to the lower unit (and group) index; NaN ranks last.
+    """
+    orders = [_ranked(s, a) for s, a in zip(scores, already, strict=True)]
+    if isinstance(counts, int):
+        caps = [s.numel() - kept_count(s.numel(), s.numel(), round_to, least) for s in scores]
+        taken = [int(a.sum()) for a in already]
+        pool = [(float(scores[g][u]), g, u) for g, order in enumerate(orders) for u in order[taken[g] :].tolist()]
+        pool.sort(key=lambda item: (math.inf if math.isnan(item[0]) else item[0], item[1], item[2]))
+        left = counts
+        for _, g, _ in pool:
+            if left == 0:
+                break
+            if taken[g] < caps[g]:
+                taken[g] += 1
+                left -= 1
+        counts = [s.numel() - kept_count(s.numel(), t, round_to, least) for s, t in zip(scores, taken, strict=True)]
+    out = []
+    for order, score, count, before in zip(orders, scores, counts, already, strict=True):
+        count = max(count, int(before.sum()))  # rounding never brings back what was pruned before
+        keep = torch.ones(score.numel(), dtype=torch.bool)
+        keep[order[:count]] = False
+        out.append(keep)
+    return out
+
+
+def _ranked(scores: torch.Tensor, already: torch.Tensor) -> torch.Tensor:
+    """Unit indices, those pruned before first, then by ascending score (stable; NaN last)."""
+    key = scores.to(torch.float64).cpu().clone()
+    key[key.isnan()] = math.inf
+    key[already] = -math.inf
+    return torch.sort(key, stable=True).indices

@@ -250,6 +250,35 @@ def finalized_in_place(
         module._parameters[pname] = param
 
 
+def keep_only(module: nn.Module, pname: str, dim: int, index: torch.Tensor) -> None:
+    """Keep only the entries ``index`` along ``dim`` of ``pname`` (a Parameter, pruned or not, or a
+    buffer), in new tensors (the old ones are left as they were, for an undo). A pruned tensor whose
+    mask keeps everything that is left is made permanent (``prune.remove``)."""
+    if is_pruned(module, pname):
+        orig = module._parameters[pname + ORIG]
+        mask = module._buffers[pname + MASK]
+        assert orig is not None and mask is not None
+        at = index.to(orig.device)
+        module._parameters[pname + ORIG] = nn.Parameter(orig.detach().index_select(dim, at), orig.requires_grad)
+        module._buffers[pname + MASK] = mask.index_select(dim, at)
+        hook_at = hook_key(module, pname)
+        assert hook_at is not None
+        hook: Any = module._forward_pre_hooks[hook_at]
+        with torch.no_grad():
+            module.__dict__[pname] = hook.apply_mask(module)
+        if bool(mask.index_select(dim, at).all()):
+            remove(module, pname)
+        return
+    param = module._parameters.get(pname)
+    if param is not None:
+        at = index.to(param.device)
+        module._parameters[pname] = nn.Parameter(param.detach().index_select(dim, at), param.requires_grad)
+        return
+    buffer = module._buffers[pname]
+    assert buffer is not None
+    module._buffers[pname] = buffer.index_select(dim, index.to(buffer.device))
+
+
 _MISSING = object()
 
 

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibration, selection
+from . import calibration, group_planner, groups, selection
 from .blocks import block_of, find_blocks
 from .errors import Issue, PlanError
+from .group_planner import GroupPlan
+from .groups import Member
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
 from .loader import owl_issues
@@ -99,6 +101,7 @@ class Step:
     after: float | None  # predicted after; None when the method's effect cannot be predicted
     exact: bool  # False when ``after`` is an estimate (global split, structured after unstructured)
     block: str | None = None  # the block the tensor's module lies in (found when the plan needs data)
+    group: int | None = None  # for a `group` rule: the index of the tensor's group in ``Plan.groups``
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,7 @@ class Step:
             "predicted_after": self.after,
             "exact": self.exact,
             "block": self.block,
+            "group": self.group,
         }
 
 
@@ -178,6 +182,8 @@ class Plan:
     # the model's repeated blocks (found when a rule needs data; else empty) and the OWL rules' splits
     blocks: list[str] = field(default_factory=list)
     owl: list[OwlRule] = field(default_factory=list)
+    # the coupled groups of `group` rules, in rule order (a grouped step's ``group`` indexes this)
+    groups: list[GroupPlan] = field(default_factory=list)
 
     def stale(self, model: nn.Module) -> list[str]:
         """Why this plan no longer fits ``model`` (another model, or weights or masks changed since it
@@ -195,13 +201,20 @@ class Plan:
         return problems
 
     def units(self) -> list[list[Step]]:
-        """Steps grouped as the engine runs them: a local step alone, a global rule's steps together."""
+        """Steps grouped as the engine runs them: a local step alone, a global rule's steps together, and
+        a `group` rule's steps together."""
         units: list[list[Step]] = []
         for step in self.steps:
-            if (
+            if step.group is not None:
+                if units and units[-1][0].group is not None and units[-1][0].rule_index == step.rule_index:
+                    units[-1].append(step)
+                else:
+                    units.append([step])
+            elif (
                 step.scope == "global"
                 and units
                 and units[-1][0].scope == "global"
+                and units[-1][0].group is None
                 and (units[-1][0].rule_index == step.rule_index)
             ):
                 units[-1].append(step)
@@ -254,6 +267,8 @@ class Plan:
             },
             "blocks": list(self.blocks),
             "owl": [o.to_dict() for o in self.owl],
+            "groups": [g.to_dict() for g in self.groups],
+            "shrink": self.spec.shrink,
         }
 
     def __str__(self) -> str:
@@ -336,6 +351,7 @@ def make_plan(
         fingerprint,
         planner.blocks or [],
         planner.owl,
+        planner.groups,
     )
 
 
@@ -349,6 +365,8 @@ class _Planner:
         allocations: Allocations,
     ):
         self.spec = spec
+        self.model = model
+        self.groups: list[GroupPlan] = []
         self.methods = methods
         self.allocations = allocations
         self.owl: list[OwlRule] = []
@@ -411,6 +429,9 @@ class _Planner:
             if problems:  # a Spec that did not go through load_spec
                 self.issues += problems
                 return
+        if rule.group is not None:
+            self._grouped(index, rule, info)
+            return
         targets = self._targets(index, rule)
         if targets is None:
             return
@@ -438,6 +459,66 @@ class _Planner:
         else:
             for ref, param, by in targets:
                 self._local(index, rule, info, ref, param, by)
+
+    # --- group rules ---------------------------------------------------------------------------
+
+    def _grouped(self, index: int, rule: Rule, info: MethodInfo) -> None:
+        """A `group` rule: its groups (group_planner), then one step per member tensor."""
+        caps = info.capabilities
+        if not (caps.scores and info.unit == "entries" and caps.takes_amount) or caps.updates_values:
+            self.issue(
+                ("rules", index, "method"),
+                f"{rule.label(index)}: a `group` rule ranks units by the sum of the method's per-entry scores; "
+                f"{info.name!r} gives no per-entry scores",
+                "use l1_unstructured (magnitude)",
+            )
+            return
+        if caps.statistics:
+            self.issue(
+                ("rules", index, "method"),
+                f"{rule.label(index)}: {info.name!r} reads calibration statistics; `group` rules score from the "
+                "weights only in this version",
+                "use l1_unstructured (magnitude)",
+            )
+            return
+        if rule.amount is None and rule.sparsity is None:
+            self.issue(("rules", index), f"{rule.label(index)}: give `amount` or `sparsity` (of the units)")
+            return
+        selected = self._selected(index, rule)
+        if selected is None:
+            return
+        plans, problems = group_planner.plan_rule(self.model, rule, index, selected)
+        for path, message, hint in problems:
+            self.issue(path, message, hint)
+        for plan in plans:
+            self.groups.append(plan)
+            for member in plan.group.members:
+                if member.role == "sliced":
+                    continue
+                module = self.by_name[member.module]
+                param = self._parameter(index, member.module, module, member.param)
+                if param is None:
+                    continue
+                aliases = tuple(o for o in self.owners.get(id(param), []) if o != (member.module, member.param))
+                ref = TensorRef(member.module, member.param, tuple(param.shape), aliases)
+                self.names.setdefault(id(param), ref.name)
+                state = self._virtual(ref, param)
+                before = state.sparsity if state.known else None
+                covered = self._covered(plan, member, param)
+                if covered is not None and not state.touched and state.mask is None:
+                    state.pruned = float(covered)
+                else:  # on top of earlier masks, or before the groups are scored: not predicted
+                    state.known = state.exact = False
+                state.units = None
+                self._step(index, rule, ref, plan.selected_by, before, state, len(self.groups) - 1)
+
+    def _covered(self, plan: GroupPlan, member: Member, param: torch.Tensor) -> int | None:
+        """Entries of ``member`` the plan's pruned units cover (None: not known before scoring)."""
+        if plan.pruned is None:
+            return None
+        if member.block is not None:
+            return None if 0 < plan.pruned < plan.group.size else (param.numel() if plan.pruned else 0)
+        return int(groups.unit_entries(plan.group, member, param)[0]) * plan.pruned
 
     # --- OWL -----------------------------------------------------------------------------------
 
@@ -538,7 +619,8 @@ class _Planner:
 
     # --- selection -----------------------------------------------------------------------------
 
-    def _targets(self, index: int, rule: Rule) -> list[tuple[TensorRef, torch.Tensor, str]] | None:
+    def _selected(self, index: int, rule: Rule) -> list[tuple[str, nn.Module, str]] | None:
+        """The modules a rule selects, with what selected each; None after reporting why there are none."""
         select = rule.select
         try:
             selection = select_modules(self.modules, select.types, select.names, select.exclude, select.preset)
@@ -564,10 +646,17 @@ class _Planner:
                 why, fix = why_nothing(selection)
                 self.issue(("rules", index, "select"), f"{rule.label(index)} selects no module: {why}", fix)
             return None
+        return list(selection.modules)
+
+    def _targets(self, index: int, rule: Rule) -> list[tuple[TensorRef, torch.Tensor, str]] | None:
+        select = rule.select
+        selected = self._selected(index, rule)
+        if selected is None:
+            return None
         targets: list[tuple[TensorRef, torch.Tensor, str]] = []
         seen: set[int] = set()
         found: set[str] = set()
-        for name, module, by in selection.modules:
+        for name, module, by in selected:
             for pname in select.params:
                 param = self._parameter(index, name, module, pname)
                 if param is None:
@@ -587,7 +676,7 @@ class _Planner:
         if targets and not rule.optional:
             for i, pname in enumerate(select.params):
                 if pname not in found:
-                    have = sorted({p.removesuffix("_orig") for _, m, _ in selection.modules for p in m._parameters})
+                    have = sorted({p.removesuffix("_orig") for _, m, _ in selected for p in m._parameters})
                     near = difflib.get_close_matches(pname, have, n=3, cutoff=0.5)
                     hint = f"nearest: {', '.join(near)}" if near else f"they have: {', '.join(have) or 'none'}"
                     self.issue(
@@ -651,7 +740,16 @@ class _Planner:
             state.units[unit] = 0 if state.mask is None else unit.pruned(state.mask)
         return state.units[unit]
 
-    def _step(self, index: int, rule: Rule, ref: TensorRef, by: str, before: float | None, state: _Virtual) -> None:
+    def _step(
+        self,
+        index: int,
+        rule: Rule,
+        ref: TensorRef,
+        by: str,
+        before: float | None,
+        state: _Virtual,
+        group: int | None = None,
+    ) -> None:
         state.touched = True
         after = state.sparsity if state.known else None
         self.steps.append(
@@ -671,6 +769,7 @@ class _Planner:
                 after,
                 state.exact,
                 None if self.blocks is None else block_of(ref.module, self.blocks),
+                group,
             )
         )
 

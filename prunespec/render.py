@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .planner import OwlRule, Plan
     from .report import Report, TensorStats
+    from .shrink import ShrinkReport
 
 MAX_CELL = 40
 """Longest option value shown in a table cell; longer ones are cut with an ellipsis."""
@@ -96,8 +97,15 @@ def format_plan(plan: Plan) -> str:
     total = sum(numel for numel, _, _ in plan.tensors.values())
     predicted = plan.global_sparsity
     exact = all(exact for _, _, exact in plan.tensors.values())
+    if plan.groups:
+        out += ["", groups_table(plan)]
     if predicted is None:
-        out.append(f"\nPredicted: not known in advance (a method without an amount decides), {total:,} entries.")
+        why = (
+            "which units go is known once the groups are scored"
+            if plan.groups
+            else "a method without an amount decides"
+        )
+        out.append(f"\nPredicted: not known in advance ({why}), {total:,} entries.")
     else:
         mark = "" if exact else "~"
         out.append(
@@ -118,9 +126,57 @@ def format_plan(plan: Plan) -> str:
         out.append(f"Seed: {plan.spec.seed}")
     if plan.spec.finalize:
         out.append("Finalize: pruning is made permanent after apply")
+    if plan.spec.shrink:
+        out.append("Shrink: the pruned units are removed after apply (outputs checked against the masked model)")
     if plan.warnings:
         out.append("Warnings:")
         out += [f"  - {w}" for w in plan.warnings]
+    return "\n".join(out)
+
+
+def groups_table(plan: Plan) -> str:
+    """One line per coupled group: units before and after, and the members' entries."""
+    headers = ["rule", "group", "kind", "structure", "units", "kept", "members", "entries"]
+    rows = []
+    for g in plan.groups:
+        kept = "?" if g.kept is None else str(g.kept)
+        before = "" if not g.already else f" ({g.already} pruned before)"
+        after = "?" if g.entries_after is None else f"{g.entries_after:,}"
+        tensors = len({m.tensor for m in g.group.members if m.role != "sliced"})
+        rows.append(
+            [
+                g.rule,
+                g.group.name,
+                g.group.kind,
+                g.group.structure,
+                f"{g.group.size}{before}",
+                kept,
+                str(tensors),
+                f"{g.entries:,} -> {after}",
+            ]
+        )
+    return "Groups:\n" + table(headers, rows, right={4, 5, 6, 7})
+
+
+def format_shrink(report: ShrinkReport) -> str:
+    """What shrink removed: one line per group, then the parameters before and after."""
+    if not report.groups:
+        return "Shrink: nothing to remove (no group has a unit pruned whole in all its tensors)"
+    rows = [
+        [g.name, g.kind, g.structure, str(g.before), str(g.after), some(list(g.removed)) if g.removed else ""]
+        for g in report.groups
+    ]
+    out = [table(["group", "kind", "structure", "units", "kept", "removed"], rows, right={3, 4})]
+    ratio = report.parameters_after / report.parameters_before if report.parameters_before else 1.0
+    out.append(
+        f"Shrink: {report.parameters_before:,} -> {report.parameters_after:,} parameters ({ratio:.1%}); "
+        + (
+            "outputs not checked"
+            if report.error is None
+            else f"outputs equal the masked model's (relative difference {report.error:.2g})"
+        )
+    )
+    out += [f"  note: {note}" for note in report.notes]
     return "\n".join(out)
 
 
@@ -209,6 +265,8 @@ def format_report(report: Report) -> str:
             f"counted, {how}; "
             f"data sha256 {record.fingerprint[:16]}"
         )
+    if report.shrink is not None:
+        text += "\n\n" + format_shrink(report.shrink)
     return text
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import layout, render
 from .record import CalibrationRecord
+from .shrink import ShrinkReport
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Report:
     entries: dict[str, TensorStats] = field(default_factory=dict)
     others: dict[str, TensorStats] = field(default_factory=dict)
     calibration: CalibrationRecord | None = None  # what a data-aware apply's calibration used
+    shrink: ShrinkReport | None = None  # what a spec's `shrink: true` removed after the masks were installed
 
     @property
     def tensors(self) -> dict[str, float]:
@@ -104,6 +106,7 @@ class Report:
 
         return {
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "shrink": None if self.shrink is None else self.shrink.to_dict(),
             "global_sparsity": self.global_sparsity,
             "model_sparsity": self.model_sparsity,
             "tensors": {name: one(s, True) for name, s in self.entries.items()},

@@ -186,6 +186,24 @@ class Owl(_Model):
     )
 
 
+class GroupOptions(_Model):
+    """Prune coupled groups (structural pruning): every tensor that must lose the same unit is scored
+    and pruned together, so that :func:`prunespec.shrink` can then remove the unit."""
+
+    unit: Literal["channels", "heads", "blocks"] = Field(
+        description="What `amount`/`sparsity` count. `channels`: a selected MLP's hidden channels (gate/up rows "
+        "and down columns together); `heads`: a selected attention module's heads (with grouped-query "
+        "attention, a KV head and its query heads); `blocks`: whole selected blocks (pre-norm residual "
+        "blocks of one ModuleList)."
+    )
+    round_to: Annotated[StrictInt, Field(ge=1)] = Field(
+        default=1, description="Each group keeps a multiple of this many units (e.g. 8 or 64 channels)."
+    )
+    min: Annotated[StrictInt, Field(ge=0)] = Field(
+        default=1, description="Each group keeps at least this many units (not for `blocks`)."
+    )
+
+
 class Rule(_Model):
     """One pruning rule: select tensors, then prune them with one method."""
 
@@ -232,10 +250,23 @@ class Rule(_Model):
         "scope: local.",
     )
 
+    group: GroupOptions | None = Field(
+        default=None,
+        description="Prune the selected modules' coupled groups (channels, heads or blocks) rather than single "
+        "tensors: `select` names the MLPs, attention modules or blocks; every tensor a unit spans is pruned.",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
         if self.amount is not None and self.sparsity is not None:
             raise ValueError("give `amount` or `sparsity`, not both")
+        if self.group is not None:
+            if "params" in self.select.model_fields_set:
+                raise ValueError("a `group` rule prunes every tensor its units span: leave out `select.params`")
+            if self.owl is not None:
+                raise ValueError("`owl` allocates sparsity to single tensors: it does not combine with `group`")
+            if self.max_sparsity is not None or self.min_sparsity is not None:
+                raise ValueError("a `group` rule bounds each group with `group.min`, not max/min_sparsity")
         if (self.max_sparsity is not None or self.min_sparsity is not None) and self.scope != "global":
             raise ValueError("`max_sparsity` and `min_sparsity` bound a global budget: use them with scope: global")
         if self.max_sparsity is not None and self.min_sparsity is not None and self.min_sparsity > self.max_sparsity:
@@ -286,6 +317,11 @@ class Spec(_Model):
     )
     finalize: StrictBool = Field(
         default=False, description="Make pruning permanent after apply (torch's prune.remove everywhere)."
+    )
+    shrink: StrictBool = Field(
+        default=False,
+        description="After apply, remove the units that `group` rules pruned (prunespec.shrink): the model gets "
+        "smaller and faster, its outputs checked against the masked model's.",
     )
     calibration: Calibration = Field(
         default_factory=Calibration,

@@ -15,18 +15,23 @@ import torch
 from torch import nn
 
 
-class _ModuleState:
-    def __init__(self, module: nn.Module) -> None:
-        self.attrs = dict(module.__dict__)
+class ObjectState:
+    """An object's attributes (the objects themselves) and the contents of its dicts and sets: for a
+    module its parameters, buffers, hooks and submodules. :meth:`restore` puts them back; tensor values
+    changed in place are not covered."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.attrs = dict(obj.__dict__)
         self.contents = {k: copy.copy(v) for k, v in self.attrs.items() if isinstance(v, (dict, set))}
 
-    def restore(self, module: nn.Module) -> None:
+    def restore(self) -> None:
         for key, saved in self.contents.items():
             container: Any = self.attrs[key]
             container.clear()
             container.update(saved)
-        module.__dict__.clear()
-        module.__dict__.update(self.attrs)
+        self.obj.__dict__.clear()
+        self.obj.__dict__.update(self.attrs)
 
 
 class ModelSnapshot:
@@ -34,7 +39,7 @@ class ModelSnapshot:
     state_dict tensors. The values are copied to the CPU: this costs one copy of the state_dict."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._modules = [(module, _ModuleState(module)) for module in model.modules()]
+        self._modules = [ObjectState(module) for module in model.modules()]
         seen: set[int] = set()
         self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tensor in model.state_dict(keep_vars=True).values():
@@ -48,5 +53,26 @@ class ModelSnapshot:
         with torch.no_grad():
             for tensor, saved in self._values:
                 tensor.copy_(saved)
-        for module, state in self._modules:
-            state.restore(module)
+        for state in self._modules:
+            state.restore()
+
+
+class BindingsSnapshot:
+    """What undoes changes that bind new objects rather than write values: every module's parameters,
+    buffers, hooks, submodules and attributes, each Parameter's ``.data`` binding, and the model's
+    ``config`` attributes. Nothing is copied but references, so it costs no tensor memory; values
+    written in place are not covered (use :class:`ModelSnapshot` for those)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._states = [ObjectState(module) for module in model.modules()]
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "__dict__"):
+            self._states.append(ObjectState(config))
+        self._data = [(p, p.data) for p in {id(p): p for p in model.parameters()}.values()]
+
+    def restore(self) -> None:
+        """Put every binding back as it was when the snapshot was taken."""
+        for param, data in self._data:
+            param.data = data
+        for state in self._states:
+            state.restore()

@@ -1,0 +1,191 @@
+"""Planning a ``group`` rule: the selected modules' coupled groups, and what the rule prunes of each.
+
+The planner hands over the modules a rule selects; this finds each one's group through
+:mod:`prunespec.structures`, counts the units each group has pruned already (a unit every member's
+mask prunes whole), and predicts what the rule leaves: exact for ``scope: local`` (each group on its
+own), a total for ``scope: global`` (groups ranked together; the split is known once scored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import groups, structures
+from .groups import Group
+from .layout import mask as mask_of
+from .layout import original
+from .masks import n_to_prune
+from .spec import Rule
+
+Problem = tuple[tuple[str | int, ...], str, str | None]  # (document path, message, hint)
+
+_FOUND_AS = {
+    "channels": "an MLP (gate_proj/up_proj/down_proj; fc1/fc2; c_fc/c_proj; intermediate.dense/output.dense)",
+    "heads": "an attention module (q_proj/k_proj/v_proj/o_proj with head_dim; BERT's self.query/key/value with "
+    "output.dense; GPT-2's c_attn/c_proj)",
+}
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group a rule prunes: its units, how many were pruned before, and how many after (None for a
+    global rule until the groups are scored); entries counts the members' entries (weights, biases)."""
+
+    rule_index: int
+    rule: str
+    group: Group
+    already: int
+    pruned: int | None
+    entries: int
+    entries_after: int | None
+    selected_by: str
+
+    @property
+    def kept(self) -> int | None:
+        return None if self.pruned is None else self.group.size - self.pruned
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule_index": self.rule_index,
+            "rule": self.rule,
+            "kind": self.group.kind,
+            "name": self.group.name,
+            "structure": self.group.structure,
+            "units": self.group.size,
+            "pruned_before": self.already,
+            "pruned_after": self.pruned,
+            "members": [
+                {
+                    "tensor": m.tensor,
+                    "dim": m.dim,
+                    "width": m.width,
+                    "offset": m.offset,
+                    "role": m.role,
+                    "block": m.block,
+                }
+                for m in self.group.members
+            ],
+            "entries": self.entries,
+            "entries_after": self.entries_after,
+            "selected_by": self.selected_by,
+        }
+
+
+def already_pruned(modules: dict[str, nn.Module], group: Group) -> torch.Tensor:
+    """Units every member's mask prunes whole (bool per unit)."""
+    whole = torch.ones(group.size, dtype=torch.bool)
+    for member in group.members:
+        if member.role == "sliced":
+            continue
+        whole &= groups.pruned_units(group, member, mask_of(modules[member.module], member.param))
+    return whole
+
+
+def entries_after(modules: dict[str, nn.Module], group: Group, pruned: int) -> int | None:
+    """The members' entries left once ``pruned`` units are removed (None: it depends on which, as
+    for blocks of different sizes)."""
+    total = 0
+    per_unit = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.members:
+        if member.role == "sliced":
+            continue
+        tensor = original(modules[member.module], member.param)
+        assert tensor is not None
+        total += tensor.numel()
+        per_unit += groups.unit_entries(group, member, tensor)
+    if pruned == 0:
+        return total
+    if not bool((per_unit == per_unit[0]).all()):
+        return None
+    return total - int(per_unit[0]) * pruned
+
+
+def find_groups(
+    model: nn.Module, rule: Rule, index: int, selected: Sequence[tuple[str, nn.Module, str]]
+) -> tuple[list[tuple[Group, str]], list[Problem]]:
+    """The selected modules' groups (with what selected each), or the problems finding them."""
+    assert rule.group is not None
+    kind = rule.group.unit
+    label = rule.label(index)
+    if kind == "blocks":
+        found = structures.block_group(model, [name for name, _, _ in selected])
+        if isinstance(found, str):
+            return [], [
+                (
+                    ("rules", index, "select"),
+                    f"{label}: {found}",
+                    "select the decoder layers, e.g. names: ['model.layers.*']",
+                )
+            ]
+        return [(found, selected[0][2])], []
+    out: list[tuple[Group, str]] = []
+    missing: list[str] = []
+    for name, module, by in selected:
+        group = structures.find(kind, name, module)
+        if group is None:
+            missing.append(f"{name or 'the model'} ({type(module).__name__})")
+        else:
+            out.append((group, by))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        message = f"{label}: {shown}: not {_FOUND_AS[kind]}, so it has no {kind} prunespec can prune as groups"
+        hint = "select the MLP or attention modules themselves, e.g. names: ['model.layers.*.mlp']"
+        return [], [(("rules", index, "select"), message, hint)]
+    return out, []
+
+
+def plan_rule(
+    model: nn.Module, rule: Rule, index: int, selected: Sequence[tuple[str, nn.Module, str]]
+) -> tuple[list[GroupPlan], list[Problem]]:
+    """What ``rule`` (a ``group`` rule) does to each group of the modules it selects."""
+    assert rule.group is not None
+    found, problems = find_groups(model, rule, index, selected)
+    if problems:
+        return [], problems
+    modules = dict(model.named_modules())
+    options = rule.group
+    least = 0 if options.unit == "blocks" and options.min == 0 else options.min
+    label = rule.label(index)
+    done = [int(already_pruned(modules, g).sum()) for g, _ in found]
+    plans: list[GroupPlan] = []
+    if rule.scope == "global" and options.unit != "blocks":
+        size = sum(g.size for g, _ in found)
+        left = size - sum(done)
+        k = count(rule, left, size, sum(done))
+        most = sum(g.size - groups.kept_count(g.size, g.size, options.round_to, least) for g, _ in found)
+        if k is None or k > left or sum(done) + k > most:
+            what = f"{k} more" if k is not None else str(rule.amount)
+            message = f"{label}: {what} of {size} {options.unit} is more than the groups can lose (at most {most})"
+            return [], [(("rules", index, "amount"), message, f"group.min={least} keeps units in every group")]
+        for (group, by), d in zip(found, done, strict=True):
+            entries = entries_after(modules, group, 0)
+            assert entries is not None
+            plans.append(GroupPlan(index, label, group, d, None, entries, None, by))
+        return plans, []
+    for (group, by), d in zip(found, done, strict=True):
+        k = count(rule, group.size - d, group.size, d)
+        if k is None or k > group.size - d:
+            message = (
+                f"{label}: {group.name}: amount={rule.amount} is more than the {group.size - d} {options.unit} left"
+            )
+            return [], [(("rules", index, "amount"), message, f"use a count <= {group.size - d}, or a fraction")]
+        kept = groups.kept_count(group.size, d + k, options.round_to, least)
+        pruned = max(d, group.size - kept)
+        entries = entries_after(modules, group, 0)
+        assert entries is not None
+        plans.append(GroupPlan(index, label, group, d, pruned, entries, entries_after(modules, group, pruned), by))
+    return plans, []
+
+
+def count(rule: Rule, left: int, size: int, done: int) -> int | None:
+    """Units to prune now of ``left`` (``size`` in all, ``done`` pruned): the rule's amount or sparsity."""
+    if rule.sparsity is not None:
+        return max(0, round(rule.sparsity * size) - done)
+    if rule.amount is None:
+        return None
+    return n_to_prune(rule.amount, left)

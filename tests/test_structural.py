@@ -1,0 +1,373 @@
+"""Structural pruning: `group` rules on transformers models, then shrink.
+
+Each test builds a small model from a config (random weights, nothing downloaded), prunes coupled
+groups, and checks what a user relies on: the masks agree across every tensor of a unit, shrink
+removes exactly those units, the shrunk model computes what the masked one did, and whatever cannot
+be done is a clear error with the model left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import prunespec
+from prunespec import cli, groups
+from prunespec.layout import is_pruned
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from tiny_transformers import tiny_bert, tiny_gpt2
+
+transformers.logging.set_verbosity_error()
+
+
+def llama(layers: int = 4, heads: int = 8, kv: int = 4, seed: int = 0) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=96,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tokens(vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))}
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def rule(names: str, unit: str, amount: float | int, **group: Any) -> dict[str, Any]:
+    return {
+        "select": {"names": [names]},
+        "method": "l1_unstructured",
+        "amount": amount,
+        "group": {"unit": unit, **group},
+    }
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
+    return bool((a - b).abs().max() <= rtol * a.abs().max())
+
+
+def zero_rows(mask: torch.Tensor) -> set[int]:
+    return set((~mask.bool().any(dim=1)).nonzero().reshape(-1).tolist())
+
+
+def zero_cols(mask: torch.Tensor) -> set[int]:
+    return zero_rows(mask.t())
+
+
+def test_mlp_channels_are_masked_alike_in_gate_up_and_down_and_by_lowest_magnitude() -> None:
+    model = llama()
+    mlp = model.model.layers[1].mlp
+    weights = [mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()]
+    down = mlp.down_proj.weight.detach().clone()
+    prunespec.apply(model, {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.25)]})
+    pruned = zero_rows(mlp.gate_proj.weight_mask)
+    assert len(pruned) == 24  # round(0.25 * 96)
+    assert zero_rows(mlp.up_proj.weight_mask) == pruned
+    assert zero_cols(mlp.down_proj.weight_mask) == pruned
+    assert int((mlp.gate_proj.weight_mask == 0).sum()) == 24 * 64  # nothing else
+    # the group's score of a channel: the sum of |W| over its gate row, up row and down column
+    score = weights[0].abs().sum(1) + weights[1].abs().sum(1) + down.abs().sum(0)
+    assert pruned == set(torch.argsort(score)[:24].tolist())
+
+
+def test_round_to_and_min_bound_what_each_group_keeps() -> None:
+    model = llama(layers=2)
+    prunespec.apply(model, {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.3, round_to=8)]})
+    # 96 - round(28.8) = 67 kept, to the nearest multiple of 8: 64
+    assert len(zero_rows(model.model.layers[0].mlp.gate_proj.weight_mask)) == 96 - 64
+    model = llama(layers=2)
+    prunespec.apply(model, {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 1.0, min=10)]})
+    assert len(zero_rows(model.model.layers[0].mlp.gate_proj.weight_mask)) == 96 - 10
+    assert groups.kept_count(100, 50, 64, 1) == 64  # 50 kept -> 64 (nearest multiple, halves keep more)
+    assert groups.kept_count(100, 99, 64, 1) == 64  # min 1 rounds up to a multiple
+    assert groups.kept_count(100, 0, 64, 1) == 100  # never more than there are
+
+
+def test_heads_with_grouped_query_attention_go_as_a_kv_head_and_its_query_heads() -> None:
+    model = llama(heads=8, kv=4)
+    prunespec.apply(model, {"version": 1, "rules": [rule("model.layers.*.self_attn", "heads", 2)]})
+    attn = model.model.layers[0].self_attn
+    head_dim = attn.head_dim  # 8; 2 query heads per KV head
+    kv_rows = zero_rows(attn.k_proj.weight_mask)
+    assert len(kv_rows) == 2 * head_dim and zero_rows(attn.v_proj.weight_mask) == kv_rows
+    kv_heads = {r // head_dim for r in kv_rows}
+    assert len(kv_heads) == 2
+    q_rows = {h * 2 * head_dim + i for h in kv_heads for i in range(2 * head_dim)}
+    assert zero_rows(attn.q_proj.weight_mask) == q_rows
+    assert zero_cols(attn.o_proj.weight_mask) == q_rows
+
+
+def test_global_scope_ranks_channels_across_groups() -> None:
+    model = llama(layers=2)
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.mul_(10)  # layer 0's channels all score higher than layer 1's
+    spec = {"version": 1, "rules": [{**rule("model.layers.*.mlp", "channels", 0.25, min=8), "scope": "global"}]}
+    plan = prunespec.plan(model, spec)
+    assert all(g.pruned is None for g in plan.groups)  # known once scored
+    prunespec.apply(model, plan)
+    first = len(zero_rows(model.model.layers[0].mlp.gate_proj.weight_mask))
+    second = len(zero_rows(model.model.layers[1].mlp.gate_proj.weight_mask))
+    assert (first, second) == (0, 48)  # round(0.25 * 192), all from the low layer
+
+
+def test_global_scope_keeps_min_per_group() -> None:
+    model = llama(layers=2)
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.mul_(10)
+    spec = {"version": 1, "rules": [{**rule("model.layers.*.mlp", "channels", 0.75, min=16), "scope": "global"}]}
+    prunespec.apply(model, spec)
+    assert len(zero_rows(model.model.layers[1].mlp.gate_proj.weight_mask)) == 96 - 16
+    assert len(zero_rows(model.model.layers[0].mlp.gate_proj.weight_mask)) == 144 - 80
+
+
+@pytest.mark.parametrize(
+    "make, rules",
+    [
+        (
+            lambda: llama(),
+            [
+                rule("model.layers.*.mlp", "channels", 0.5, round_to=8),
+                rule("model.layers.*.self_attn", "heads", 0.5),
+                rule("model.layers.*", "blocks", 0.25),
+            ],
+        ),
+        (
+            tiny_gpt2,
+            [
+                rule("transformer.h.*.mlp", "channels", 0.5),
+                rule("transformer.h.*.attn", "heads", 1),
+                rule("transformer.h.*", "blocks", 1),
+            ],
+        ),
+        (
+            tiny_bert,
+            [rule("bert.encoder.layer.*", "channels", 0.5), rule("bert.encoder.layer.*.attention", "heads", 2)],
+        ),
+    ],
+    ids=["llama", "gpt2", "bert"],
+)
+def test_shrunk_model_computes_what_the_masked_model_did(make: Any, rules: list[dict[str, Any]]) -> None:
+    model = make()
+    batch = tokens(model.config.vocab_size)
+    dense_parameters = sum(p.numel() for p in model.parameters())
+    prunespec.apply(model, {"version": 1, "rules": rules})
+    masked = logits(model, batch)
+    report = prunespec.shrink(model, batch)
+    assert close(masked, logits(model, batch))
+    assert report.error is not None and report.error <= 1e-4
+    assert report.parameters_before == dense_parameters
+    assert report.parameters_after == sum(p.numel() for p in model.parameters()) < dense_parameters
+    assert not any(is_pruned(m, n) for m in model.modules() for n in ("weight", "bias")), "no mask is left"
+    model.train()  # and it trains: gradients reach the sliced weights
+    model(**batch).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 2)
+
+
+def test_llama_widths_and_config_after_shrink_and_from_pretrained(tmp_path: Path) -> None:
+    model = llama(layers=4, heads=8, kv=4)
+    batch = tokens(101)
+    spec = {
+        "version": 1,
+        "rules": [
+            rule("model.layers.*.mlp", "channels", 0.5),
+            rule("model.layers.*.self_attn", "heads", 2),
+            rule("model.layers.*", "blocks", 1),
+        ],
+        "shrink": True,
+    }
+    report = prunespec.apply(model, spec)
+    assert report.shrink is not None and len(report.shrink.groups) == 1 + 3 + 3  # blocks, then 3 MLPs, 3 attentions
+    config = model.config
+    assert (config.num_hidden_layers, config.intermediate_size) == (3, 48)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 8)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    mlp = model.model.layers[0].mlp
+    assert (mlp.gate_proj.out_features, mlp.down_proj.in_features, mlp.intermediate_size) == (48, 48, 48)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded, batch), expected)
+
+
+def test_a_config_that_cannot_hold_the_new_widths_is_left_alone_and_said_so() -> None:
+    model = llama(layers=2, heads=8, kv=4)
+    spec = {"version": 1, "rules": [rule("model.layers.*.self_attn", "heads", 1)], "shrink": True}
+    report = prunespec.apply(model, spec)  # 6 query heads: transformers wants hidden_size % heads == 0
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+    assert report.shrink is not None
+    assert any("num_attention_heads" in note and "from_pretrained" in note for note in report.shrink.notes)
+    assert "num_attention_heads" in str(report)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 48
+
+
+def test_plan_shows_each_group() -> None:
+    model = llama(layers=2)
+    before = copy.deepcopy(model.state_dict())
+    plan = prunespec.plan(model, {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.5)]})
+    text = str(plan)
+    assert "Groups:" in text and "model.layers.1.mlp" in text and "swiglu_mlp" in text
+    group = plan.to_dict()["groups"][0]
+    assert (group["units"], group["pruned_after"], group["entries"], group["entries_after"]) == (
+        96,
+        48,
+        3 * 96 * 64,
+        3 * 48 * 64,
+    )
+    assert [m["tensor"].rsplit(".", 2)[-2] for m in group["members"]] == ["gate_proj", "up_proj", "down_proj"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # planning changes nothing
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (rule("model.layers.*.mlp.gate_proj", "channels", 0.5), "not an MLP"),
+        (rule("model.layers.*.mlp", "heads", 0.5), "not an attention module"),
+        (rule("model.layers.*.mlp", "blocks", 0.5), "must be children of one ModuleList"),
+        (
+            {**rule("model.layers.*.mlp", "channels", 0.5), "method": "random_structured", "options": {"dim": 0}},
+            "no per-entry scores",
+        ),
+        ({**rule("model.layers.*.mlp", "channels", 0.5), "method": "wanda"}, "calibration statistics"),
+        (rule("model.layers.*.mlp", "channels", 200), "more than the 96 channels left"),
+    ],
+)
+def test_rules_that_do_not_fit_are_plan_errors_naming_the_module(bad: dict[str, Any], message: str) -> None:
+    model = llama(layers=2)
+    with pytest.raises(prunespec.PlanError, match=message):
+        prunespec.plan(model, {"version": 1, "rules": [bad]})
+
+
+def test_blocks_of_a_post_norm_model_are_refused() -> None:
+    with pytest.raises(prunespec.PlanError, match=r"BertLayer.*not a known pre-norm residual block"):
+        prunespec.plan(tiny_bert(), {"version": 1, "rules": [rule("bert.encoder.layer.*", "blocks", 1)]})
+
+
+def test_spec_errors_for_group_rules() -> None:
+    bad = {"version": 1, "rules": [{**rule("a", "channels", 0.5), "select": {"names": ["a"], "params": ["bias"]}}]}
+    with pytest.raises(prunespec.SpecError, match=r"leave out `select\.params`"):
+        prunespec.loads_spec(__import__("json").dumps(bad))
+    with pytest.raises(prunespec.SpecError, match="unit"):
+        prunespec.loads_spec(
+            '{"version": 1, "rules": [{"select": {"names": ["a"]}, "method": "l1_unstructured", '
+            '"amount": 0.5, "group": {"unit": "rows"}}]}'
+        )
+
+
+class _PostNormLayer(nn.Module):
+    """Looks like a decoder layer (self_attn.o_proj, mlp.down_proj) but normalizes after the residual
+    add, so masking its writers does not make it pass its input through."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.o_proj = nn.Linear(width, width)
+        self.mlp = nn.Module()
+        self.mlp.down_proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.self_attn.o_proj(x) + self.mlp.down_proj(x))
+
+
+class _PostNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_PostNormLayer(8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_shrink_that_changes_outputs_is_undone_and_names_the_group() -> None:
+    torch.manual_seed(0)
+    model = _PostNorm()
+    prunespec.apply(model, {"version": 1, "rules": [rule("layers.*", "blocks", 1)]})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    masked = model(x).detach()
+    with pytest.raises(prunespec.ShrinkError, match=r"blocks group layers .*changes the outputs"):
+        prunespec.shrink(model, x)
+    assert len(model.layers) == 3
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), masked)
+
+
+def test_spec_shrink_failure_leaves_the_model_unpruned() -> None:
+    torch.manual_seed(0)
+    model = _PostNorm()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = {"version": 1, "rules": [rule("layers.*", "blocks", 1)], "shrink": True}
+    with pytest.raises(prunespec.ShrinkError):
+        prunespec.apply(model, spec, data=[torch.randn(2, 8)])
+    assert model.state_dict().keys() == state.keys()  # no weight_orig / weight_mask either
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_shrink_needs_inputs_for_a_model_without_a_vocabulary() -> None:
+    model = _PostNorm()
+    prunespec.apply(model, {"version": 1, "rules": [rule("layers.*", "blocks", 1)]})
+    with pytest.raises(prunespec.ShrinkError, match="pass example inputs"):
+        prunespec.shrink(model)
+    assert len(model.layers) == 3
+
+
+def test_shrink_of_an_unpruned_model_changes_nothing() -> None:
+    model = llama(layers=2)
+    report = prunespec.shrink(model)
+    assert report.groups == [] and report.parameters_after == report.parameters_before
+    assert "nothing to remove" in str(report)
+
+
+def test_unstructured_masks_on_top_stay_in_torch_layout_after_shrink() -> None:
+    model = llama(layers=2)
+    batch = tokens(101)
+    spec = {
+        "version": 1,
+        "rules": [
+            rule("model.layers.*.mlp", "channels", 0.5),
+            {"select": {"names": ["model.layers.*.mlp.down_proj"]}, "method": "l1_unstructured", "amount": 0.5},
+        ],
+    }
+    prunespec.apply(model, spec)
+    masked = logits(model, batch)
+    prunespec.shrink(model, batch)
+    down = model.model.layers[0].mlp.down_proj
+    assert is_pruned(down, "weight") and down.weight_mask.shape == (64, 48)
+    assert not is_pruned(model.model.layers[0].mlp.gate_proj, "weight")
+    assert close(masked, logits(model, batch))
+
+
+def test_cli_apply_shrink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - select: {names: ['model.layers.*.mlp']}\n    method: l1_unstructured\n"
+        "    amount: 0.5\n    group: {unit: channels}\n"
+    )
+    examples = Path(__file__).resolve().parents[1] / "examples" / "tiny_transformers.py"
+    code = cli.main(["apply", str(spec), "--model", f"{examples}:tiny_llama", "--shrink"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Shrink:" in out and "swiglu_mlp" in out and "outputs equal the masked model's" in out
