@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint_hooks
+from . import checkpoint_hooks, shrink
 from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
-from .errors import CheckpointError, OutputError, PrunespecError, SpecError
+from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
 from .files import atomic_write, check_writable
 from .layout import ensure_detach_hook
 from .loader import load_spec, validate_document
@@ -72,6 +72,8 @@ def save(
     }
     if record is not None:
         meta["calibration"] = record.to_dict()
+    if shrink.history(model):
+        meta["shrunk"] = shrink.history(model)
     content = {"state_dict": _storable(model.state_dict()), "prunespec": meta}
 
     def write(file: BinaryIO) -> None:
@@ -113,6 +115,22 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     """
     methods = load_methods() if methods is None else methods
     state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
+    undo_shrink = _replay_shrinks(model, path, meta)
+    try:
+        spec = _load_checked(model, path, state_dict, meta, methods)
+    except BaseException:
+        undo_shrink()
+        raise
+    return spec
+
+
+def _load_checked(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any] | None,
+    methods: MethodRegistry,
+) -> Spec | None:
     to_prune = _check_state_dict(model, state_dict, path)
     pruned = {
         key.removesuffix("_mask"): tuple(value.shape)
@@ -217,6 +235,46 @@ def _check_values(path: str | os.PathLike[str], state_dict: Mapping[Any, Any], p
             raise CheckpointError(f"{path}: {where}: {a_type(key)} key; state_dict keys are names (str)")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: {where}: {a_type(value)}, not a tensor")
+
+
+def _replay_shrinks(model: nn.Module, path: str | os.PathLike[str], meta: Mapping[str, Any] | None) -> Any:
+    """A shrunk model's checkpoint records its shrinks: a freshly built model of the original
+    architecture is shrunk the same way before the weights load. Returns what undoes that."""
+    raw = meta.get("shrunk") if meta else None
+    if raw is None:
+        return lambda: None
+    shrinks = _shrink_records(path, raw)
+    have = shrink.history(model)
+    if have == shrinks:  # already shrunk so (the model that was saved, or one loaded before)
+        return lambda: None
+    if have:
+        raise CheckpointError(f"{path}: the model was shrunk otherwise than the checkpoint's model; build a fresh one")
+    try:
+        return shrink.replay(model, shrinks)
+    except ShrinkError as exc:
+        raise CheckpointError(f"{path}: the checkpoint's model was shrunk, and the shrink does not fit: {exc}") from exc
+
+
+_SHRINK_FIELDS = {"kind": str, "name": str, "structure": str, "size": int, "kept": list, "units": list}
+
+
+def _shrink_records(path: str | os.PathLike[str], raw: Any) -> list[list[dict[str, Any]]]:
+    """The recorded shrinks, checked to be plain data of the right form."""
+    bad = CheckpointError(f"{path}: its `shrunk` record is not a list of shrinks (lists of group records)")
+    if not isinstance(raw, list) or not all(isinstance(r, list) for r in raw):
+        raise bad
+    for records in raw:
+        for record in records:
+            if not isinstance(record, dict) or set(record) != set(_SHRINK_FIELDS):
+                raise bad
+            if not all(type(record[k]) is t for k, t in _SHRINK_FIELDS.items()):
+                raise bad
+            kept, size = record["kept"], record["size"]
+            if not all(type(i) is int for i in kept) or kept != sorted(set(kept)) or (kept and kept[0] < 0):
+                raise bad
+            if size < 1 or (kept and kept[-1] >= size) or not all(isinstance(u, str) for u in record["units"]):
+                raise bad
+    return raw
 
 
 def _recorded_spec(

@@ -39,6 +39,19 @@ class Shrunk:
     before: int
     after: int
     removed: tuple[str, ...] = ()  # blocks: the names of the blocks removed
+    kept_units: tuple[int, ...] = ()  # the indices of the units kept
+    unit_names: tuple[str, ...] = ()  # blocks: every block's name before the shrink
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint stores to shrink a fresh model the same way (plain data)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "structure": self.structure,
+            "size": self.before,
+            "kept": list(self.kept_units),
+            "units": list(self.unit_names),
+        }
 
 
 @dataclass
@@ -54,7 +67,11 @@ class ShrinkReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "groups": [vars(g) | {"removed": list(g.removed)} for g in self.groups],
+            "groups": [
+                {"kind": g.kind, "name": g.name, "structure": g.structure, "before": g.before, "after": g.after}
+                | {"removed": list(g.removed)}
+                for g in self.groups
+            ],
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
             "error": self.error,
@@ -128,10 +145,68 @@ def shrink(model: nn.Module, inputs: Any = None, *, rtol: float = RTOL) -> Shrin
     report.notes = notes
     report.parameters_after = _count(model)
     for group, keep in found:
-        kept = int(keep.sum())
+        kept = tuple(keep.nonzero().reshape(-1).tolist())
         removed = tuple(n for n, k in zip(group.unit_names, keep.tolist(), strict=False) if not k)
-        report.groups.append(Shrunk(group.kind, group.name, group.structure, group.size, kept, removed))
+        shrunk = Shrunk(group.kind, group.name, group.structure, group.size, len(kept), removed, kept, group.unit_names)
+        report.groups.append(shrunk)
+    # what prunespec.save stores, so that prunespec.load can shrink a freshly built model the same way
+    model.__dict__[HISTORY] = [*history(model), [g.record() for g in report.groups]]
     return report
+
+
+HISTORY = "_prunespec_shrunk"
+
+
+def history(model: nn.Module) -> list[list[dict[str, Any]]]:
+    """The shrinks ``model`` went through, oldest first: each the records of its groups."""
+    value = model.__dict__.get(HISTORY)
+    return list(value) if isinstance(value, list) else []
+
+
+def replay(model: nn.Module, shrinks: Sequence[Sequence[Mapping[str, Any]]]) -> Callable[[], None]:
+    """Shrink a freshly built model as the recorded ``shrinks`` did (no masks needed, nothing checked
+    against outputs: the weights come after); returns what undoes it. Raises ShrinkError naming the
+    record that does not fit the model, with the model left as it was."""
+    undos: list[Callable[[], None]] = []
+
+    def undo() -> None:
+        for step in reversed(undos):
+            step()
+
+    try:
+        for index, records in enumerate(shrinks):
+            modules = dict(model.named_modules())
+            found = [_recorded_group(model, modules, index, record) for record in records]
+            step, _ = _apply(model, found)
+            undos.append(step)
+    except BaseException:
+        undo()
+        raise
+    model.__dict__[HISTORY] = [list(r) for r in shrinks]
+    undos.append(lambda: model.__dict__.pop(HISTORY, None))
+    return undo
+
+
+def _recorded_group(
+    model: nn.Module, modules: Mapping[str, nn.Module], index: int, record: Mapping[str, Any]
+) -> tuple[Group, torch.Tensor]:
+    kind, name, size, kept = record["kind"], record["name"], record["size"], record["kept"]
+    where = f"shrink {index}, {kind} group {name}"
+    if kind == "blocks":
+        found: Group | str | None = block_group(model, list(record["units"]))
+    else:
+        module = modules.get(name)
+        found = None if module is None else find(kind, name, module)
+    if not isinstance(found, Group):
+        why = found if isinstance(found, str) else f"the model has no {kind} group at {name or 'its root'}"
+        raise ShrinkError(f"{where}: {why}")
+    if found.size != size or found.structure != record["structure"]:
+        raise ShrinkError(
+            f"{where}: recorded as {size} units ({record['structure']}), the model has {found.size} ({found.structure})"
+        )
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[list(kept)] = True
+    return found, keep
 
 
 def _apply(model: nn.Module, found: Sequence[tuple[Group, torch.Tensor]]) -> tuple[Callable[[], None], list[str]]:

@@ -317,6 +317,9 @@ def block_group(model: nn.Module, names: Sequence[str]) -> Group | str:
     if len(parents) != 1:
         return "blocks to remove must be children of one ModuleList; these lie in " + ", ".join(sorted(parents))
     parent = parents.pop()
+    missing = [n for n in names if n not in modules]
+    if missing:
+        return f"the model has no module {missing[0]}"
     if not isinstance(modules.get(parent), nn.ModuleList):
         return f"{parent or 'the model'} is not a ModuleList: only children of one can be removed"
     members: list[Member] = []

@@ -371,3 +371,62 @@ def test_cli_apply_shrink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert code == 0
     assert "Shrink:" in out and "swiglu_mlp" in out and "outputs equal the masked model's" in out
+
+
+@pytest.mark.parametrize("make", [lambda: llama(), tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_shrunk_checkpoint_loads_into_a_freshly_built_model(make: Any, tmp_path: Path) -> None:
+    model = make()
+    is_llama = hasattr(model, "model")
+    prefix = "model.layers" if is_llama else "transformer.h"
+    spec = {
+        "version": 1,
+        "rules": [
+            rule(f"{prefix}.*.mlp", "channels", 0.5),
+            rule(f"{prefix}.*." + ("self_attn" if is_llama else "attn"), "heads", 1),
+            rule(f"{prefix}.*", "blocks", 1),
+        ],
+        "shrink": True,
+    }
+    prunespec.apply(model, spec)
+    # and a second shrink on top, recorded after the first
+    prunespec.apply(model, {"version": 1, "rules": [rule(f"{prefix}.*.mlp", "channels", 0.5)], "shrink": True})
+    batch = tokens(model.config.vocab_size)
+    expected = logits(model, batch)
+    prunespec.save(model, tmp_path / "shrunk.pt")
+    fresh = make()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()  # other weights: the checkpoint must bring its own
+    prunespec.load(fresh, tmp_path / "shrunk.pt")
+    assert torch.equal(logits(fresh, batch), expected)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    prunespec.load(fresh, tmp_path / "shrunk.pt")  # into the shrunk model again: no second shrink
+    assert torch.equal(logits(fresh, batch), expected)
+
+
+def test_a_shrink_record_that_does_not_fit_is_refused_and_the_model_untouched(tmp_path: Path) -> None:
+    model = llama(layers=2)
+    prunespec.apply(model, {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.5)], "shrink": True})
+    prunespec.save(model, tmp_path / "shrunk.pt")
+    other = llama(layers=2, heads=4, kv=2)  # fine: the MLPs are the same
+    prunespec.load(other, tmp_path / "shrunk.pt")
+    narrow = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=80,
+            vocab_size=101,
+        )
+    )
+    state = {k: v.clone() for k, v in narrow.state_dict().items()}
+    with pytest.raises(prunespec.CheckpointError, match=r"recorded as 96 units"):
+        prunespec.load(narrow, tmp_path / "shrunk.pt")
+    assert {k: v.shape for k, v in narrow.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    assert narrow.config.intermediate_size == 80 and not hasattr(narrow, "_prunespec_shrunk")
+    data = torch.load(tmp_path / "shrunk.pt", weights_only=True)
+    data["prunespec"]["shrunk"][0][0]["kept"] = [5, 3]  # not sorted
+    torch.save(data, tmp_path / "bad.pt")
+    with pytest.raises(prunespec.CheckpointError, match="`shrunk` record"):
+        prunespec.load(llama(layers=2), tmp_path / "bad.pt")
