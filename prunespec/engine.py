@@ -231,7 +231,9 @@ def _calibrated(
         wanted = set(plan.methods[unit[0].method].capabilities.statistics)
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)
-        if unit[0].scope == "global" or any(step.tensor.name in waiting for step in unit):
+        # a global rule or a group rule ranks across modules: after the pass, from every member's statistics
+        joint = unit[0].scope == "global" or unit[0].group is not None
+        if joint or any(step.tensor.name in waiting for step in unit):
             deferred.append((unit, staged))
             waiting.update(step.tensor.name for step in unit)
         else:

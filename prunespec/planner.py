@@ -473,12 +473,12 @@ class _Planner:
                 "use l1_unstructured (magnitude)",
             )
             return
-        if caps.statistics:
+        if rule.scope == "global" and not info.supports_global:
             self.issue(
-                ("rules", index, "method"),
-                f"{rule.label(index)}: {info.name!r} reads calibration statistics; `group` rules score from the "
-                "weights only in this version",
-                "use l1_unstructured (magnitude)",
+                ("rules", index, "scope"),
+                f"{rule.label(index)}: {info.name!r} does not rank across tensors (scope: global); its scores of "
+                "different layers are not comparable",
+                "use scope: local (each group on its own)",
             )
             return
         if rule.amount is None and rule.sparsity is None:

@@ -247,7 +247,6 @@ def test_plan_shows_each_group() -> None:
             {**rule("model.layers.*.mlp", "channels", 0.5), "method": "random_structured", "options": {"dim": 0}},
             "no per-entry scores",
         ),
-        ({**rule("model.layers.*.mlp", "channels", 0.5), "method": "wanda"}, "calibration statistics"),
         (rule("model.layers.*.mlp", "channels", 200), "more than the 96 channels left"),
     ],
 )
@@ -430,3 +429,34 @@ def test_a_shrink_record_that_does_not_fit_is_refused_and_the_model_untouched(tm
     torch.save(data, tmp_path / "bad.pt")
     with pytest.raises(prunespec.CheckpointError, match="`shrunk` record"):
         prunespec.load(llama(layers=2), tmp_path / "bad.pt")
+
+
+def test_wanda_scores_channels_from_the_calibration_data() -> None:
+    model = llama(layers=2)
+    data = [tokens(101, seed=s) for s in range(3)]
+    mlp = model.model.layers[0].mlp
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+
+        return hook
+
+    handles = [getattr(mlp, n).register_forward_pre_hook(record(n)) for n in ("gate_proj", "down_proj")]
+    for batch in data:
+        logits(model, batch)
+    for h in handles:
+        h.remove()
+    gate, up, down = (getattr(mlp, n).weight.detach().double().abs() for n in ("gate_proj", "up_proj", "down_proj"))
+    x_in, x_mid = sums["gate_proj"].sqrt(), sums["down_proj"].sqrt()
+    score = (gate * x_in).sum(1) + (up * x_in).sum(1) + (down * x_mid).sum(0)
+    spec = {"version": 1, "rules": [{**rule("model.layers.*.mlp", "channels", 0.25), "method": "wanda"}]}
+    report = prunespec.apply(model, spec, data=data)
+    assert report.calibration is not None
+    assert zero_rows(mlp.gate_proj.weight_mask) == set(torch.argsort(score)[:24].tolist())
+    batch = tokens(101)
+    masked = logits(model, batch)
+    prunespec.shrink(model, batch)
+    assert close(masked, logits(model, batch))
