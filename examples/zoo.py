@@ -127,21 +127,22 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         self.heads = heads
+        self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        head_dim = dim // self.heads
+        batch, tokens, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, head_dim)
-            return t.reshape(batch, tokens, self.heads, head_dim).transpose(1, 2)
+            return t.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
 
+        # the number of heads comes from the projections' widths (-1), so heads can be removed
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        weights = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)
-        mixed = (weights @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        weights = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(batch, tokens, -1)
         return self.out(mixed)
 
 

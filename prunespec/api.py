@@ -27,16 +27,19 @@ def plan(
 ) -> Plan:
     """Resolve ``spec`` (a Spec, a YAML path or a mapping) against ``model`` without changing it.
 
-    ``data``: calibration batches, only for rules with ``owl``: their blocks' sparsities are then
-    allocated (one pass over the data) and shown. Raises SpecError for an invalid spec and PlanError
+    ``data``: calibration batches: rules with ``owl`` then have their blocks' sparsities allocated (one
+    pass over the data) and shown, and `group` rules on models without known structures (CNNs) trace
+    their channel groups from the first batch. Raises SpecError for an invalid spec and PlanError
     when it does not fit the model.
     """
     methods = load_methods() if methods is None else methods
     the_spec = load_spec(spec, methods=methods)
+    listed = None if data is None else list(data)
+    example = listed[0] if listed else None
     with lean():
-        the_plan = make_plan(model, the_spec, methods)
-    if data is not None and any(o.allocated is None for o in the_plan.owl):
-        the_plan = _allocated(model, the_plan, engine.calibration_batches(the_plan, data))
+        the_plan = make_plan(model, the_spec, methods, example=example)
+    if listed is not None and any(o.allocated is None for o in the_plan.owl):
+        the_plan = _allocated(model, the_plan, engine.calibration_batches(the_plan, listed))
     return the_plan
 
 
@@ -44,7 +47,7 @@ def _allocated(model: nn.Module, the_plan: Plan, batches: list[Any]) -> Plan:
     """The plan again, its OWL rules' blocks given their sparsities from ``batches``."""
     allocations = budgets.owl_allocations(model, the_plan, batches)
     with lean():
-        return make_plan(model, the_plan.spec, the_plan.methods, allocations=allocations)
+        return make_plan(model, the_plan.spec, the_plan.methods, allocations=allocations, example=batches[0])
 
 
 def apply(
@@ -72,14 +75,15 @@ def apply(
     ``attention_mask``, are left out). A rule that needs data and gets none is a PlanError; a batch the
     model cannot run is an ApplyError naming its index. See docs/data-aware-pruning.md.
     """
-    the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods)
+    data = None if data is None else list(data)  # listed: planning may trace the first batch
+    the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods, data=data)
     chosen = the_plan.spec.finalize if finalize is None else finalize
     if not (the_plan.spec.shrink if shrink is None else shrink):
         return run(model, the_plan, finalize=chosen, progress=progress, data=data)
     undo = transaction.BindingsSnapshot(model)  # shrink runs after install: a failure undoes both
     try:
         report = run(model, the_plan, finalize=False, progress=progress, data=data)
-        example = engine.calibration_batches(the_plan, data)[0] if data is not None else None
+        example = data[0] if data else None
         report.shrink = shrink_model(model, example)
         if chosen:
             _make_permanent(model)
@@ -100,7 +104,7 @@ def run(
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
     batches = None
-    if the_plan.needs_data:
+    if the_plan.needs_data or (the_plan.uses_data and data is not None):  # OWL may be allocated already
         batches = engine.calibration_batches(the_plan, data)
         if any(o.allocated is None for o in the_plan.owl):
             the_plan = _allocated(model, the_plan, batches)

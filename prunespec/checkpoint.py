@@ -265,7 +265,9 @@ def _shrink_records(path: str | os.PathLike[str], raw: Any) -> list[list[dict[st
         raise bad
     for records in raw:
         for record in records:
-            if not isinstance(record, dict) or set(record) != set(_SHRINK_FIELDS):
+            if not isinstance(record, dict) or set(record) - {"members"} != set(_SHRINK_FIELDS):
+                raise bad
+            if "members" in record and not _member_records(record["members"]):
                 raise bad
             if not all(type(record[k]) is t for k, t in _SHRINK_FIELDS.items()):
                 raise bad
@@ -275,6 +277,19 @@ def _shrink_records(path: str | os.PathLike[str], raw: Any) -> list[list[dict[st
             if size < 1 or (kept and kept[-1] >= size) or not all(isinstance(u, str) for u in record["units"]):
                 raise bad
     return raw
+
+
+_MEMBER_FIELDS = {"module": str, "param": str, "dim": int, "width": int, "offset": int, "role": str}
+
+
+def _member_records(raw: Any) -> bool:
+    return isinstance(raw, list) and all(
+        isinstance(m, dict)
+        and set(m) == set(_MEMBER_FIELDS)
+        and all(type(m[k]) is t for k, t in _MEMBER_FIELDS.items())
+        and m["role"] in ("scored", "masked", "sliced")
+        for m in raw
+    )
 
 
 def _recorded_spec(

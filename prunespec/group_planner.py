@@ -105,24 +105,102 @@ def entries_after(modules: dict[str, nn.Module], group: Group, pruned: int) -> i
     return total - int(per_unit[0]) * pruned
 
 
+class Traces:
+    """The traced channel groups of one model, found once per plan from the example inputs."""
+
+    def __init__(self, model: nn.Module, example: Any) -> None:
+        self.model, self.example = model, example
+        self._found: Any = None
+
+    def analysis(self) -> Any:
+        from .discovery import analyze  # fx is only loaded for models that need it
+
+        if self._found is None:
+            example = tuple(self.example) if isinstance(self.example, list) else self.example
+            self._found = analyze(self.model, example)
+        return self._found
+
+
+def _output_dim(module: nn.Module) -> int:
+    transposed = isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Embedding))
+    return 1 if transposed else 0
+
+
+def _traced(
+    rule: Rule, index: int, selected: Sequence[tuple[str, nn.Module, str]], traces: Traces | None
+) -> tuple[list[tuple[Group, str]], list[Problem], list[str]]:
+    """The traced groups whose producers (the layers whose outputs are the channels) the rule selects."""
+    from .discovery import DiscoveryError
+
+    label = rule.label(index)
+    path = ("rules", index, "select")
+    if traces is None or traces.example is None:
+        message = (
+            f"{label}: the selected modules are no known structure ({_FOUND_AS['channels']}), so their channel "
+            "groups are traced from example inputs, and none were given"
+        )
+        return [], [(path, message, "Python: prunespec.plan/apply(..., data=[batch]); CLI: --data file.py:factory")], []
+    try:
+        analysis = traces.analysis()
+    except DiscoveryError as exc:
+        hint = "select known structures (transformer MLPs, attention modules, blocks) for models fx cannot trace"
+        return [], [(path, f"{label}: the model's channel groups cannot be traced: {exc}", hint)], []
+    names = {name: by for name, _, by in selected}
+    modules = dict(traces.model.named_modules())
+    out: list[tuple[Group, str]] = []
+    for group in analysis.groups:
+        producers = {
+            m.module
+            for m in group.members
+            if m.role == "scored" and m.param == "weight" and m.dim == _output_dim(modules[m.module])
+        }
+        if producers and producers <= set(names):
+            out.append((group, names[sorted(producers)[0]]))
+    grouped = {m.module for g, _ in out for m in g.members}
+    warnings = [
+        f"{label}: {name}: not pruned: {analysis.unsupported.get(name, 'its channels are in no group it produces')}"
+        for name in names
+        if name not in grouped
+    ]
+    if not out:
+        shown = "; ".join(warnings[:3]) or "no group has all its producers selected"
+        return (
+            [],
+            [(path, f"{label}: selects no channel group: {shown}", "select every layer writing into a group")],
+            [],
+        )
+    return out, [], warnings
+
+
 def find_groups(
-    model: nn.Module, rule: Rule, index: int, selected: Sequence[tuple[str, nn.Module, str]]
-) -> tuple[list[tuple[Group, str]], list[Problem]]:
-    """The selected modules' groups (with what selected each), or the problems finding them."""
+    model: nn.Module,
+    rule: Rule,
+    index: int,
+    selected: Sequence[tuple[str, nn.Module, str]],
+    traces: Traces | None = None,
+) -> tuple[list[tuple[Group, str]], list[Problem], list[str]]:
+    """The selected modules' groups (with what selected each), the problems finding them, and
+    warnings (selected modules a traced rule leaves alone, and why)."""
     assert rule.group is not None
     kind = rule.group.unit
     label = rule.label(index)
+    if kind == "channels" and all(structures.find(kind, name, module) is None for name, module, _ in selected):
+        return _traced(rule, index, selected, traces)
     if kind == "blocks":
         found = structures.block_group(model, [name for name, _, _ in selected])
         if isinstance(found, str):
-            return [], [
-                (
-                    ("rules", index, "select"),
-                    f"{label}: {found}",
-                    "select the decoder layers, e.g. names: ['model.layers.*']",
-                )
-            ]
-        return [(found, selected[0][2])], []
+            return (
+                [],
+                [
+                    (
+                        ("rules", index, "select"),
+                        f"{label}: {found}",
+                        "select the decoder layers, e.g. names: ['model.layers.*']",
+                    )
+                ],
+                [],
+            )
+        return [(found, selected[0][2])], [], []
     out: list[tuple[Group, str]] = []
     missing: list[str] = []
     for name, module, by in selected:
@@ -135,18 +213,23 @@ def find_groups(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         message = f"{label}: {shown}: not {_FOUND_AS[kind]}, so it has no {kind} prunespec can prune as groups"
         hint = "select the MLP or attention modules themselves, e.g. names: ['model.layers.*.mlp']"
-        return [], [(("rules", index, "select"), message, hint)]
-    return out, []
+        return [], [(("rules", index, "select"), message, hint)], []
+    return out, [], []
 
 
 def plan_rule(
-    model: nn.Module, rule: Rule, index: int, selected: Sequence[tuple[str, nn.Module, str]]
-) -> tuple[list[GroupPlan], list[Problem]]:
-    """What ``rule`` (a ``group`` rule) does to each group of the modules it selects."""
+    model: nn.Module,
+    rule: Rule,
+    index: int,
+    selected: Sequence[tuple[str, nn.Module, str]],
+    traces: Traces | None = None,
+) -> tuple[list[GroupPlan], list[Problem], list[str]]:
+    """What ``rule`` (a ``group`` rule) does to each group of the modules it selects (with the
+    problems and warnings of :func:`find_groups`)."""
     assert rule.group is not None
-    found, problems = find_groups(model, rule, index, selected)
+    found, problems, warnings = find_groups(model, rule, index, selected, traces)
     if problems:
-        return [], problems
+        return [], problems, warnings
     modules = dict(model.named_modules())
     options = rule.group
     least = 0 if options.unit == "blocks" and options.min == 0 else options.min
@@ -161,25 +244,33 @@ def plan_rule(
         if k is None or k > left or sum(done) + k > most:
             what = f"{k} more" if k is not None else str(rule.amount)
             message = f"{label}: {what} of {size} {options.unit} is more than the groups can lose (at most {most})"
-            return [], [(("rules", index, "amount"), message, f"group.min={least} keeps units in every group")]
+            return (
+                [],
+                [(("rules", index, "amount"), message, f"group.min={least} keeps units in every group")],
+                warnings,
+            )
         for (group, by), d in zip(found, done, strict=True):
             entries = entries_after(modules, group, 0)
             assert entries is not None
             plans.append(GroupPlan(index, label, group, d, None, entries, None, by))
-        return plans, []
+        return plans, [], warnings
     for (group, by), d in zip(found, done, strict=True):
         k = count(rule, group.size - d, group.size, d)
         if k is None or k > group.size - d:
             message = (
                 f"{label}: {group.name}: amount={rule.amount} is more than the {group.size - d} {options.unit} left"
             )
-            return [], [(("rules", index, "amount"), message, f"use a count <= {group.size - d}, or a fraction")]
+            return (
+                [],
+                [(("rules", index, "amount"), message, f"use a count <= {group.size - d}, or a fraction")],
+                warnings,
+            )
         kept = groups.kept_count(group.size, d + k, options.round_to, least)
         pruned = max(d, group.size - kept)
         entries = entries_after(modules, group, 0)
         assert entries is not None
         plans.append(GroupPlan(index, label, group, d, pruned, entries, entries_after(modules, group, pruned), by))
-    return plans, []
+    return plans, [], warnings
 
 
 def count(rule: Rule, left: int, size: int, done: int) -> int | None:

@@ -313,6 +313,7 @@ def make_plan(
     *,
     rules: Mapping[int, Rule] | None = None,
     allocations: Allocations | None = None,
+    example: Any = None,
 ) -> Plan:
     """Resolve ``spec`` against ``model``. Raises PlanError listing every problem found.
 
@@ -322,9 +323,12 @@ def make_plan(
     ``allocations`` maps an OWL rule's index to each of its blocks' sparsity (see :mod:`prunespec.owl`):
     each tensor's step then aims at its block's sparsity (a tensor in no block keeps the rule's), and so
     do the predictions. Without them, an OWL rule's steps are planned at the rule's `sparsity`.
+
+    ``example``: one batch of inputs, from which `group` rules on models without known structures
+    (CNNs) trace their channel groups (:mod:`prunespec.discovery`).
     """
     chosen = list(enumerate(spec.rules)) if rules is None else sorted(rules.items())
-    planner = _Planner(model, spec, methods, chosen, allocations or {})
+    planner = _Planner(model, spec, methods, chosen, allocations or {}, example)
     for index, rule in chosen:
         planner.add_rule(index, rule)
     planner.check_allocations()
@@ -363,9 +367,11 @@ class _Planner:
         methods: Mapping[str, MethodInfo],
         rules: Sequence[tuple[int, Rule]],
         allocations: Allocations,
+        example: Any = None,
     ):
         self.spec = spec
         self.model = model
+        self.traces = group_planner.Traces(model, example)
         self.groups: list[GroupPlan] = []
         self.methods = methods
         self.allocations = allocations
@@ -487,9 +493,10 @@ class _Planner:
         selected = self._selected(index, rule)
         if selected is None:
             return
-        plans, problems = group_planner.plan_rule(self.model, rule, index, selected)
+        plans, problems, warnings = group_planner.plan_rule(self.model, rule, index, selected, self.traces)
         for path, message, hint in problems:
             self.issue(path, message, hint)
+        self.warnings += warnings
         for plan in plans:
             self.groups.append(plan)
             for member in plan.group.members:

@@ -41,10 +41,24 @@ class Shrunk:
     removed: tuple[str, ...] = ()  # blocks: the names of the blocks removed
     kept_units: tuple[int, ...] = ()  # the indices of the units kept
     unit_names: tuple[str, ...] = ()  # blocks: every block's name before the shrink
+    members: tuple[Member, ...] = ()  # traced groups: the members (no structure finds them again)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint stores to shrink a fresh model the same way (plain data)."""
-        return {
+        extra: dict[str, Any] = {}
+        if self.members:
+            extra["members"] = [
+                {
+                    "module": m.module,
+                    "param": m.param,
+                    "dim": m.dim,
+                    "width": m.width,
+                    "offset": m.offset,
+                    "role": m.role,
+                }
+                for m in self.members
+            ]
+        return extra | {
             "kind": self.kind,
             "name": self.name,
             "structure": self.structure,
@@ -84,17 +98,20 @@ class ShrinkReport:
         return render.format_shrink(self)
 
 
-def removable(model: nn.Module) -> list[tuple[Group, torch.Tensor]]:
+def removable(model: nn.Module, inputs: Any = None) -> list[tuple[Group, torch.Tensor]]:
     """Every known group of ``model`` with units pruned whole in all its members, and which units it
     keeps (bool per unit): blocks first, then channels and heads in module order (but none inside a
-    block that is removed)."""
+    block that is removed). Given ``inputs``, pruned tensors that no known structure covers are looked
+    for in the groups traced from them (:mod:`prunespec.discovery`)."""
     modules = dict(model.named_modules())
     out: list[tuple[Group, torch.Tensor]] = []
+    covered: set[tuple[str, str]] = set()
     blocks: list[tuple[Group, torch.Tensor]] = []
     for name, module in modules.items():
         for kind in ("channels", "heads"):
             group = find(kind, name, module)
             if group is not None:
+                covered.update((m.module, m.param) for m in group.members)
                 pruned = already_pruned(modules, group)
                 if bool(pruned.any()):
                     out.append((group, ~pruned))
@@ -102,12 +119,36 @@ def removable(model: nn.Module) -> list[tuple[Group, torch.Tensor]]:
             prefix = f"{name}." if name else ""
             found = block_group(model, [prefix + key for key in module._modules])
             if isinstance(found, Group):
+                covered.update((m.module, m.param) for m in found.members)
                 pruned = already_pruned(modules, found)
                 if bool(pruned.any()):
                     blocks.append((found, ~pruned))
+    left = [(n, p) for n, m in modules.items() for p in _pruned_params(m) if (n, p) not in covered]
+    if left and inputs is not None:
+        out += _traced(model, modules, inputs)
     gone = [name for group, keep in blocks for name, k in zip(group.unit_names, keep.tolist(), strict=True) if not k]
     inside = [(g, k) for g, k in out if not any(g.name == b or g.name.startswith(b + ".") for b in gone)]
     return blocks + inside  # blocks first: groups inside a removed block go with it
+
+
+def _pruned_params(module: nn.Module) -> list[str]:
+    return [name.removesuffix(layout.ORIG) for name in module._parameters if name.endswith(layout.ORIG)]
+
+
+def _traced(model: nn.Module, modules: Mapping[str, nn.Module], inputs: Any) -> list[tuple[Group, torch.Tensor]]:
+    """The traced channel groups with units pruned whole in all their members."""
+    from .discovery import DiscoveryError, discover  # fx is only loaded for models that need it
+
+    try:
+        found = discover(model, inputs)
+    except DiscoveryError:
+        return []  # a model fx cannot trace (a transformers model): its known structures are all there is
+    out = []
+    for group in found:
+        pruned = already_pruned(dict(modules), group)
+        if bool(pruned.any()):
+            out.append((group, ~pruned))
+    return out
 
 
 def shrink(model: nn.Module, inputs: Any = None, *, rtol: float = RTOL) -> ShrinkReport:
@@ -119,7 +160,7 @@ def shrink(model: nn.Module, inputs: Any = None, *, rtol: float = RTOL) -> Shrin
     outputs must equal the masked model's within ``rtol`` (relative to the largest output); otherwise,
     and on any error, the model is put back as it was and a ShrinkError names the group at fault.
     """
-    found = removable(model)
+    found = removable(model, inputs)
     report = ShrinkReport(parameters_before=_count(model))
     if not found:
         report.parameters_after = report.parameters_before
@@ -147,7 +188,10 @@ def shrink(model: nn.Module, inputs: Any = None, *, rtol: float = RTOL) -> Shrin
     for group, keep in found:
         kept = tuple(keep.nonzero().reshape(-1).tolist())
         removed = tuple(n for n, k in zip(group.unit_names, keep.tolist(), strict=False) if not k)
-        shrunk = Shrunk(group.kind, group.name, group.structure, group.size, len(kept), removed, kept, group.unit_names)
+        traced = group.members if group.structure == "traced" else ()
+        shrunk = Shrunk(
+            group.kind, group.name, group.structure, group.size, len(kept), removed, kept, group.unit_names, traced
+        )
         report.groups.append(shrunk)
     # what prunespec.save stores, so that prunespec.load can shrink a freshly built model the same way
     model.__dict__[HISTORY] = [*history(model), [g.record() for g in report.groups]]
@@ -187,13 +231,36 @@ def replay(model: nn.Module, shrinks: Sequence[Sequence[Mapping[str, Any]]]) -> 
     return undo
 
 
+def _traced_record(modules: Mapping[str, nn.Module], record: Mapping[str, Any]) -> Group | str:
+    """A traced group from its recorded members, each checked against the model."""
+    members = []
+    for raw in record.get("members", []):
+        module = modules.get(raw["module"])
+        tensor = None if module is None else layout.original(module, raw["param"])
+        if tensor is None and module is not None:
+            tensor = module._buffers.get(raw["param"])
+        if tensor is None:
+            return f"the model has no tensor {raw['module']}.{raw['param']}"
+        dim, width, offset = raw["dim"], raw["width"], raw["offset"]
+        if not (0 <= dim < tensor.dim() and width >= 1 and offset >= 0) or offset + record["size"] * width > int(
+            tensor.shape[dim]
+        ):
+            return f"{raw['module']}.{raw['param']} (shape {list(tensor.shape)}) does not hold the recorded units"
+        members.append(Member(raw["module"], raw["param"], dim, width, offset, raw["role"]))
+    if not members:
+        return "a traced group's record lists no members"
+    return Group("channels", record["name"], "traced", record["size"], tuple(members))
+
+
 def _recorded_group(
     model: nn.Module, modules: Mapping[str, nn.Module], index: int, record: Mapping[str, Any]
 ) -> tuple[Group, torch.Tensor]:
     kind, name, size, kept = record["kind"], record["name"], record["size"], record["kept"]
     where = f"shrink {index}, {kind} group {name}"
-    if kind == "blocks":
-        found: Group | str | None = block_group(model, list(record["units"]))
+    if record["structure"] == "traced":
+        found: Group | str | None = _traced_record(modules, record)
+    elif kind == "blocks":
+        found = block_group(model, list(record["units"]))
     else:
         module = modules.get(name)
         found = None if module is None else find(kind, name, module)
@@ -260,21 +327,45 @@ def _slice(modules: Mapping[str, nn.Module], group: Group, keep: torch.Tensor) -
         assert tensor is not None
         index = groups.kept_indices(group, members, keep.tolist(), int(tensor.shape[dim]))
         layout.keep_only(module, pname, dim, index)
-    for member in group.members:
-        _fix_attributes(modules[member.module])
+    for name in dict.fromkeys(m.module for m in group.members):
+        _fix_attributes(modules[name], depthwise=_is_depthwise(modules[name]))
 
 
-def _fix_attributes(module: nn.Module) -> None:
-    """A layer's width attributes, after its tensors were sliced."""
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _fix_attributes(module: nn.Module, *, depthwise: bool) -> None:
+    """A layer's width attributes, after its tensors were sliced (``depthwise``: it was a depthwise
+    conv, one group per channel, and stays one)."""
     weight = layout.original(module, "weight")
+    layer: Any = module
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
+        stats = module._buffers.get("running_mean")
+        sized = weight if weight is not None else stats
+        if sized is not None:
+            layer.num_features = int(sized.shape[0])
+        return
     if weight is None:
         return
     kind = type(module).__name__
-    layer: Any = module
     if isinstance(module, nn.Linear):
         layer.out_features, layer.in_features = int(weight.shape[0]), int(weight.shape[1])
     elif kind == "Conv1D" and hasattr(module, "nf"):
         layer.nx, layer.nf = int(weight.shape[0]), int(weight.shape[1])
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, ...)
+        layer.in_channels, layer.out_channels = int(weight.shape[0]), int(weight.shape[1]) * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):  # weight (out, in / groups, ...)
+        if depthwise:
+            layer.groups = layer.in_channels = layer.out_channels = int(weight.shape[0])
+        else:
+            layer.out_channels, layer.in_channels = int(weight.shape[0]), int(weight.shape[1]) * module.groups
+    elif isinstance(module, nn.GroupNorm):
+        layer.num_channels = layer.num_groups = int(weight.shape[0])
+    elif isinstance(module, nn.Embedding):
+        layer.embedding_dim = int(weight.shape[1])
+    elif isinstance(module, nn.PReLU):
+        layer.num_parameters = int(weight.shape[0])
 
 
 def _count(model: nn.Module) -> int:

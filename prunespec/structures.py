@@ -174,6 +174,7 @@ class Attention(Structure):
         for q, k, v, o, dim_attr in (
             ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
             ("self.query", "self.key", "self.value", "output.dense", "self.attention_head_size"),
+            ("q", "k", "v", "out", "head_dim"),
         ):
             layers = _layers(module, (q, k, v, o))
             head_dim = _attribute(module, dim_attr)
@@ -230,6 +231,13 @@ class Attention(Structure):
             inner.num_attention_heads = kept
             inner.all_head_size = kept * inner.attention_head_size
             return None if config is None else derived
+        query = _child(module, "q")
+        head_dim = getattr(layer, "head_dim", None)
+        if query is not None and isinstance(head_dim, int) and head_dim > 0:  # a hand-written attention
+            for count in ("heads", "num_heads"):
+                if isinstance(getattr(layer, count, None), int):
+                    setattr(layer, count, _outputs(query, "Linear") // head_dim)
+            return None
         heads = getattr(config, "num_attention_heads", None)
         kv = getattr(config, "num_key_value_heads", None) or heads
         hidden = getattr(config, "hidden_size", None)
@@ -295,7 +303,17 @@ class DecoderBlocks(Structure):
         return _config_width(model, group, "num_hidden_layers", len(blocks), uniform=False)
 
 
-STRUCTURES: tuple[Structure, ...] = (SwigluMlp(), Mlp(), Attention(), DecoderBlocks())
+class Traced(Structure):
+    """Channel groups found by tracing (:mod:`prunespec.discovery`): nothing to update beyond the
+    layers' own width attributes."""
+
+    id = "traced"
+
+    def find(self, name: str, module: nn.Module) -> Group | None:
+        return None  # found from example inputs, never by a module's children
+
+
+STRUCTURES: tuple[Structure, ...] = (SwigluMlp(), Mlp(), Attention(), DecoderBlocks(), Traced())
 BY_ID = {s.id: s for s in STRUCTURES}
 
 

@@ -162,7 +162,7 @@ def _sliced(model: nn.Module, chosen: list[tuple[Group, torch.Tensor]]) -> nn.Mo
             length = _tensor(out, m.module, m.param).shape[m.dim]
             mask = kept.setdefault((m.module, m.param), {}).setdefault(m.dim, torch.ones(length, dtype=torch.bool))
             ours = torch.zeros(length, dtype=torch.bool)
-            ours[kept_indices(group, m, keep.tolist(), length)] = True
+            ours[kept_indices(group, [m], keep.tolist(), length)] = True
             mask &= ours
     for (module, param), dims in kept.items():
         owner, t = out.get_submodule(module), _tensor(out, module, param)

@@ -240,7 +240,7 @@ def test_plan_shows_each_group() -> None:
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (rule("model.layers.*.mlp.gate_proj", "channels", 0.5), "not an MLP"),
+        (rule("model.layers.*.mlp.gate_proj", "channels", 0.5), "no known structure"),
         (rule("model.layers.*.mlp", "heads", 0.5), "not an attention module"),
         (rule("model.layers.*.mlp", "blocks", 0.5), "must be children of one ModuleList"),
         (
@@ -460,3 +460,91 @@ def test_wanda_scores_channels_from_the_calibration_data() -> None:
     masked = logits(model, batch)
     prunespec.shrink(model, batch)
     assert close(masked, logits(model, batch))
+
+
+# --- models without known structures: channel groups traced from example inputs -------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import zoo  # noqa: E402
+
+CONVS = {"select": {"types": ["Conv2d"]}, "method": "l1_unstructured", "amount": 0.5, "group": {"unit": "channels"}}
+
+
+def _resnet() -> nn.Module:
+    return zoo.resnet50_shaped(num_classes=10, width=8, layers=(1, 2, 1, 1)).eval()
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(_resnet, (2, 3, 48, 48)), (lambda: zoo.depthwise_separable().eval(), (2, 3, 32, 32))],
+    ids=["resnet", "depthwise"],
+)
+def test_cnn_channel_groups_prune_shrink_and_load_into_a_fresh_model(make: Any, shape: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(*shape)
+    before = sum(p.numel() for p in model.parameters())
+    report = prunespec.apply(model, {"version": 1, "rules": [CONVS]}, data=[x])
+    masked = model(x).detach()
+    assert report.shrink is None
+    shrunk = prunespec.shrink(model, x)
+    assert all(g.structure == "traced" and g.after == g.before // 2 for g in shrunk.groups)
+    assert close(masked, model(x).detach())
+    assert sum(p.numel() for p in model.parameters()) < 0.4 * before
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.shape[0] == m.out_channels for m in convs)
+    prunespec.save(model, tmp_path / "cnn.pt")
+    fresh = make()
+    prunespec.load(fresh, tmp_path / "cnn.pt")
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_vit_mlp_channels_and_heads_shrink() -> None:
+    torch.manual_seed(0)
+    model = zoo.vit_shaped().eval()
+    x = torch.randn(2, 3, 32, 32)
+    spec = {
+        "version": 1,
+        "rules": [rule("blocks.*.mlp", "channels", 0.5), rule("blocks.*.attn", "heads", 1)],
+    }
+    prunespec.apply(model, spec)
+    masked = model(x).detach()
+    report = prunespec.shrink(model, x)
+    assert [(g.structure, g.before, g.after) for g in report.groups] == [("attention", 4, 3), ("mlp", 256, 128)] * 2
+    assert model.blocks[0].attn.heads == 3 and model.blocks[0].attn.q.out_features == 48
+    assert close(masked, model(x).detach())
+
+
+def test_a_traced_rule_needs_example_inputs() -> None:
+    with pytest.raises(prunespec.PlanError, match="example inputs"):
+        prunespec.plan(_resnet(), {"version": 1, "rules": [CONVS]})
+
+
+def test_a_model_fx_cannot_trace_is_a_plan_error_naming_the_op() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            if y.sum() > 0:  # data-dependent control flow
+                y = y * 2
+            return self.b(y)
+
+    model = Branchy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunespec.PlanError, match=r"cannot be traced.*control flow"):
+        prunespec.apply(model, {"version": 1, "rules": [CONVS]}, data=[torch.randn(1, 3, 4, 4)])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_selected_layers_whose_channels_are_in_no_group_are_named_in_a_warning() -> None:
+    torch.manual_seed(0)
+    model = zoo.vit_shaped().eval()
+    spec = {"version": 1, "rules": [{**CONVS, "select": {"names": ["blocks.*.mlp.fc1", "patch_embed"]}}]}
+    plan = prunespec.plan(model, spec, data=[torch.randn(1, 3, 32, 32)])
+    assert [g.group.name for g in plan.groups] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert any("patch_embed: not pruned" in w and "LayerNorm" in w for w in plan.warnings)
