@@ -62,7 +62,12 @@ STATISTICS: Mapping[str, str] = {
     "input_sq_norms": "float32 vector, one per input feature: the sum over calibration tokens of the feature squared",
     "input_gram": "float32 matrix (in, in): the sum over calibration tokens of x x^T (X^T X; SparseGPT's Hessian, "
     "up to a factor)",
+    "block_influence": "float64 scalar per block, given to each tensor of the block: 1 - cos(block input, block "
+    "output), the mean over calibration tokens (measured before any pruning; `group: {unit: blocks}` rules only)",
 }
+BLOCK_LEVEL = frozenset({"block_influence"})
+"""Statistics of whole blocks, measured in one dense pass before the rest (:mod:`prunespec.budgets`),
+not at a module's stop."""
 """Every statistic prunespec collects, by name, with what it is."""
 
 Statistics = dict[str, dict[str, torch.Tensor]]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import calibration, groups, layout, runtime, selection
+from . import budgets, calibration, groups, layout, runtime, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .group_planner import count
 from .layout import GlobalMask
@@ -118,13 +118,21 @@ def execute(
     modules = dict(model.named_modules())
     units = plan.units()
     later = _later(plan, units)
-    batches = calibration_batches(plan, data) if later else None
+    whole_blocks = [
+        u for u in units if calibration.BLOCK_LEVEL & set(plan.methods[u[0].method].capabilities.statistics)
+    ]
+    batches = calibration_batches(plan, data) if later or whole_blocks else None
     generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
     counter = _Counter(len(plan.steps), progress, plan.blocks)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
     with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
+        influences = _influences(model, plan, whole_blocks, batches) if whole_blocks and batches else {}
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
-            _compute(model, plan, unit, [_stage(modules, tensors, step, generators) for step in unit])
+            staged = [_stage(modules, tensors, step, generators) for step in unit]
+            for step, tensor in zip(unit, staged, strict=True):
+                if (step.tensor.module, step.tensor.param) in influences:
+                    tensor.statistics = {"block_influence": influences[step.tensor.module, step.tensor.param]}
+            _compute(model, plan, unit, staged)
             counter.done(unit)
         tokens = None
         if batches is not None:
@@ -177,13 +185,32 @@ def _compute(model: nn.Module, plan: Plan, unit: list[Step], staged: list[Pruned
         raise _fail(unit[0], what, f"masks could not be computed: {type(exc).__name__}: {exc}{hint}") from exc
 
 
+def _influences(
+    model: nn.Module, plan: Plan, units: list[list[Step]], batches: list[Any]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The block influence of each tensor's block (module, parameter -> 0-d tensor), for the rules
+    that score blocks by it: one dense pass before anything is pruned."""
+    members: dict[tuple[str, str], str] = {}
+    for unit in units:
+        for step in unit:
+            if step.group is None:
+                raise PlanError(Issue(f"{step.rule}: block_influence scores whole blocks: add group: {{unit: blocks}}"))
+            group = plan.groups[step.group].group
+            for member in group.members:
+                if member.block is not None:
+                    members[member.module, member.param] = group.unit_names[member.block]
+    rules = ", ".join(dict.fromkeys(u[0].rule for u in units))
+    scores = budgets.block_influences(model, list(dict.fromkeys(members.values())), batches, rules)
+    return {key: torch.tensor(scores[block], dtype=torch.float64) for key, block in members.items()}
+
+
 def _later(plan: Plan, units: list[list[Step]]) -> set[int]:
     """The units computed during the calibration pass (or after it): those of a method that reads
     statistics, and every later unit on a tensor one of those prunes (a tensor's rules keep their order)."""
     started: set[str] = set()
     later: set[int] = set()
     for i, unit in enumerate(units):
-        data = bool(plan.methods[unit[0].method].capabilities.statistics)
+        data = bool(set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL)
         if data or any(step.tensor.name in started for step in unit):
             later.add(i)
             started.update(step.tensor.name for step in unit)

@@ -438,6 +438,13 @@ class _Planner:
         if rule.group is not None:
             self._grouped(index, rule, info)
             return
+        if calibration.BLOCK_LEVEL & set(info.capabilities.statistics):
+            self.issue(
+                ("rules", index, "method"),
+                f"{label}: {info.name!r} scores whole blocks",
+                "use it with group: {unit: blocks}, selecting the blocks (e.g. names: ['model.layers.*'])",
+            )
+            return
         targets = self._targets(index, rule)
         if targets is None:
             return
@@ -485,6 +492,14 @@ class _Planner:
                 f"{rule.label(index)}: {info.name!r} does not rank across tensors (scope: global); its scores of "
                 "different layers are not comparable",
                 "use scope: local (each group on its own)",
+            )
+            return
+        assert rule.group is not None
+        if calibration.BLOCK_LEVEL & set(caps.statistics) and rule.group.unit != "blocks":
+            self.issue(
+                ("rules", index, "method"),
+                f"{rule.label(index)}: {info.name!r} scores whole blocks, not {rule.group.unit}",
+                "use group: {unit: blocks}",
             )
             return
         if rule.amount is None and rule.sparsity is None:

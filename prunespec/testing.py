@@ -51,7 +51,9 @@ one ``AssertionError`` naming the method and every rule it breaks:
   (``input_gram``: a random symmetric positive-definite float32 ``(in, in)`` matrix; ``input_sq_norms``: its
   diagonal, positive); **statistics**: each declared one can be made so; and "works through prunespec"
   runs ``prunespec.apply`` on an ``nn.Linear`` holding the weight with random calibration batches (other
-  shapes are not run through prunespec: statistics are collected for Linear layers only); a method whose
+  shapes are not run through prunespec: statistics are collected for Linear layers only; a method reading
+  ``block_influence``, a statistic of whole blocks, gets a synthetic one and is not run through prunespec
+  either: only a ``group: {unit: blocks}`` rule over a model's blocks runs it); a method whose
   amount applies per row (``per_row``) is counted, and its scores compared, row by row (each row pruning
   its share of the entries left in it);
 * **reconstruct (mask, values)** (a class with ``updates_values``): ``reconstruct(ctx)``, from a dense
@@ -80,6 +82,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import hookspecs
+from .calibration import BLOCK_LEVEL
 from .masks import Channels, Entries, Unit, n_to_prune
 from .methods.base import MaskContext, MethodInfo, PruningMethod
 from .plugins import MethodRegistry, PluginSource, _registrar
@@ -100,13 +103,15 @@ def synthetic_statistics(inputs: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Made-up calibration statistics of a module with ``inputs`` input features, one for each name in
     :data:`prunespec.calibration.STATISTICS`, consistent with each other as collected ones are:
     ``input_gram`` is ``A A^T / k + 0.01 I`` for a random ``(inputs, k)`` matrix ``A`` of ``k = 2 * inputs``
-    "tokens" (float32, symmetric positive definite), and ``input_sq_norms`` its diagonal (positive)."""
+    "tokens" (float32, symmetric positive definite), ``input_sq_norms`` its diagonal (positive), and
+    ``block_influence`` a value in (0, 1) (float64 scalar)."""
     gen = torch.Generator().manual_seed(seed)
     k = 2 * inputs
     a = torch.randn(inputs, k, generator=gen)
     gram = a @ a.T / k + 0.01 * torch.eye(inputs)
     gram = (gram + gram.T) / 2  # exactly symmetric, whatever the matmul's rounding
-    return {"input_sq_norms": gram.diagonal().clone(), "input_gram": gram}
+    influence = torch.rand((), generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    return {"input_sq_norms": gram.diagonal().clone(), "input_gram": gram, "block_influence": influence}
 
 
 def registered_methods(plugin: object, *, name: str = "plugin-under-test") -> dict[str, MethodInfo]:
@@ -192,9 +197,11 @@ class _Checker:
         """Synthetic calibration statistics for ``t``'s module, one per name the method declares (fresh
         tensors each call, so a method writing into them can be caught)."""
         names = self.info.capabilities.statistics
-        if not names or t.dim() < 2:
+        if not names:
             return {}
-        made = synthetic_statistics(t.shape[1], self.seed + 7)
+        if t.dim() < 2:  # no input features: only statistics of whole blocks apply
+            names = tuple(n for n in names if n in BLOCK_LEVEL)
+        made = synthetic_statistics(t.shape[1] if t.dim() >= 2 else 2, self.seed + 7)
         return {name: made[name] for name in names if name in made}
 
     def check_statistics(self) -> None:
@@ -626,6 +633,8 @@ class _Checker:
         data_aware = bool(caps.statistics) or caps.updates_values  # both work from calibration data
         if data_aware and t.dim() != 2:
             return  # calibration statistics are collected for Linear layers only
+        if BLOCK_LEVEL & set(caps.statistics):
+            return  # it scores whole blocks: only a group rule over a model's blocks runs it
         for extra in how:
             holder: nn.Module
             data = None

@@ -24,6 +24,7 @@ from torch.nn.utils import prune
 import prunespec
 import prunespec.cli
 from prunespec.cli import main
+from prunespec.methods.block_influence import BlockInfluence
 from prunespec.methods.sparsegpt import SparseGPT
 from prunespec.methods.wanda import Wanda
 
@@ -37,6 +38,7 @@ BUILTINS = {
     "ln_structured": prune.LnStructured,
     "wanda": Wanda,
     "sparsegpt": SparseGPT,
+    "block_influence": BlockInfluence,
 }
 ALL_SPECS = sorted(SPECS.glob("*.yaml"))
 
@@ -183,6 +185,7 @@ def test_methods_table_lists_the_builtins(capsys: pytest.CaptureFixture[str]) ->
         "ln_structured": ["structured", "channels"],
         "wanda": ["unstructured", "entries"],
         "sparsegpt": ["unstructured", "entries"],
+        "block_influence": ["unstructured", "entries"],
     }
 
 

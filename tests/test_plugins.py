@@ -44,6 +44,7 @@ BUILTIN_NAMES = {
     "ln_structured",
     "wanda",
     "sparsegpt",
+    "block_influence",
 }
 PLUGIN_PACKAGES = {"foobar": "prunespec-foobar", "nm": "prunespec-nm"}
 

@@ -548,3 +548,45 @@ def test_selected_layers_whose_channels_are_in_no_group_are_named_in_a_warning()
     plan = prunespec.plan(model, spec, data=[torch.randn(1, 3, 32, 32)])
     assert [g.group.name for g in plan.groups] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
     assert any("patch_embed: not pruned" in w and "LayerNorm" in w for w in plan.warnings)
+
+
+def test_block_influence_removes_the_block_that_changes_its_input_least() -> None:
+    model = llama(layers=4)
+    data = [tokens(101, seed=s) for s in range(2)]
+    with torch.no_grad():
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            model.model.layers[2].get_submodule(name).weight.mul_(1e-3)  # layer 2 nearly passes x through
+    spec = {
+        "version": 1,
+        "rules": [{**rule("model.layers.*", "blocks", 1), "method": "block_influence"}],
+        "shrink": True,
+    }
+    report = prunespec.apply(model, spec, data=data)
+    assert report.shrink is not None
+    assert report.shrink.groups[0].removed == ("model.layers.2",)
+    assert model.config.num_hidden_layers == 3
+
+
+def test_block_influence_is_one_minus_the_cosine_of_input_and_output() -> None:
+    from prunespec.budgets import block_influences
+
+    model = llama(layers=2)
+    batch = {"input_ids": torch.randint(0, 101, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
+    seen: dict[str, Any] = {}
+    layer = model.model.layers[1]
+    handle_in = layer.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    handle_out = layer.register_forward_hook(lambda m, a, o: seen.update(y=o[0] if isinstance(o, tuple) else o))
+    logits(model, batch)
+    handle_in.remove()
+    handle_out.remove()
+    cos = torch.nn.functional.cosine_similarity(seen["x"].double(), seen["y"].double(), dim=-1)
+    expected = float((1 - cos)[batch["attention_mask"].bool()].mean())
+    got = block_influences(model, ["model.layers.0", "model.layers.1"], [batch], "test")
+    assert got["model.layers.1"] == pytest.approx(expected, rel=1e-9)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_block_influence_outside_a_blocks_rule_is_a_plan_error() -> None:
+    spec = {"version": 1, "rules": [{**rule("model.layers.*.mlp", "channels", 0.5), "method": "block_influence"}]}
+    with pytest.raises(prunespec.PlanError, match="scores whole blocks"):
+        prunespec.plan(llama(layers=2), spec)

@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 from ..hookspecs import Register, hookimpl
 from .base import MaskContext, PruningMethod
+from .block_influence import BlockInfluence
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
@@ -164,5 +165,6 @@ class LnStructured(PruningMethod):
 
 @hookimpl
 def prunespec_register_methods(register: Register) -> None:
-    for method in (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured, Wanda, SparseGPT):
+    methods = (Identity, RandomUnstructured, L1Unstructured, RandomStructured, LnStructured, Wanda, SparseGPT)
+    for method in (*methods, BlockInfluence):
         register(method)
