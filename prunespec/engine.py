@@ -63,6 +63,7 @@ class Pruned:
     values: torch.Tensor | None = None  # new original values, from a method that reconstructs (sparsegpt)
     start: torch.Tensor | None = None  # the mask before this apply
     error: float | None = None  # relative reconstruction error on the calibration data
+    blockwise: Mapping[str, torch.Tensor] = field(default_factory=dict)  # statistics of its whole block
 
     @property
     def current(self) -> torch.Tensor:
@@ -75,8 +76,9 @@ class Pruned:
         values, mask = self.current.detach(), self.mask
         if copy:
             values, mask = values.clone(), None if mask is None else mask.clone()
+        statistics = {**self.statistics, **self.blockwise} if self.blockwise else self.statistics
         return MaskContext(
-            self.name, self.module_name, pname, module, values, mask, options, self.statistics, self.generators
+            self.name, self.module_name, pname, module, values, mask, options, statistics, self.generators
         )
 
 
@@ -128,16 +130,13 @@ def execute(
     with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
         influences = _influences(model, plan, whole_blocks, batches) if whole_blocks and batches else {}
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
-            staged = [_stage(modules, tensors, step, generators) for step in unit]
-            for step, tensor in zip(unit, staged, strict=True):
-                if (step.tensor.module, step.tensor.param) in influences:
-                    tensor.statistics = {"block_influence": influences[step.tensor.module, step.tensor.param]}
+            staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
             _compute(model, plan, unit, staged)
             counter.done(unit)
         tokens = None
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
-            tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter)
+            tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter, influences)
         if finalize:
             _finalize(list(tensors.values()), merge)
         else:
@@ -242,6 +241,7 @@ def _calibrated(
     batches: list[Any],
     generators: Generators | None,
     counter: _Counter,
+    influences: Mapping[tuple[str, str], torch.Tensor],
 ) -> int | None:
     """The units that need the calibration pass: each local one at its module's stop (in forward order),
     on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
@@ -254,8 +254,8 @@ def _calibrated(
     needs: dict[str, set[str]] = {}
     early = _weights(tensors.values()) if sequential else {}
     for unit in units:
-        staged = [_stage(modules, tensors, step, generators) for step in unit]
-        wanted = set(plan.methods[unit[0].method].capabilities.statistics)
+        staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)
         # a global rule or a group rule ranks across modules: after the pass, from every member's statistics
@@ -384,7 +384,11 @@ def _batched(plan: Plan, units: list[list[Step]]) -> Iterator[list[Step]]:
 
 
 def _stage(
-    modules: dict[str, nn.Module], tensors: dict[int, Pruned], step: Step, generators: Generators | None
+    modules: dict[str, nn.Module],
+    tensors: dict[int, Pruned],
+    step: Step,
+    generators: Generators | None,
+    influences: Mapping[tuple[str, str], torch.Tensor] | None = None,
 ) -> Pruned:
     owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
@@ -397,6 +401,9 @@ def _stage(
         tensors[key].owner_names = list(step.tensor.owners)
         tensors[key].generators = generators
     tensors[key].rules.append(step.rule)
+    owner = (step.tensor.module, step.tensor.param)
+    if influences and owner in influences:
+        tensors[key].blockwise = {"block_influence": influences[owner]}
     return tensors[key]
 
 

@@ -8,7 +8,7 @@ own), a total for ``scope: global`` (groups ranked together; the split is known 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,9 @@ class GroupPlan:
     entries: int
     entries_after: int | None
     selected_by: str
+    macs: int = 0  # multiply-accumulates of the members' weights, per token (known structures) or per example
+    macs_after: int | None = None
+    macs_per: str = "token"
 
     @property
     def kept(self) -> int | None:
@@ -72,6 +75,9 @@ class GroupPlan:
             ],
             "entries": self.entries,
             "entries_after": self.entries_after,
+            "macs": self.macs,
+            "macs_after": self.macs_after,
+            "macs_per": self.macs_per,
             "selected_by": self.selected_by,
         }
 
@@ -86,18 +92,22 @@ def already_pruned(modules: dict[str, nn.Module], group: Group) -> torch.Tensor:
     return whole
 
 
-def entries_after(modules: dict[str, nn.Module], group: Group, pruned: int) -> int | None:
+def entries_after(
+    modules: dict[str, nn.Module], group: Group, pruned: int, weights: Mapping[str, int] | None = None
+) -> int | None:
     """The members' entries left once ``pruned`` units are removed (None: it depends on which, as
-    for blocks of different sizes)."""
+    for blocks of different sizes). With ``weights`` (module -> positions it computes at), the
+    multiply-accumulates of the weight members instead: entries times positions."""
     total = 0
     per_unit = torch.zeros(group.size, dtype=torch.float64)
     for member in group.members:
-        if member.role == "sliced":
+        if member.role == "sliced" or (weights is not None and member.role != "scored"):
             continue
         tensor = original(modules[member.module], member.param)
         assert tensor is not None
-        total += tensor.numel()
-        per_unit += groups.unit_entries(group, member, tensor)
+        factor = 1 if weights is None else weights.get(member.module, 1)
+        total += tensor.numel() * factor
+        per_unit += groups.unit_entries(group, member, tensor) * factor
     if pruned == 0:
         return total
     if not bool((per_unit == per_unit[0]).all()):
@@ -111,6 +121,7 @@ class Traces:
     def __init__(self, model: nn.Module, example: Any) -> None:
         self.model, self.example = model, example
         self._found: Any = None
+        self._positions: dict[str, int] | None = None
 
     def analysis(self) -> Any:
         from .discovery import analyze  # fx is only loaded for models that need it
@@ -119,6 +130,48 @@ class Traces:
             example = tuple(self.example) if isinstance(self.example, list) else self.example
             self._found = analyze(self.model, example)
         return self._found
+
+    def positions(self) -> dict[str, int]:
+        """Per Conv or Linear module: the output positions it computes per example (H*W for a Conv2d,
+        tokens for a Linear on sequences), from one forward of the example (eval, no grad)."""
+        if self._positions is None:
+            self._positions = _positions(self.model, self.example)
+        return self._positions
+
+
+def _positions(model: nn.Module, example: Any) -> dict[str, int]:
+    from .sequential import run_batch
+
+    found: dict[str, int] = {}
+    batch = [1]
+
+    def hook(name: str, channel_dim: int) -> Any:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() >= 1:
+                found[name] = output.numel() // max(batch[0] * output.shape[channel_dim], 1)
+
+        return record
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            handles.append(module.register_forward_hook(hook(name, 1)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(hook(name, -1)))
+    first = example if isinstance(example, torch.Tensor) else None
+    if isinstance(example, (tuple, list)) and example and isinstance(example[0], torch.Tensor):
+        first = example[0]
+    batch[0] = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_batch(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return found
 
 
 def _output_dim(module: nn.Module) -> int:
@@ -252,7 +305,8 @@ def plan_rule(
         for (group, by), d in zip(found, done, strict=True):
             entries = entries_after(modules, group, 0)
             assert entries is not None
-            plans.append(GroupPlan(index, label, group, d, None, entries, None, by))
+            macs, per = _macs(modules, group, 0, traces)
+            plans.append(GroupPlan(index, label, group, d, None, entries, None, by, macs or 0, None, per))
         return plans, [], warnings
     for (group, by), d in zip(found, done, strict=True):
         k = count(rule, group.size - d, group.size, d)
@@ -269,8 +323,19 @@ def plan_rule(
         pruned = max(d, group.size - kept)
         entries = entries_after(modules, group, 0)
         assert entries is not None
-        plans.append(GroupPlan(index, label, group, d, pruned, entries, entries_after(modules, group, pruned), by))
+        after = entries_after(modules, group, pruned)
+        macs, per = _macs(modules, group, 0, traces)
+        macs_after, _ = _macs(modules, group, pruned, traces)
+        plans.append(GroupPlan(index, label, group, d, pruned, entries, after, by, macs or 0, macs_after, per))
     return plans, [], warnings
+
+
+def _macs(modules: dict[str, nn.Module], group: Group, pruned: int, traces: Traces | None) -> tuple[int | None, str]:
+    """The group's weight multiply-accumulates left after ``pruned`` units: per example for a traced
+    group (each layer's output positions, from the example inputs), per token otherwise."""
+    if group.structure == "traced" and traces is not None and traces.example is not None:
+        return entries_after(modules, group, pruned, traces.positions()), "example"
+    return entries_after(modules, group, pruned, {}), "token"
 
 
 def count(rule: Rule, left: int, size: int, done: int) -> int | None:

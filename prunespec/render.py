@@ -64,6 +64,8 @@ def format_plan(plan: Plan) -> str:
     rows = []
     owl = {o.rule_index: o for o in plan.owl}
     for i, step in enumerate(plan.steps):
+        if step.group is not None:
+            continue  # the groups table shows these, one line per group rather than per tensor
         how = (
             f"amount {step.amount}"
             if step.amount is not None
@@ -93,12 +95,17 @@ def format_plan(plan: Plan) -> str:
         )
     rules, steps, tensors = len(plan.spec.rules), len(plan.steps), len(plan.tensors)
     out = [f"Plan: {plural(rules, 'rule')}, {plural(steps, 'step')} on {plural(tensors, 'tensor')}", ""]
-    out.append(table(headers, rows, right={0}))
+    if rows or not plan.groups:
+        out.append(table(headers, rows, right={0}))
     total = sum(numel for numel, _, _ in plan.tensors.values())
     predicted = plan.global_sparsity
     exact = all(exact for _, _, exact in plan.tensors.values())
     if plan.groups:
-        out += ["", groups_table(plan)]
+        grouped = sum(1 for step in plan.steps if step.group is not None)
+        out += ([""] if rows else []) + [
+            groups_table(plan),
+            f"({plural(grouped, 'step')} of group rules, one per tensor a group spans: see --json)",
+        ]
     if predicted is None:
         why = (
             "which units go is known once the groups are scored"
@@ -135,14 +142,17 @@ def format_plan(plan: Plan) -> str:
 
 
 def groups_table(plan: Plan) -> str:
-    """One line per coupled group: units before and after, and the members' entries."""
-    headers = ["rule", "group", "kind", "structure", "units", "kept", "members", "entries"]
+    """One line per coupled group: units before and after, the members' entries, and the weights'
+    multiply-accumulates per token (known structures) or per example (traced groups)."""
+    headers = ["rule", "group", "kind", "structure", "units", "kept", "members", "entries", "MACs"]
     rows = []
     for g in plan.groups:
         kept = "?" if g.kept is None else str(g.kept)
         before = "" if not g.already else f" ({g.already} pruned before)"
         after = "?" if g.entries_after is None else f"{g.entries_after:,}"
         tensors = len({m.tensor for m in g.group.members if m.role != "sliced"})
+        macs = "?" if g.macs_after is None else _count(g.macs_after)
+        mac_cell = f"{_count(g.macs)} -> {macs} /{g.macs_per}"
         rows.append(
             [
                 g.rule,
@@ -153,9 +163,18 @@ def groups_table(plan: Plan) -> str:
                 kept,
                 str(tensors),
                 f"{g.entries:,} -> {after}",
+                mac_cell,
             ]
         )
-    return "Groups:\n" + table(headers, rows, right={4, 5, 6, 7})
+    return "Groups:\n" + table(headers, rows, right={4, 5, 6, 7, 8})
+
+
+def _count(n: int) -> str:
+    """1234567 -> 1.23M: MAC counts are read for their size."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def format_shrink(report: ShrinkReport) -> str:

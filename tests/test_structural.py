@@ -590,3 +590,35 @@ def test_block_influence_outside_a_blocks_rule_is_a_plan_error() -> None:
     spec = {"version": 1, "rules": [{**rule("model.layers.*.mlp", "channels", 0.5), "method": "block_influence"}]}
     with pytest.raises(prunespec.PlanError, match="scores whole blocks"):
         prunespec.plan(llama(layers=2), spec)
+
+
+def test_the_plan_counts_each_groups_macs() -> None:
+    model = _resnet()
+    x = torch.randn(2, 3, 48, 48)
+    positions: dict[str, int] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, name=name: positions.update({name: out[0, 0].numel()}))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    model(x)
+    for h in handles:
+        h.remove()
+    plan = prunespec.plan(model, {"version": 1, "rules": [CONVS]}, data=[x])
+    modules = dict(model.named_modules())
+    for g in plan.groups:
+        weights = [m for m in g.group.members if m.role == "scored"]
+        expected = sum(modules[m.module].weight.numel() * positions.get(m.module, 1) for m in weights)
+        assert (g.macs, g.macs_per) == (expected, "example")
+        assert g.macs_after is not None and g.macs_after < g.macs
+    llama_plan = prunespec.plan(llama(layers=1), {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.5)]})
+    assert [(g.macs, g.macs_after, g.macs_per) for g in llama_plan.groups] == [(3 * 96 * 64, 3 * 48 * 64, "token")]
+
+
+def test_the_structural_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import structural
+
+    structural.main()
+    out = capsys.readouterr().out
+    assert out.count("a fresh model loads it: True") == 2
+    assert "decoder_blocks" in out and "traced" in out
