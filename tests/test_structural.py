@@ -9,6 +9,7 @@ be done is a clear error with the model left as it was.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -622,3 +623,30 @@ def test_the_structural_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert out.count("a fresh model loads it: True") == 2
     assert "decoder_blocks" in out and "traced" in out
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "structural-pruning.md"
+
+
+def test_the_pages_commands_run_and_print_what_it_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = DOC.read_text()
+    commands = [c.replace("\\\n", " ").split() for c in re.findall(r"^prunespec (.+?(?:\\\n.+?)*)$", text, re.M)]
+    assert len(commands) == 3
+    for argv in commands:
+        argv = [str(tmp_path / a) if a.endswith(".pt") else a for a in argv]
+        assert cli.main(argv) == 0, argv
+    out = capsys.readouterr().out
+    claimed = re.search(r"`(Shrink: .+?)`\)", text)
+    assert claimed is not None and claimed.group(1) in out
+
+
+def test_the_pages_llama_saves_and_loads_with_plain_from_pretrained(tmp_path: Path) -> None:
+    import structural
+
+    model = structural.small_llama()
+    batches = structural.token_batches()
+    prunespec.apply(model, structural.SPECS / "llama.yaml", data=batches)
+    assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 192
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded, batches[0]), logits(model, batches[0]))
