@@ -650,3 +650,37 @@ def test_the_pages_llama_saves_and_loads_with_plain_from_pretrained(tmp_path: Pa
     model.save_pretrained(tmp_path)
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(loaded, batches[0]), logits(model, batches[0]))
+
+
+@pytest.mark.parametrize(
+    "make, rules, batch",
+    [
+        (
+            tiny_bert,
+            [rule("bert.encoder.layer.*", "channels", 0.5), rule("bert.encoder.layer.*.attention", "heads", 1)],
+            tokens(128),
+        ),
+        (
+            lambda: (torch.manual_seed(0), zoo.vit_shaped().eval())[1],
+            [rule("blocks.*.mlp", "channels", 0.5), rule("blocks.*.attn", "heads", 2)],
+            torch.randn(2, 3, 32, 32),
+        ),
+    ],
+    ids=["bert", "vit"],
+)
+def test_bert_and_vit_shrunk_checkpoints_load_into_fresh_models(
+    make: Any, rules: list[dict[str, Any]], batch: Any, tmp_path: Path
+) -> None:
+    model = make()
+    prunespec.apply(model, {"version": 1, "rules": rules, "shrink": True}, data=[batch])
+
+    def run(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = m(**batch) if isinstance(batch, dict) else m(batch)
+        return out.logits if hasattr(out, "logits") else out
+
+    prunespec.save(model, tmp_path / "shrunk.pt")
+    fresh = make()
+    prunespec.load(fresh, tmp_path / "shrunk.pt")
+    assert torch.equal(run(fresh), run(model))
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in model.parameters())
