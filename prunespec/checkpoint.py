@@ -38,7 +38,7 @@ from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
 from .files import atomic_write, check_writable
-from .layout import ensure_detach_hook
+from .layout import cache_masked_weight, ensure_detach_hook
 from .loader import load_spec, validate_document
 from .plugins import MethodRegistry, load_methods
 from .record import CalibrationRecord
@@ -460,6 +460,9 @@ def _commit(
             rebuilt = hooks.get(name)
             if rebuilt is not None and isinstance(hook, prune.Identity):
                 module._forward_pre_hooks[key] = rebuilt
+            installed = module._forward_pre_hooks[key]
+            assert isinstance(installed, prune.BasePruningMethod)
+            cache_masked_weight(installed)
     except BaseException as exc:
         snapshot.restore()
         if isinstance(exc, Exception) and not isinstance(exc, PrunespecError):

@@ -16,6 +16,7 @@ step without holding the group's mask (pytorch/pytorch#49332); tied owners share
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -66,10 +67,73 @@ class DetachAfterForward:
 _DETACH = DetachAfterForward()  # stateless: one object serves every module
 
 
+class MaskedWeight:
+    """The ``apply_mask`` of one installed pruning hook (set on the hook object, so the hook keeps its
+    class): ``<name>_orig * <name>_mask`` as torch computes it, but made once and reused while both
+    are the same tensors with the same data and versions and no gradient can need a fresh product.
+
+    Torch recomputes the product before every forward, a full pass over the weight (1.46x the dense
+    forward time at batch 1 on a GPT-2). An optimizer step, ``load_state_dict``, a new mask or new
+    ``.data`` changes the key; with grad enabled and ``<name>_orig`` requiring grad it is always made
+    afresh, so gradients reach ``<name>_orig`` exactly as with torch. The product kept is the one the
+    module holds as ``<name>`` anyway: no extra memory.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._key: tuple[Any, ...] | None = None
+        self._value: torch.Tensor | None = None
+
+    def _key_of(self, orig: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
+        return (
+            weakref.ref(orig),
+            orig._version,
+            orig.data_ptr(),
+            weakref.ref(mask),
+            mask._version,
+            mask.data_ptr(),
+            torch.is_inference_mode_enabled(),
+        )
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        orig = module._parameters[self.name + ORIG]
+        mask = module._buffers[self.name + MASK]
+        assert orig is not None and mask is not None
+        if torch.is_grad_enabled() and orig.requires_grad:
+            self._key = self._value = None
+            return mask.to(dtype=orig.dtype) * orig
+        key = self._key_of(orig, mask)
+        if self._value is not None and self._key is not None and _same(self._key, key):
+            return self._value
+        self._value = mask.to(dtype=orig.dtype) * orig
+        self._key = key
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name}  # a pickled or copied model computes its product again
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"])  # type: ignore[misc]
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Keys equal, their tensors compared by identity (a weakref to a dead tensor matches nothing)."""
+    return all(
+        (x() is not None and x() is y()) if isinstance(x, weakref.ref) else x == y for x, y in zip(a, b, strict=True)
+    )
+
+
+def cache_masked_weight(hook: prune.BasePruningMethod) -> None:
+    """Give an installed hook a :class:`MaskedWeight` (a fresh one: nothing cached from before)."""
+    hook.apply_mask = MaskedWeight(hook._tensor_name)  # type: ignore[method-assign]
+
+
 def _copy(hook: prune.BasePruningMethod) -> prune.BasePruningMethod:
-    """A shallow copy of a method record (``copy.copy`` without its reduce protocol, which is slow)."""
+    """A shallow copy of a method record (``copy.copy`` without its reduce protocol, which is slow),
+    without an installed hook's :class:`MaskedWeight`."""
     new = object.__new__(type(hook))
     new.__dict__.update(hook.__dict__)
+    new.__dict__.pop("apply_mask", None)
     return new
 
 
@@ -188,6 +252,7 @@ def install(
         else:
             chain.append(new)
     hook = container(chain)
+    cache_masked_weight(hook)
     if old_key is not None:
         module._forward_pre_hooks[old_key] = hook  # same key: the hook keeps its place (pytorch#37138)
     else:
@@ -206,7 +271,8 @@ def merged(a: prune.BasePruningMethod, b: prune.BasePruningMethod) -> prune.Base
     amount_a, amount_b = getattr(a, "amount", None), getattr(b, "amount", None)
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in (amount_a, amount_b)):
         return None
-    if {k: v for k, v in vars(a).items() if k != "amount"} != {k: v for k, v in vars(b).items() if k != "amount"}:
+    own = ("amount", "apply_mask")  # apply_mask: the installed hook's MaskedWeight, not a setting
+    if {k: v for k, v in vars(a).items() if k not in own} != {k: v for k, v in vars(b).items() if k not in own}:
         return None
     out = _copy(b)
     out.amount = amount_a + amount_b  # type: ignore[attr-defined,operator]
