@@ -2,8 +2,8 @@
 
 Run it from the repository root with the main venv (torch-pruning runs in its own venv, see below)::
 
-    python benchmarks/shrink.py                          # all cases, about 3 minutes on 2 idle cores
-    python benchmarks/shrink.py --quick                  # tiny sizes: a smoke test in seconds
+    python benchmarks/shrink.py                          # all cases, 2-3 minutes on 2 idle cores
+    python benchmarks/shrink.py --quick                  # tiny sizes: a smoke test (~45 s)
     python benchmarks/shrink.py --cases resnet50 --repeats 50 --threads 1
     python benchmarks/shrink.py --wait-idle 120 --json   # on a shared machine: wait for idle CPUs per worker
 
