@@ -27,13 +27,14 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint_hooks, shrink
+from . import checkpoint_hooks, hf, shrink
 from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
@@ -55,25 +56,27 @@ def save(
     *,
     methods: MethodRegistry | None = None,
     record: CalibrationRecord | None = None,
+    format: str = "pt",
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
     Spec, a YAML path or a mapping), which methods pruned each tensor and, given a ``record``, what
     the calibration used (:func:`inspect` reads it back).
 
-    The file appears whole or not at all: a failed or killed save leaves the previous file as it was.
+    ``format``: ``"pt"``, one file for ``torch.load(weights_only=True)``; ``"pretrained"``, for a
+    transformers model, a ``save_pretrained`` directory that plain ``from_pretrained`` loads (the
+    weights as the model computes them), with ``prunespec.yaml`` and the masks beside it
+    (:mod:`prunespec.hf`). The file or directory appears whole or not at all: a failed or killed save
+    leaves the previous one as it was.
     """
-    check_writable(path)
+    if format not in ("pt", "pretrained"):
+        raise OutputError(f"{path}: unknown format {format!r}; use 'pt' or 'pretrained'")
+    if format == "pt":
+        check_writable(path)
     methods = load_methods() if methods is None else methods
-    spec = load_spec(spec, methods=methods) if spec is not None else None
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "spec": _spec_record(spec) if spec is not None else None,
-        "hooks": checkpoint_hooks.describe(model, methods),
-    }
-    if record is not None:
-        meta["calibration"] = record.to_dict()
-    if shrink.history(model):
-        meta["shrunk"] = shrink.history(model)
+    meta = metadata(model, spec, methods, record)
+    if format == "pretrained":
+        hf.save_dir(model, path, meta | {"sparsity": _sparsities(model)})
+        return
     content = {"state_dict": _storable(model.state_dict()), "prunespec": meta}
 
     def write(file: BinaryIO) -> None:
@@ -85,6 +88,33 @@ def save(
             raise OutputError(f"{path}: could not write the checkpoint: {type(exc).__name__}: {exc}") from exc
 
     atomic_write(path, write)
+
+
+def metadata(
+    model: nn.Module,
+    spec: Spec | str | os.PathLike[str] | Mapping[str, Any] | None,
+    methods: MethodRegistry,
+    record: CalibrationRecord | None = None,
+) -> dict[str, Any]:
+    """prunespec's records of a model, as plain data: the spec, the hooks of each pruned tensor, the
+    calibration record and the shrink history (what a checkpoint stores beside the tensors)."""
+    the_spec = load_spec(spec, methods=methods) if spec is not None else None
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "spec": _spec_record(the_spec) if the_spec is not None else None,
+        "hooks": checkpoint_hooks.describe(model, methods),
+    }
+    if record is not None:
+        meta["calibration"] = record.to_dict()
+    if shrink.history(model):
+        meta["shrunk"] = shrink.history(model)
+    return meta
+
+
+def _sparsities(model: nn.Module) -> dict[str, float]:
+    from .report import sparsity
+
+    return {name: round(value, 6) for name, value in sparsity(model).tensors.items()}
 
 
 def _spec_record(spec: Spec) -> dict[str, Any]:
@@ -114,7 +144,10 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     left as it was (also when any other exception, KeyboardInterrupt included, interrupts the load).
     """
     methods = load_methods() if methods is None else methods
-    state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
+    if Path(path).is_dir():  # a save_pretrained directory (prunespec's, with its masks, or any)
+        state_dict, meta = hf.read_dir(model, path)
+    else:
+        state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
     undo_shrink = _replay_shrinks(model, path, meta)
     try:
         spec = _load_checked(model, path, state_dict, meta, methods)

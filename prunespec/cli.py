@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from torch import nn
 
-from . import __version__, api, checkpoint
+from . import __version__, api, checkpoint, hf
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
 from .files import atomic_write_text, check_writable
@@ -59,7 +59,7 @@ def load_data(ref: str) -> Iterable[Any]:
     return data
 
 
-def load_object(ref: str, what: str = "model") -> Any:
+def load_object(ref: str, what: str = "model", *, call: bool = True) -> Any:
     """Call the factory named by ``path/to/file.py:factory`` or ``package.module:factory`` and return what
     it builds (``what``: the model, the data; used in errors).
 
@@ -87,7 +87,7 @@ def load_object(ref: str, what: str = "model") -> Any:
         factory = getattr(module, attr, None)
         if not callable(factory):
             raise ModelRefError(f"{target!r} has no callable {attr!r}")
-        return _build(ref, attr, factory, what)
+        return _build(ref, attr, factory, what) if call else factory
 
 
 def _import_file(path: Path) -> Any:
@@ -133,11 +133,57 @@ def _build(ref: str, attr: str, factory: Any, what: str) -> Any:
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
-    model = load_model(args.model)
+    model = _build_model(args)
     if getattr(args, "weights", None):
         state_dict, _ = checkpoint.read(args.weights)
         checkpoint.load_state_dict(model, state_dict)
     return model
+
+
+def _build_model(args: argparse.Namespace) -> nn.Module:
+    """``--model``: a local transformers directory (its masks restored when prunespec saved them), a
+    factory REF, or with ``--config FILE`` a REF called with that config."""
+    ref = args.model
+    config_file = getattr(args, "config", None)
+    if hf.is_model_dir(ref):
+        if config_file:
+            raise ModelRefError(f"--config is for a factory REF; {ref} is a model directory with its own config.json")
+        model = hf.load_dir(ref, getattr(args, "model_class", None))
+        if (Path(ref) / hf.SIDECAR).is_file():
+            checkpoint.load(model, ref)
+        return model
+    if getattr(args, "model_class", None):
+        raise ModelRefError("--model-class names the class of a model directory; --model is not one")
+    if config_file:
+        return load_model_with_config(ref, config_file)
+    if "/" in ref and ":" not in ref and not Path(ref).exists():
+        raise ModelRefError(
+            f"{ref}: no such directory; prunespec never downloads (a hub id must be downloaded first, e.g. "
+            "huggingface-cli download, and the folder passed)"
+        )
+    return load_model(ref)
+
+
+def load_model_with_config(ref: str, config_file: str) -> nn.Module:
+    """``REF`` called with the config read from ``config_file`` (a transformers ``config.json``): a
+    transformers model class reads it as its own config class."""
+    import transformers
+
+    path = Path(config_file)
+    if not path.is_file():
+        raise ModelRefError(f"--config {config_file}: no such file")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelRefError(f"--config {config_file}: not a transformers config: {type(exc).__name__}: {exc}") from exc
+    factory = load_object(ref, "model", call=False)
+    try:
+        model = factory(config)
+    except Exception as exc:
+        raise ModelRefError(f"{ref}: calling it with the config failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelRefError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
 
 
 def _print_json(data: Any) -> None:
@@ -230,9 +276,10 @@ def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
-    if args.out:  # before the work: a bad --out must not cost a whole apply
-        check_writable(args.out)
     model = _model(args)
+    out_format = "pretrained" if args.out and hf.is_pretrained(model) and not Path(args.out).suffix else "pt"
+    if args.out and out_format == "pt":  # before the work: a bad --out must not cost a whole apply
+        check_writable(args.out)
     data = list(load_data(args.data)) if args.data else None  # listed: OWL's allocation reads it too
     plan = api.plan(model, args.spec, methods=methods, data=data)
     report = api.apply(
@@ -246,7 +293,7 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.out:
         changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
         applied = plan.spec.model_copy(update=changed) if changed else plan.spec
-        checkpoint.save(model, args.out, spec=applied, methods=methods, record=report.calibration)
+        checkpoint.save(model, args.out, spec=applied, methods=methods, record=report.calibration, format=out_format)
     if args.json:
         _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
         return EXIT_OK
@@ -288,7 +335,7 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
-    model = load_model(args.model)
+    model = _build_model(args)
     state_dict, _ = checkpoint.read(args.checkpoint)
     checkpoint.load_state_dict(model, state_dict)
     report = sparsity(model)
@@ -333,10 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_schema)
     p = add("methods", "list the installed pruning methods")
     p.set_defaults(run=cmd_methods)
-    model_help = "the model: path/to/file.py:Factory or package.module:factory"
+    model_help = (
+        "the model: path/to/file.py:Factory or package.module:factory, or a local transformers model directory "
+        "(a folder with config.json; never downloaded)"
+    )
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, metavar="REF", help=model_help)
+        p.add_argument(
+            "--model-class",
+            metavar="CLASS",
+            help="for a model directory: the transformers class (default: its config's)",
+        )
+        p.add_argument("--config", metavar="FILE", help="call the factory REF with this transformers config.json")
+
     p = add("plan", "show what a spec will do to a model, without changing it")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    model_args(p)
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
     p.add_argument(
         "--data", metavar="REF", help="calibration batches (file.py:factory): OWL rules then show each block's sparsity"
@@ -344,9 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_plan)
     p = add("apply", "prune a model as a spec says and report the result")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    model_args(p)
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
-    p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        help="save the result: FILE.pt (prunespec's checkpoint), or for a transformers model a DIR without a "
+        "suffix (save_pretrained that plain from_pretrained loads, with prunespec.yaml and the masks)",
+    )
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
     p.add_argument(
         "--shrink",
@@ -368,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_apply)
     p = add("report", "show how sparse a checkpoint is")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    model_args(p)
     p.set_defaults(run=cmd_report)
     return parser
 
