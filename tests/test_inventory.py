@@ -5,16 +5,20 @@ sparsity and the known structures a `group:` rule takes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import ModelState
+from conftest import ROOT, ModelState
 from tiny_transformers import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import prunespec
+from prunespec.cli import main
 from prunespec.inventory import Inventory, ModuleRow, escape_glob
+
+GPT2 = "examples/tiny_transformers.py:tiny_gpt2"
 
 
 class Block(nn.Module):
@@ -305,3 +309,28 @@ def test_units_pruned_before_are_counted() -> None:
     prunespec.apply(model, {"version": 1, "rules": [rule]})
     mlp = next(s for s in prunespec.inventory(model).structures if s.structure == "swiglu_mlp")
     assert mlp.count == 2 and mlp.pruned == 2 * 32
+
+
+def test_cli_table_json_and_exit_codes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ref = str(ROOT / GPT2)
+    assert main(["inspect", "--model", ref]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.*.mlp.c_fc" in out and 'names: ["transformer.h.*.mlp.c_fc"]' in out
+    assert "transformer.wte.weight = lm_head.weight" in out
+    assert "decoder_blocks" in out and out.rstrip().endswith("(98,304 weight entries)")
+    assert main(["inspect", "--model", ref, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["modules"] == 16
+    assert main(["inspect", "--model", "examples/nope.py:f"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    spec = tmp_path / "half.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - select: {names: ['transformer.h.*.mlp.c_fc']}\n"
+        "    method: l1_unstructured\n    amount: 0.5\n"
+    )
+    ckpt = tmp_path / "pruned.pt"
+    assert main(["apply", str(spec), "--model", ref, "--out", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--model", ref, "--weights", str(ckpt), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    c_fc = next(r for r in data["modules"] if r["pattern"] == "transformer.h.*.mlp.c_fc")
+    assert c_fc["parameters"][0]["masked"] == 2 and c_fc["parameters"][0]["zeros"] == 2 * 8192
