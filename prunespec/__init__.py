@@ -25,6 +25,7 @@ from .errors import (
     SpecError,
 )
 from .hookspecs import hookimpl
+from .inventory import Inventory, inventory
 from .loader import load_spec, loads_spec
 from .masks import Blocks, Channels, Entries, Unit
 from .methods.base import Capabilities, MaskContext, PruningMethod
@@ -47,6 +48,7 @@ __all__ = [
     "CheckpointError",
     "Entries",
     "Fingerprint",
+    "Inventory",
     "MaskContext",
     "MethodRegistry",
     "Plan",
@@ -68,6 +70,7 @@ __all__ = [
     "finalize",
     "hookimpl",
     "inspect",
+    "inventory",
     "load",
     "load_methods",
     "load_spec",

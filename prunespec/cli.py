@@ -28,6 +28,7 @@ from . import __version__, api, checkpoint, hf
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
 from .files import atomic_write_text, check_writable
+from .inventory import inventory
 from .loader import load_spec
 from .plugins import MethodRegistry, PluginWarning, load_methods
 from .render import options as format_options
@@ -265,6 +266,15 @@ def cmd_methods(args: argparse.Namespace, methods: MethodRegistry) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    found = inventory(_model(args))
+    if args.json:
+        _print_json(found.to_dict())
+    else:
+        print(found)
+    return EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
     data = list(load_data(args.data)) if args.data else None
     plan = api.plan(_model(args), args.spec, methods=methods, data=data)
@@ -394,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--config", metavar="FILE", help="call the factory REF with this transformers config.json")
 
+    p = add("inspect", "list a model's modules as patterns, with selectors, tied parameters and known structures")
+    model_args(p)
+    p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
+    p.set_defaults(run=cmd_inspect)
     p = add("plan", "show what a spec will do to a model, without changing it")
     p.add_argument("spec", metavar="SPEC")
     model_args(p)

@@ -1,15 +1,17 @@
 """Everything prunespec prints for people: aligned tables, plans and sparsity reports.
 
-The data lives in :mod:`prunespec.planner` and :mod:`prunespec.report`; this module only reads it, so that
-neither of those imports the other for the sake of printing.
+The data lives in :mod:`prunespec.planner`, :mod:`prunespec.report` and :mod:`prunespec.inventory`; this
+module only reads it, so that none of those imports another for the sake of printing.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .inventory import Inventory, ModuleRow, StructureRow
     from .planner import OwlRule, Plan
     from .report import Report, TensorStats
     from .shrink import ShrinkReport
@@ -291,3 +293,86 @@ def format_report(report: Report) -> str:
 
 def _error(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+MAX_SELECTOR = 60
+"""Longest selector shown whole in the inventory's tables; longer name lists are cut (``--json`` has them)."""
+
+
+def format_inventory(inventory: Inventory) -> str:
+    """A model's inventory as a spec author reads it: one line per row of alike modules, the tied
+    parameters, the known structures with their ``group:`` unit, then the totals."""
+    headers = ["pattern", "count", "type", "parameters", "entries", "sparsity", "prunable", "selector"]
+    rows = [
+        [
+            row.pattern or "<root>",
+            str(row.count),
+            row.type,
+            _params_cell(row),
+            f"{row.numel:,}",
+            pct(row.sparsity),
+            "yes" if row.prunable else "no",
+            selector(row.selector),
+        ]
+        for row in inventory.modules
+    ]
+    out = ["Modules with parameters (names that differ only in integer segments collapsed into `*`):"]
+    out.append(table(headers, rows, right={1, 4, 5}))
+    if inventory.tied:
+        out += ["", "Tied parameters (one tensor, several names; a rule prunes it once and every owner gets the mask):"]
+        out += [f"  {' = '.join(t.names)}  ({shape(t.shape)})" for t in inventory.tied]
+    if inventory.structures:
+        out += ["", "Known structures (select them in a rule with `group: {unit: ...}`):"]
+        out.append(structures_table(inventory.structures))
+    modules = sum(row.count for row in inventory.modules)
+    prunable = sum(row.count for row in inventory.modules if row.prunable)
+    out += [
+        "",
+        f"Total: {plural(modules, 'module')} with parameters in {plural(len(inventory.modules), 'row')}; "
+        f"{inventory.parameters:,} parameters (a tied one counted once), {pct(inventory.sparsity)} zero "
+        f"({inventory.zeros:,})",
+        f"`preset: prunable` selects {plural(prunable, 'module')} ({inventory.prunable_weights:,} weight entries)",
+    ]
+    return "\n".join(out)
+
+
+def _params_cell(row: ModuleRow) -> str:
+    return ", ".join(f"{p.name} {shape(p.shape)}" + (" (tied)" if p.tied else "") for p in row.params)
+
+
+def structures_table(rows: Sequence[StructureRow]) -> str:
+    """One line per row of alike known structures: the unit, units per group, the tensors a unit spans."""
+    headers = ["pattern", "count", "structure", "group unit", "units", "tensors", "selector"]
+    cells = []
+    for row in rows:
+        noun = "channel" if row.unit == "channels" else "block" if row.unit == "blocks" else "head"
+        units = plural(row.units, noun)
+        if row.unit == "heads" and row.heads != row.units:
+            units = f"{plural(row.units, 'KV head')} ({row.heads} query)"
+        if row.pruned:
+            units += f", {row.pruned} pruned"
+        tensors = dict.fromkeys(m.tensor.rpartition(".")[0] or m.tensor for m in row.members)
+        cells.append(
+            [
+                row.pattern or "<root>",
+                str(row.count),
+                row.structure,
+                row.unit,
+                units,
+                ", ".join(tensors) + (" (each block)" if row.unit == "blocks" else ""),
+                selector(row.selector),
+            ]
+        )
+    return table(headers, cells, right={1})
+
+
+def selector(select: Mapping[str, Sequence[str]]) -> str:
+    """``names: ["model.layers.*.mlp"]``, as a spec's flow YAML takes it (JSON quoting is YAML's);
+    a long list of names is cut."""
+    parts = []
+    for key, entries in select.items():
+        text = json.dumps(list(entries))
+        if len(text) > MAX_SELECTOR and len(entries) > 1:
+            text = f"{json.dumps(list(entries[:1]))[:-1]}, ...] ({len(entries)} names: see --json)"
+        parts.append(f"{key}: {text}")
+    return ", ".join(parts)
