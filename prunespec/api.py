@@ -59,12 +59,18 @@ def apply(
     shrink: bool | None = None,
     progress: Progress | None = None,
     data: Iterable[Any] | None = None,
+    snapshot: str = "memory",
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
     ``finalize`` and ``shrink`` override the spec's. With ``shrink``, the units that ``group`` rules
     pruned are then removed (:func:`prunespec.shrink`, checked on the first calibration batch, or on
     random token ids for a transformers model); its report is ``Report.shrink``.
+
+    ``snapshot`` (with ``finalize``): how the all-or-nothing promise is kept for tensors finalized in
+    place: ``"memory"`` (default) holds every mask until the end, 1 byte an entry; ``"disk"`` writes
+    each tensor as soon as its mask is ready, its old values first saved to a temporary file (restored
+    on an error): beyond the model, one tensor's working set; ``"none"``: no undo at all.
 
     ``progress(done, total, what)`` is called as steps finish (off by default; the ``prunespec`` logger
     also logs each step at DEBUG level). On any error the model is left exactly as it was.
@@ -79,7 +85,7 @@ def apply(
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods, data=data)
     chosen = the_plan.spec.finalize if finalize is None else finalize
     if not (the_plan.spec.shrink if shrink is None else shrink):
-        return run(model, the_plan, finalize=chosen, progress=progress, data=data)
+        return run(model, the_plan, finalize=chosen, progress=progress, data=data, snapshot=snapshot)
     undo = transaction.BindingsSnapshot(model)  # shrink runs after install: a failure undoes both
     try:
         report = run(model, the_plan, finalize=False, progress=progress, data=data)
@@ -101,6 +107,7 @@ def run(
     progress: Progress | None = None,
     merge: bool = False,
     data: Iterable[Any] | None = None,
+    snapshot: str = "memory",
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
     batches = None
@@ -108,7 +115,7 @@ def run(
         batches = engine.calibration_batches(the_plan, data)
         if any(o.allocated is None for o in the_plan.owl):
             the_plan = _allocated(model, the_plan, batches)
-    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches, finalize=finalize)
+    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches, finalize=finalize, snapshot=snapshot)
     pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}

@@ -299,6 +299,7 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
         shrink=True if args.shrink else None,
         progress=_progress_bar(args),
         data=data,
+        snapshot=args.snapshot,
     )
     if args.out:
         changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
@@ -427,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         "suffix (save_pretrained that plain from_pretrained loads, with prunespec.yaml and the masks)",
     )
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
+    p.add_argument(
+        "--snapshot",
+        choices=("memory", "disk", "none"),
+        default="memory",
+        help="with finalize: how a failure is undone: masks held in memory until the end (default), old values "
+        "saved to a temporary file while each tensor is written at once (least memory), or no undo",
+    )
     p.add_argument(
         "--shrink",
         action="store_true",

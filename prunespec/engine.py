@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +67,7 @@ class Pruned:
     start: torch.Tensor | None = None  # the mask before this apply
     error: float | None = None  # relative reconstruction error on the calibration data
     blockwise: Mapping[str, torch.Tensor] = field(default_factory=dict)  # statistics of its whole block
+    streamed: bool = False  # finalized in place as soon as its mask was ready (snapshot "disk" or "none")
 
     @property
     def current(self) -> torch.Tensor:
@@ -102,6 +106,7 @@ def execute(
     merge: bool = False,
     data: Iterable[Any] | None = None,
     finalize: bool = False,
+    snapshot: str = "memory",
 ) -> Outcome:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
@@ -112,7 +117,16 @@ def execute(
     statistics (:mod:`prunespec.calibration`); without it such a plan is a PlanError. ``finalize``:
     make the pruning permanent too (:func:`make_permanent`); a tensor no earlier pruning touched then
     gets its pruned values in place, never torch's layout (no mask, no second copy of the weights).
+
+    ``snapshot`` (with ``finalize``) is what keeps the all-or-nothing promise for such tensors:
+    ``"memory"`` holds every mask until all are computed (1 byte an entry), then writes them in;
+    ``"disk"`` writes each tensor in place as soon as its mask is ready, its old values saved to a
+    temporary file first (restored on any error, then deleted): beyond the model, memory is one
+    tensor's working set; ``"none"`` does the same without the file: an error leaves the tensors
+    finalized before it pruned (the error says so).
     """
+    if snapshot not in SNAPSHOTS:
+        raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, not {snapshot!r}")
     stale = plan.stale(model)
     if stale:
         raise PlanError([Issue(f"the plan does not fit this model: {p}", hint="make the plan again") for p in stale])
@@ -127,11 +141,17 @@ def execute(
     generators = None if plan.spec.seed is None else Generators(plan.spec.seed)
     counter = _Counter(len(plan.steps), progress, plan.blocks)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
-    with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean():
+    final = {step.tensor.name: id(step) for step in plan.steps}  # each tensor's last step
+    undo = _Streamed(snapshot) if finalize and snapshot != "memory" else None
+    with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean(), _undone_on_error(undo):
         influences = _influences(model, plan, whole_blocks, batches) if whole_blocks and batches else {}
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
             staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
             _compute(model, plan, unit, staged)
+            if finalize:
+                for step, tensor in zip(unit, staged, strict=True):
+                    if final[step.tensor.name] == id(step):
+                        _finished(tensor, undo)
             counter.done(unit)
         tokens = None
         if batches is not None:
@@ -201,6 +221,79 @@ def _influences(
     rules = ", ".join(dict.fromkeys(u[0].rule for u in units))
     scores = budgets.block_influences(model, list(dict.fromkeys(members.values())), batches, rules)
     return {key: torch.tensor(scores[block], dtype=torch.float64) for key, block in members.items()}
+
+
+SNAPSHOTS = ("memory", "disk", "none")
+
+
+class _Streamed:
+    """The tensors finalized in place before the end of an apply, and how to put them back: their old
+    values in a temporary folder (``disk``), or nothing (``none``)."""
+
+    def __init__(self, snapshot: str) -> None:
+        self.snapshot = snapshot
+        self.done: list[Pruned] = []
+        self.folder: Path | None = None
+        self.files: list[tuple[Pruned, Path]] = []
+
+    def save(self, tensor: Pruned) -> None:
+        if self.snapshot != "disk":
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="prunespec-undo-"))
+        path = self.folder / f"{len(self.files)}.pt"
+        torch.save(tensor.orig.detach(), path)  # written from the tensor's own storage: no copy in memory
+        self.files.append((tensor, path))
+
+    def restore(self) -> None:
+        for tensor, path in reversed(self.files):
+            saved = torch.load(path, weights_only=True, mmap=True)
+            with torch.no_grad():
+                tensor.orig.data.copy_(saved)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _undone_on_error(undo: _Streamed | None) -> Iterator[None]:
+    """Put streamed tensors back on any exception (with ``disk``), or say which stay pruned (``none``)."""
+    if undo is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        if undo.snapshot == "disk":
+            undo.restore()
+        elif undo.done and isinstance(exc, ApplyError):
+            left = (
+                f"{len(undo.done)} tensors finalized before it stay pruned (snapshot: none), the first "
+                f"{undo.done[0].name}; the rest of the model was left unchanged"
+            )
+            raise ApplyError(exc.rule, exc.tensor, exc.detail, left=left) from exc
+        raise
+    finally:
+        undo.close()
+
+
+def _finished(tensor: Pruned, undo: _Streamed | None) -> None:
+    """A tensor whose last step of the plan has run, with ``finalize``: its mask kept compact, or (with
+    ``undo``) its values written in place now, when no earlier pruning gave it torch's layout."""
+    if tensor.mask is None or tensor.start is not None or any(layout.is_pruned(m, p) for m, p in tensor.owners):
+        return
+    if tensor.zeros is None:
+        tensor.zeros = zeros(tensor.mask)
+    if undo is None:
+        tensor.mask = tensor.mask.bool()  # 1 byte an entry until the install
+        return
+    undo.save(tensor)
+    with runtime.deferred_interrupts():
+        layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
+        undo.done.append(tensor)
+        tensor.streamed = True
+    tensor.mask, tensor.values = None, None
 
 
 def _later(plan: Plan, units: list[list[Step]]) -> set[int]:
@@ -842,6 +935,7 @@ def _checked(step: Step, tensor: Pruned, mask: Any, default: torch.Tensor) -> to
 def _finalize(tensors: list[Pruned], merge: bool) -> None:
     """Install then finalize, all or nothing: tensors in torch's layout already go through it (and
     ``prune.remove``); the others get their values in place, once nothing can fail any more."""
+    tensors = [t for t in tensors if not t.streamed]
     layered = [t for t in tensors if t.start is not None or any(layout.is_pruned(m, p) for m, p in t.owners)]
     lean = [t for t in tensors if all(t is not other for other in layered)]
     with runtime.deferred_interrupts():

@@ -79,10 +79,11 @@ class PlanError(_IssuesError):
 class ApplyError(PrunespecError):
     """A method failed while masks were computed or installed; the model was left as it was."""
 
-    def __init__(self, rule: str, tensor: str, message: str):
+    def __init__(self, rule: str, tensor: str, message: str, *, left: str = "the model was left unchanged"):
         self.rule = rule
         self.tensor = tensor
-        super().__init__(f"{rule}, tensor {tensor}: {message} (the model was left unchanged)")
+        self.detail = message  # what went wrong, without where
+        super().__init__(f"{rule}, tensor {tensor}: {message} ({left})")
 
 
 class ShrinkError(PrunespecError):
@@ -125,6 +126,7 @@ class CalibrationError(ApplyError):
     def __init__(self, rules: str, message: str, batch: int | None = None):
         self.rule = rules
         self.tensor = ""
+        self.detail = message
         self.batch = batch
         where = "calibration" if batch is None else f"calibration batch {batch}"
         PrunespecError.__init__(self, f"{rules}: {where}: {message} (the model was left unchanged)")

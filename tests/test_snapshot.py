@@ -1,0 +1,92 @@
+"""finalize with snapshot "memory", "disk" or "none": the same pruned weights, and what a failure leaves.
+
+"disk" and "none" write each tensor in place as soon as its mask is ready (the least memory); "disk"
+saves the old values to a temporary file first and puts them back on any error; "none" keeps nothing
+and says which tensors stay pruned.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunespec
+from prunespec.methods.base import MethodInfo
+
+
+class Raises(prunespec.PruningMethod):
+    name = "raises"
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(16, 16) for _ in range(4)))
+
+
+L1 = {"select": {"types": ["Linear"]}, "method": "l1_unstructured", "amount": 0.5}
+
+
+def values(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("snapshot", ["disk", "none"])
+def test_streamed_finalize_gives_what_memory_gives(snapshot: str) -> None:
+    spec = {"version": 1, "rules": [L1, {**L1, "select": {"names": ["2"]}, "amount": 0.5}]}  # "2" pruned twice
+    expected, got = model(), model()
+    report_memory = prunespec.apply(expected, spec, finalize=True)
+    report = prunespec.apply(got, spec, finalize=True, snapshot=snapshot)
+    assert values(got).keys() == values(expected).keys()  # no weight_orig / weight_mask left
+    assert all(torch.equal(a, b) for a, b in zip(values(got).values(), values(expected).values(), strict=True))
+    assert report.tensors == report_memory.tensors
+    assert report.tensors["2.weight"] == 0.75
+
+
+def failing(snapshot: str, tmp: Path) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+    registry = prunespec.load_methods(builtins_only=True)
+    registry.add(MethodInfo.from_class(Raises, name="raises"))
+    m = model()
+    before = values(m)
+    spec = {"version": 1, "rules": [L1, {"select": {"names": ["3"]}, "method": "raises", "amount": 0.3}]}
+    with pytest.raises(prunespec.ApplyError) as caught:
+        prunespec.apply(m, spec, finalize=True, snapshot=snapshot, methods=registry)
+    return m, before, str(caught.value)
+
+
+def test_disk_puts_everything_back_and_leaves_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    m, before, message = failing("disk", tmp_path)
+    assert values(m).keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in values(m).items())
+    assert "left unchanged" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_none_says_which_tensors_stay_pruned(tmp_path: Path) -> None:
+    m, before, message = failing("none", tmp_path)
+    assert "3 tensors finalized before it stay pruned (snapshot: none), the first 0.weight" in message
+    now = values(m)
+    assert float((now["0.weight"] == 0).float().mean()) == 0.5  # pruned in place before the failure
+    assert torch.equal(now["3.weight"], before["3.weight"])  # its last step failed: untouched
+
+
+def test_an_unknown_snapshot_is_refused() -> None:
+    with pytest.raises(ValueError, match="snapshot must be one of"):
+        prunespec.apply(model(), {"version": 1, "rules": [L1]}, finalize=True, snapshot="cloud")
+
+
+def test_a_data_aware_finalize_with_disk_gives_the_same() -> None:
+    spec = {"version": 1, "rules": [{**L1, "method": "wanda", "amount": None, "sparsity": 0.5}]}
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    expected, got = model(), model()
+    prunespec.apply(expected, spec, finalize=True, data=data)
+    prunespec.apply(got, spec, finalize=True, data=data, snapshot="disk")
+    assert all(torch.equal(a, b) for a, b in zip(values(got).values(), values(expected).values(), strict=True))
