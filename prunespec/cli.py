@@ -20,11 +20,11 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from torch import nn
 
-from . import __version__, api, checkpoint
+from . import __version__, api, checkpoint, sparse_file
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
 from .files import atomic_write_text, check_writable
@@ -246,7 +246,9 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     if args.out:
         changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
         applied = plan.spec.model_copy(update=changed) if changed else plan.spec
-        checkpoint.save(model, args.out, spec=applied, methods=methods, record=report.calibration)
+        checkpoint.save(
+            model, args.out, spec=applied, methods=methods, record=report.calibration, format=_out_format(args.out)
+        )
     if args.json:
         _print_json({"plan": plan.to_dict(), "report": report.to_dict(), "out": args.out})
         return EXIT_OK
@@ -285,6 +287,29 @@ def _duration(seconds: float) -> str:
         if whole >= 3600
         else f"{whole // 60}:{whole % 60:02d}"
     )
+
+
+def _out_format(path: str) -> Literal["pt", "sparse"]:
+    """A ``.safetensors`` file is written in the sparse format, anything else as a ``.pt`` checkpoint."""
+    return "sparse" if Path(path).suffix == ".safetensors" else "pt"
+
+
+def cmd_export(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    check_writable(args.out)
+    model = load_model(args.model)
+    spec = checkpoint.load(model, args.checkpoint, methods=methods)
+    record = checkpoint.inspect(args.checkpoint, methods=methods).calibration
+    checkpoint.save(model, args.out, spec=spec, methods=methods, record=record, format="sparse")
+    encodings = {name: entry.get("encoding", "tied") for name, entry in sparse_file.contents(args.out).items()}
+    sizes = {"checkpoint_bytes": os.path.getsize(args.checkpoint), "out_bytes": os.path.getsize(args.out)}
+    counts = {name: list(encodings.values()).count(name) for name in sorted(set(encodings.values()))}
+    if args.json:
+        _print_json({"checkpoint": args.checkpoint, "out": args.out, **sizes, "encodings": encodings})
+        return EXIT_OK
+    ratio = sizes["out_bytes"] / max(sizes["checkpoint_bytes"], 1)
+    print(f"Exported {args.checkpoint} to {args.out}: {sizes['out_bytes']:,} bytes ({ratio:.2f}x the checkpoint)")
+    print("tensors: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
@@ -346,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--model", required=True, metavar="REF", help=model_help)
     p.add_argument("--weights", metavar="CKPT", help="load these weights into the model first")
-    p.add_argument("--out", metavar="CKPT", help="save the pruned model's checkpoint here")
+    p.add_argument(
+        "--out", metavar="CKPT", help="save the pruned model's checkpoint here (a .safetensors name: the sparse format)"
+    )
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
     p.add_argument(
         "--shrink",
@@ -370,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--model", required=True, metavar="REF", help=model_help)
     p.set_defaults(run=cmd_report)
+    p = add("export", "write a checkpoint as a compact sparse safetensors file (kept values, masks as bits)")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--model", required=True, metavar="REF", help=model_help)
+    p.add_argument("--out", required=True, metavar="FILE", help="the sparse file to write (FILE.safetensors)")
+    p.set_defaults(run=cmd_export)
     return parser
 
 
