@@ -60,6 +60,7 @@ from .checkpoint_file import METADATA_LIMIT
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError
 from .files import atomic_write
+from .runtime import one_thread
 
 FORMAT_NAME = "prunespec-sparse"
 VERSION = 1
@@ -171,7 +172,8 @@ def write(path: str | os.PathLike[str], state_dict: Mapping[str, Any], checkpoin
     if sys.byteorder != "little":
         raise OutputError(f"{path}: the sparse format is little-endian; save on a little-endian machine")
     sources, aliases = _sources(path, state_dict)
-    entries = {name: _choose(name, orig, mask) for name, (orig, mask) in sources.items()}
+    with one_thread():  # many small elementwise passes: a second thread only waits on a busy core
+        entries = {name: _choose(name, orig, mask) for name, (orig, mask) in sources.items()}
     makers: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]] = []
     for name, entry in entries.items():
         made = _encoder(entry, *sources[name])
@@ -203,10 +205,11 @@ def write(path: str | os.PathLike[str], state_dict: Mapping[str, Any], checkpoin
     def write_file(file: BinaryIO) -> None:
         file.write(struct.pack("<Q", len(header)))
         file.write(header)
-        for key, dtype, shape, make in makers:
-            tensor = make().contiguous()
-            assert tensor.dtype == dtype and tuple(tensor.shape) == shape, key
-            _write_tensor(file, tensor)
+        with one_thread():
+            for key, dtype, shape, make in makers:
+                tensor = make().contiguous()
+                assert tensor.dtype == dtype and tuple(tensor.shape) == shape, key
+                _write_tensor(file, tensor)
 
     atomic_write(path, write_file)
     return {name: entries[name].encoding if name in entries else f"same_as {aliases[name]}" for name in described}
@@ -404,7 +407,8 @@ def read(
             return {key: _get(path, file, key) for key in stored}, None
         doc, entries, aliases = _document(path, raw, stored)
         _check_limit(path, sum(entry.decoded_bytes() for entry in entries.values()), limit)
-        decoded = {name: _decode(path, file, entry) for name, entry in entries.items()}
+        with one_thread():  # as when writing
+            decoded = {name: _decode(path, file, entry) for name, entry in entries.items()}
     state_dict: dict[str, torch.Tensor] = {}
     for name in doc["tensors"]:
         entry = entries[aliases.get(name, name)]
