@@ -401,7 +401,7 @@ def read(
     with _open(path) as file:
         metadata, stored = _header(path, file)
         raw = metadata.get("prunespec")
-        if raw is None:  # a plain safetensors state_dict (no prunespec metadata)
+        if not isinstance(raw, str):  # a plain safetensors state_dict (no prunespec metadata)
             total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in stored.values())
             _check_limit(path, total, limit)
             return {key: _get(path, file, key) for key in stored}, None
@@ -424,7 +424,7 @@ def contents(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     with _open(path) as file:
         metadata, stored = _header(path, file)
         raw = metadata.get("prunespec")
-        if raw is None:
+        if not isinstance(raw, str):
             raise CheckpointError(f"{path}: a safetensors file without prunespec's metadata (not a sparse file)")
         doc, found, _ = _document(path, raw, stored)
     out: dict[str, dict[str, Any]] = {}
@@ -443,16 +443,23 @@ def _open(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: not a readable safetensors file: {_short(exc)}") from None
 
 
-def _header(path: str | os.PathLike[str], file: Any) -> tuple[dict[str, str], Stored]:
-    """The file's metadata and its tensors' dtypes and shapes (dtypes prunespec does not know refused)."""
-    metadata = file.metadata() or {}
+def _header(path: str | os.PathLike[str], file: Any) -> tuple[dict[str, Any], Stored]:
+    """The file's metadata and its tensors' dtypes and shapes, from the header that ``safe_open`` (the
+    open ``file``) has already checked; dtypes prunespec does not know are refused."""
+    try:
+        with open(path, "rb") as raw:
+            table = json.loads(raw.read(struct.unpack("<Q", raw.read(8))[0]))
+        metadata = table.pop("__metadata__", None) or {}
+        declared = {key: (info["dtype"], tuple(info["shape"])) for key, info in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {_short(exc)}") from None
+    if sorted(declared) != sorted(file.keys()):
+        raise CheckpointError(f"{path}: the file changed while it was read (another process wrote it?); load it again")
     stored = {}
-    for key in list(file.keys()):  # a safe_open is no mapping
-        part = file.get_slice(key)
-        code = part.get_dtype()
+    for key, (code, shape) in declared.items():
         if code not in _CODES:
             raise CheckpointError(f"{path}: tensor {key!r} is of safetensors dtype {code}, which prunespec cannot read")
-        stored[key] = (_CODES[code], tuple(part.get_shape()))
+        stored[key] = (_CODES[code], shape)
     return metadata, stored
 
 
