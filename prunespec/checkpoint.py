@@ -28,13 +28,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint_hooks, hf, shrink
+from . import checkpoint_hooks, hf, shrink, sparse_file
 from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
@@ -56,26 +56,31 @@ def save(
     *,
     methods: MethodRegistry | None = None,
     record: CalibrationRecord | None = None,
-    format: str = "pt",
+    format: Literal["pt", "sparse", "pretrained"] = "pt",
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
     Spec, a YAML path or a mapping), which methods pruned each tensor and, given a ``record``, what
     the calibration used (:func:`inspect` reads it back).
 
-    ``format``: ``"pt"``, one file for ``torch.load(weights_only=True)``; ``"pretrained"``, for a
+    ``format``: ``"pt"``, one file for ``torch.load(weights_only=True)``; ``"sparse"``, a compact
+    safetensors file (:mod:`prunespec.sparse_file`): each pruned tensor's kept values and its mask as
+    bits (or N:M codes), without the original values under the mask; ``"pretrained"``, for a
     transformers model, a ``save_pretrained`` directory that plain ``from_pretrained`` loads (the
     weights as the model computes them), with ``prunespec.yaml`` and the masks beside it
-    (:mod:`prunespec.hf`). The file or directory appears whole or not at all: a failed or killed save
-    leaves the previous one as it was.
+    (:mod:`prunespec.hf`). :func:`load` reads each. The file or directory appears whole or not at all:
+    a failed or killed save leaves the previous one as it was.
     """
-    if format not in ("pt", "pretrained"):
-        raise OutputError(f"{path}: unknown format {format!r}; use 'pt' or 'pretrained'")
-    if format == "pt":
+    if format not in ("pt", "sparse", "pretrained"):
+        raise ValueError(f"format={format!r}: expected 'pt' (torch's layout), 'sparse' or 'pretrained'")
+    if format != "pretrained":
         check_writable(path)
     methods = load_methods() if methods is None else methods
     meta = metadata(model, spec, methods, record)
     if format == "pretrained":
         hf.save_dir(model, path, meta | {"sparsity": _sparsities(model)})
+        return
+    if format == "sparse":
+        sparse_file.write(path, model.state_dict(), meta)
         return
     content = {"state_dict": _storable(model.state_dict()), "prunespec": meta}
 
@@ -147,7 +152,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     if Path(path).is_dir():  # a save_pretrained directory (prunespec's, with its masks, or any)
         state_dict, meta = hf.read_dir(model, path)
     else:
-        state_dict, meta = _split(path, read_file(path, limit=_data_limit(model)))
+        state_dict, meta = _read(path, limit=_data_limit(model))
     undo_shrink = _replay_shrinks(model, path, meta)
     try:
         spec = _load_checked(model, path, state_dict, meta, methods)
@@ -214,8 +219,18 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[st
 
     Loads with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code. The
     file is checked as :func:`prunespec.checkpoint_file.read_file` says, and its tensors are memory-mapped.
+    A safetensors file (a sparse one, or a plain state_dict) is read by :func:`prunespec.sparse_file.read`.
     """
-    return _split(path, read_file(path))
+    return _read(path)
+
+
+def _read(
+    path: str | os.PathLike[str], limit: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    if sparse_file.is_safetensors(path):
+        state_dict, meta = sparse_file.read(path, limit=limit)
+        return state_dict, _checked_meta(path, meta) if meta is not None else None
+    return _split(path, read_file(path, limit=limit))
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -244,21 +259,26 @@ def _split(path: str | os.PathLike[str], data: Any) -> tuple[dict[str, torch.Ten
         _check_values(path, state_dict, "['state_dict']")
         if meta is None:
             return dict(state_dict), None
-        if not isinstance(meta, Mapping):
-            raise CheckpointError(f"{path}: prunespec is {a_type(meta)}; expected prunespec's metadata")
-        if meta.get("format") != FORMAT or isinstance(meta.get("format"), bool):
-            raise CheckpointError(
-                f"{path}: prunespec.format is {meta.get('format')!r}; this prunespec reads format {FORMAT} "
-                "(a newer prunespec wrote it?)"
-            )
-        spec = meta.get("spec")
-        if spec is not None and not isinstance(spec, Mapping):
-            raise CheckpointError(f"{path}: prunespec.spec is {a_type(spec)}; expected a mapping or None")
-        return dict(state_dict), dict(meta)
+        return dict(state_dict), _checked_meta(path, meta)
     if isinstance(data, Mapping) and any(isinstance(v, torch.Tensor) for v in data.values()):
         _check_values(path, data, "")
         return dict(data), None
     raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(data).__name__}")
+
+
+def _checked_meta(path: str | os.PathLike[str], meta: Any) -> dict[str, Any]:
+    """prunespec's metadata of a checkpoint, its format and the type of its spec checked."""
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{path}: prunespec is {a_type(meta)}; expected prunespec's metadata")
+    if meta.get("format") != FORMAT or isinstance(meta.get("format"), bool):
+        raise CheckpointError(
+            f"{path}: prunespec.format is {meta.get('format')!r}; this prunespec reads format {FORMAT} "
+            "(a newer prunespec wrote it?)"
+        )
+    spec = meta.get("spec")
+    if spec is not None and not isinstance(spec, Mapping):
+        raise CheckpointError(f"{path}: prunespec.spec is {a_type(spec)}; expected a mapping or None")
+    return dict(meta)
 
 
 def _check_values(path: str | os.PathLike[str], state_dict: Mapping[Any, Any], prefix: str) -> None:

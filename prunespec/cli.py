@@ -20,11 +20,11 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from torch import nn
 
-from . import __version__, api, checkpoint, hf
+from . import __version__, api, checkpoint, hf, sparse_file
 from .engine import Progress
 from .errors import Issue, ModelRefError, PrunespecError, SpecError
 from .files import atomic_write_text, check_writable
@@ -287,8 +287,10 @@ def cmd_plan(args: argparse.Namespace, methods: MethodRegistry) -> int:
 
 def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
     model = _model(args)
-    out_format = "pretrained" if args.out and hf.is_pretrained(model) and not Path(args.out).suffix else "pt"
-    if args.out and out_format == "pt":  # before the work: a bad --out must not cost a whole apply
+    out_format: Literal["pt", "sparse", "pretrained"] = "pt"
+    if args.out:
+        out_format = "pretrained" if hf.is_pretrained(model) and not Path(args.out).suffix else _out_format(args.out)
+    if args.out and out_format != "pretrained":  # before the work: a bad --out must not cost a whole apply
         check_writable(args.out)
     data = list(load_data(args.data)) if args.data else None  # listed: OWL's allocation reads it too
     plan = api.plan(model, args.spec, methods=methods, data=data)
@@ -343,6 +345,29 @@ def _duration(seconds: float) -> str:
         if whole >= 3600
         else f"{whole // 60}:{whole % 60:02d}"
     )
+
+
+def _out_format(path: str) -> Literal["pt", "sparse"]:
+    """A ``.safetensors`` file is written in the sparse format, anything else as a ``.pt`` checkpoint."""
+    return "sparse" if Path(path).suffix == ".safetensors" else "pt"
+
+
+def cmd_export(args: argparse.Namespace, methods: MethodRegistry) -> int:
+    check_writable(args.out)
+    model = _build_model(args)
+    spec = checkpoint.load(model, args.checkpoint, methods=methods)
+    record = checkpoint.inspect(args.checkpoint, methods=methods).calibration
+    checkpoint.save(model, args.out, spec=spec, methods=methods, record=record, format="sparse")
+    encodings = {name: entry.get("encoding", "tied") for name, entry in sparse_file.contents(args.out).items()}
+    sizes = {"checkpoint_bytes": os.path.getsize(args.checkpoint), "out_bytes": os.path.getsize(args.out)}
+    counts = {name: list(encodings.values()).count(name) for name in sorted(set(encodings.values()))}
+    if args.json:
+        _print_json({"checkpoint": args.checkpoint, "out": args.out, **sizes, "encodings": encodings})
+        return EXIT_OK
+    ratio = sizes["out_bytes"] / max(sizes["checkpoint_bytes"], 1)
+    print(f"Exported {args.checkpoint} to {args.out}: {sizes['out_bytes']:,} bytes ({ratio:.2f}x the checkpoint)")
+    print("tensors: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace, methods: MethodRegistry) -> int:
@@ -424,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         metavar="PATH",
-        help="save the result: FILE.pt (prunespec's checkpoint), or for a transformers model a DIR without a "
-        "suffix (save_pretrained that plain from_pretrained loads, with prunespec.yaml and the masks)",
+        help="save the result: FILE.pt (prunespec's checkpoint), FILE.safetensors (the compact sparse format), or "
+        "for a transformers model a DIR without a suffix (save_pretrained that plain from_pretrained loads, with "
+        "prunespec.yaml and the masks)",
     )
     p.add_argument("--finalize", action="store_true", help="make the pruning permanent (prune.remove)")
     p.add_argument(
@@ -457,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT")
     model_args(p)
     p.set_defaults(run=cmd_report)
+    p = add("export", "write a checkpoint as a compact sparse safetensors file (kept values, masks as bits)")
+    p.add_argument("checkpoint", metavar="CKPT")
+    model_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="the sparse file to write (FILE.safetensors)")
+    p.set_defaults(run=cmd_export)
     return parser
 
 

@@ -261,7 +261,7 @@ class Rule(_Model):
         if self.amount is not None and self.sparsity is not None:
             raise ValueError("give `amount` or `sparsity`, not both")
         if self.group is not None:
-            if "params" in self.select.model_fields_set:
+            if self.select.params != ["weight"]:  # the default, as a saved spec writes it out
                 raise ValueError("a `group` rule prunes every tensor its units span: leave out `select.params`")
             if self.owl is not None:
                 raise ValueError("`owl` allocates sparsity to single tensors: it does not combine with `group`")

@@ -684,3 +684,12 @@ def test_bert_and_vit_shrunk_checkpoints_load_into_fresh_models(
     prunespec.load(fresh, tmp_path / "shrunk.pt")
     assert torch.equal(run(fresh), run(model))
     assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_spec_of_a_group_rule_is_read_back_from_its_checkpoint(tmp_path: Path) -> None:
+    model = llama(layers=2)
+    spec = {"version": 1, "rules": [rule("model.layers.*.mlp", "channels", 0.5)]}
+    prunespec.apply(model, spec)
+    prunespec.save(model, tmp_path / "m.pt", spec=spec)
+    saved = prunespec.inspect(tmp_path / "m.pt").spec
+    assert saved is not None and saved.rules[0].group is not None and saved.rules[0].group.unit == "channels"
