@@ -32,10 +32,11 @@ What is measured, in one run:
 * **Finalize memory** (skipped with ``--no-memory``): a stack of bf16 MLP blocks (``Linear(d, 4d)``,
   ``Linear(4d, d)``, no bias; d = 2048, 16 blocks: 537M parameters, 1.0 GiB; plain init in bf16), each
   side in a fresh process: ``prunespec.apply(model, spec, finalize=True, snapshot=...)`` (l1_unstructured
-  50% on every Linear; each snapshot: ``memory``, ``disk``, ``none``) against torch's ``prune.l1_unstructured(m, "weight", amount=0.5)`` + ``prune.remove(m,
-  "weight")`` loop. Peak RSS beyond the RSS before (after ``gc.collect()`` and ``malloc_trim``), from
-  the kernel's ``VmHWM`` after ``echo 5 > /proc/self/clear_refs`` (as ``engine.py``), over the model's
-  bytes (target <= 0.25x); both must leave the same number of zeros.
+  50% on every Linear; each snapshot: ``memory``, ``disk``, ``none``) against torch's
+  ``prune.l1_unstructured(m, "weight", amount=0.5)`` + ``prune.remove(m, "weight")`` loop. Peak RSS
+  beyond the RSS before (after ``gc.collect()`` and ``malloc_trim``), from the kernel's ``VmHWM`` after
+  ``echo 5 > /proc/self/clear_refs`` (as ``engine.py``), over the model's bytes (target <= 0.25x); every
+  side must leave the same number of zeros.
 
 Timings move with other processes' load: the table says how busy the other CPUs were.
 """
