@@ -10,9 +10,10 @@ Every mask is computed first, on the side. Three ways, one result:
   binary, earlier zeros kept) unless it is one of torch's own classes;
 * a global budget without scores: the group concatenated, as ``prune.global_unstructured`` does.
 
-Only when every mask is ready is anything installed (:mod:`prunespec.layout`, torch's layout), and the
-install is rolled back on any exception or interrupt, so a failed apply leaves parameters, buffers and
-hooks exactly as they were.
+Only when every mask is ready is anything installed (:mod:`prunespec.install`, in torch's layout), and
+the install is rolled back on any exception or interrupt, so a failed apply leaves parameters, buffers
+and hooks exactly as they were (with ``finalize`` and ``snapshot="disk"``, tensors are written as their
+masks are ready and restored from a file on an error; with ``"none"``, not restored).
 """
 
 from __future__ import annotations
@@ -20,70 +21,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import budgets, calibration, groups, layout, runtime, selection
+from . import budgets, calibration, groups, layout, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .group_planner import count
+from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
+from .install import finalize as finalize_all
 from .layout import GlobalMask
 from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
+from .pruned import Pruned
 from .runtime import lean, one_thread
 from .sequential import Pass as sequential_pass
 
 log = logging.getLogger("prunespec")
 
 __all__ = ["GlobalMask", "Outcome", "Progress", "Pruned", "execute", "make_permanent"]
-
-
-@dataclass
-class Pruned:
-    """One Parameter the engine prunes: its owners (tied weights share one), its mask so far, the hook
-    records to add, and the rules that pruned it."""
-
-    name: str
-    module_name: str
-    owners: list[tuple[nn.Module, str]]
-    orig: torch.Tensor
-    mask: torch.Tensor | None
-    zeros: int | None = None  # the mask's zeros, when known without counting them again
-    new_hooks: list[prune.BasePruningMethod] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)  # labels of the rules that pruned it, in order
-    statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)  # its module's calibration statistics
-    generators: Generators | None = None  # the spec's seeded generators
-    owner_names: list[tuple[str, str]] = field(default_factory=list)  # (module name, parameter) per owner
-    values: torch.Tensor | None = None  # new original values, from a method that reconstructs (sparsegpt)
-    start: torch.Tensor | None = None  # the mask before this apply
-    error: float | None = None  # relative reconstruction error on the calibration data
-    blockwise: Mapping[str, torch.Tensor] = field(default_factory=dict)  # statistics of its whole block
-    streamed: bool = False  # finalized in place as soon as its mask was ready (snapshot "disk" or "none")
-
-    @property
-    def current(self) -> torch.Tensor:
-        """The original values as they stand: a reconstructing method's, else the parameter's."""
-        return self.orig if self.values is None else self.values
-
-    def context(self, options: Any, *, copy: bool = False) -> MaskContext:
-        """What a method sees of this tensor; ``copy``: its own copies to write into."""
-        module, pname = self.owners[0]
-        values, mask = self.current.detach(), self.mask
-        if copy:
-            values, mask = values.clone(), None if mask is None else mask.clone()
-        statistics = {**self.statistics, **self.blockwise} if self.blockwise else self.statistics
-        return MaskContext(
-            self.name, self.module_name, pname, module, values, mask, options, statistics, self.generators
-        )
 
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what was just done)
@@ -142,8 +104,8 @@ def execute(
     counter = _Counter(len(plan.steps), progress, plan.blocks)
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
     final = {step.tensor.name: id(step) for step in plan.steps}  # each tensor's last step
-    undo = _Streamed(snapshot) if finalize and snapshot != "memory" else None
-    with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean(), _undone_on_error(undo):
+    undo = Streamed(snapshot) if finalize and snapshot != "memory" else None
+    with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean(), undone_on_error(undo):
         influences = _influences(model, plan, whole_blocks, batches) if whole_blocks and batches else {}
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
             staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
@@ -151,16 +113,16 @@ def execute(
             if finalize:
                 for step, tensor in zip(unit, staged, strict=True):
                     if final[step.tensor.name] == id(step):
-                        _finished(tensor, undo)
+                        finished(tensor, undo)
             counter.done(unit)
         tokens = None
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter, influences)
         if finalize:
-            _finalize(list(tensors.values()), merge)
+            finalize_all(list(tensors.values()), merge)
         else:
-            _install(list(tensors.values()), merge)
+            install(list(tensors.values()), merge)
     return Outcome(list(tensors.values()), tokens)
 
 
@@ -221,79 +183,6 @@ def _influences(
     rules = ", ".join(dict.fromkeys(u[0].rule for u in units))
     scores = budgets.block_influences(model, list(dict.fromkeys(members.values())), batches, rules)
     return {key: torch.tensor(scores[block], dtype=torch.float64) for key, block in members.items()}
-
-
-SNAPSHOTS = ("memory", "disk", "none")
-
-
-class _Streamed:
-    """The tensors finalized in place before the end of an apply, and how to put them back: their old
-    values in a temporary folder (``disk``), or nothing (``none``)."""
-
-    def __init__(self, snapshot: str) -> None:
-        self.snapshot = snapshot
-        self.done: list[Pruned] = []
-        self.folder: Path | None = None
-        self.files: list[tuple[Pruned, Path]] = []
-
-    def save(self, tensor: Pruned) -> None:
-        if self.snapshot != "disk":
-            return
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="prunespec-undo-"))
-        path = self.folder / f"{len(self.files)}.pt"
-        torch.save(tensor.orig.detach(), path)  # written from the tensor's own storage: no copy in memory
-        self.files.append((tensor, path))
-
-    def restore(self) -> None:
-        for tensor, path in reversed(self.files):
-            saved = torch.load(path, weights_only=True, mmap=True)
-            with torch.no_grad():
-                tensor.orig.data.copy_(saved)
-
-    def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _undone_on_error(undo: _Streamed | None) -> Iterator[None]:
-    """Put streamed tensors back on any exception (with ``disk``), or say which stay pruned (``none``)."""
-    if undo is None:
-        yield
-        return
-    try:
-        yield
-    except BaseException as exc:
-        if undo.snapshot == "disk":
-            undo.restore()
-        elif undo.done and isinstance(exc, ApplyError):
-            left = (
-                f"{len(undo.done)} tensors finalized before it stay pruned (snapshot: none), the first "
-                f"{undo.done[0].name}; the rest of the model was left unchanged"
-            )
-            raise ApplyError(exc.rule, exc.tensor, exc.detail, left=left) from exc
-        raise
-    finally:
-        undo.close()
-
-
-def _finished(tensor: Pruned, undo: _Streamed | None) -> None:
-    """A tensor whose last step of the plan has run, with ``finalize``: its mask kept compact, or (with
-    ``undo``) its values written in place now, when no earlier pruning gave it torch's layout."""
-    if tensor.mask is None or tensor.start is not None or any(layout.is_pruned(m, p) for m, p in tensor.owners):
-        return
-    if tensor.zeros is None:
-        tensor.zeros = zeros(tensor.mask)
-    if undo is None:
-        tensor.mask = tensor.mask.bool()  # 1 byte an entry until the install
-        return
-    undo.save(tensor)
-    with runtime.deferred_interrupts():
-        layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
-        undo.done.append(tensor)
-        tensor.streamed = True
-    tensor.mask, tensor.values = None, None
 
 
 def _later(plan: Plan, units: list[list[Step]]) -> set[int]:
@@ -423,11 +312,6 @@ def _error(tensor: Pruned, tokens: torch.Tensor) -> float | None:
     total = float((tokens @ dense.T).square().sum())
     lost = float((tokens @ (dense - calibration.out_in(module, after).to(torch.float32)).T).square().sum())
     return lost / total if total > 0 else (0.0 if lost == 0 else math.inf)
-
-
-def make_permanent(pruned: list[Pruned]) -> None:
-    """torch's ``prune.remove`` on every owner of each tensor :func:`execute` pruned, all or nothing."""
-    layout.remove_all([owner for tensor in pruned for owner in tensor.owners])
 
 
 _SEEDED = threading.Lock()  # torch's generators are process-wide: one seeded apply at a time
@@ -927,45 +811,3 @@ def _checked(step: Step, tensor: Pruned, mask: Any, default: torch.Tensor) -> to
         raise _fail(step, tensor.name, "the mask un-prunes entries that earlier pruning removed")
     checked: torch.Tensor = mask.detach()
     return checked
-
-
-# --- install, all or nothing -------------------------------------------------------------------
-
-
-def _finalize(tensors: list[Pruned], merge: bool) -> None:
-    """Install then finalize, all or nothing: tensors in torch's layout already go through it (and
-    ``prune.remove``); the others get their values in place, once nothing can fail any more."""
-    tensors = [t for t in tensors if not t.streamed]
-    layered = [t for t in tensors if t.start is not None or any(layout.is_pruned(m, p) for m, p in t.owners)]
-    lean = [t for t in tensors if all(t is not other for other in layered)]
-    with runtime.deferred_interrupts():
-        _install(layered, merge)
-        make_permanent(layered)
-        for tensor in lean:
-            assert tensor.mask is not None
-            if tensor.zeros is None:  # the report counts the mask's zeros, not zeros the values had anyway
-                tensor.zeros = zeros(tensor.mask)
-            layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
-
-
-def _install(tensors: list[Pruned], merge: bool) -> None:
-    restores = [
-        layout.snapshot(module, pname, values=t.values is not None) for t in tensors for module, pname in t.owners
-    ]
-    current: Pruned | None = None
-    try:
-        for current in tensors:
-            for module, pname in current.owners:
-                mask = current.mask
-                assert mask is not None
-                if mask.dtype == torch.bool:  # kept compact while other masks were computed
-                    mask = mask.to(current.orig.dtype)
-                layout.install(module, pname, mask, current.new_hooks, merge=merge, values=current.values)
-    except BaseException as exc:  # an interrupt too: the model is all pruned or not at all
-        for restore in restores:
-            restore()
-        if not isinstance(exc, Exception):
-            raise
-        assert current is not None
-        message = f"could not install the mask: {type(exc).__name__}: {exc}"
-        raise ApplyError(current.rules[-1], current.name, message) from exc
