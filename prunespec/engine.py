@@ -32,11 +32,10 @@ from torch.nn.utils import prune
 
 from . import budgets, calibration, groups, layout, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
-from .group_planner import count
 from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
 from .install import finalize as finalize_all
 from .layout import GlobalMask
-from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
+from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, to_prune, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .pruned import Pruned
@@ -746,14 +745,8 @@ def _run_groups(plan: Plan, unit: list[Step], tensors: list[Pruned], info: Metho
         group = planned.group
         total = torch.zeros(group.size, dtype=torch.float64)
         entries = torch.zeros(group.size, dtype=torch.float64)
-        whole = torch.ones(group.size, dtype=torch.bool)
-        for member in group.members:
-            tensor = by_tensor.get((member.module, member.param))
-            if tensor is None:
-                continue
-            whole &= groups.pruned_units(group, member, tensor.mask)
-            if member.role != "scored":
-                continue
+        for member in group.scored:
+            tensor = by_tensor[member.module, member.param]
             if method.capabilities().elementwise:
                 score = (method.elementwise() or _identity)(tensor.current.detach())
             else:
@@ -763,18 +756,18 @@ def _run_groups(plan: Plan, unit: list[Step], tensors: list[Pruned], info: Metho
             total += groups.unit_scores(group, member, score).cpu()
             entries += groups.unit_entries(group, member, tensor.orig)
         scores.append(total / entries.clamp(min=1) if group.kind == "blocks" else total)
-        already.append(whole)
+        already.append(groups.pruned_whole(group, lambda member: by_tensor[member.module, member.param].mask))
     least = options.min
     if step.scope == "global" and options.unit != "blocks":
         size = sum(p.group.size for p in found)
         done = sum(int(a.sum()) for a in already)
-        k = count(rule, size - done, size, done)
+        k = to_prune(rule.amount, rule.sparsity, size - done, size, done)
         counts: list[int] | int = k or 0
     else:
         counts = []
         for planned, before in zip(found, already, strict=True):
             size, done = planned.group.size, int(before.sum())
-            k = count(rule, size - done, size, done) or 0
+            k = to_prune(rule.amount, rule.sparsity, size - done, size, done) or 0
             if k > size - done:
                 raise _fail(step, planned.group.name, f"amount={amount} is more than the {size - done} units left")
             counts.append(size - groups.kept_count(size, done + k, options.round_to, least))
@@ -782,9 +775,9 @@ def _run_groups(plan: Plan, unit: list[Step], tensors: list[Pruned], info: Metho
     for planned, keep in zip(found, keeps, strict=True):
         group = planned.group
         for member in group.members:
-            tensor = by_tensor.get((member.module, member.param))
-            if tensor is None:
-                continue
+            if member.role == "sliced":
+                continue  # a buffer: only shrink cuts it
+            tensor = by_tensor[member.module, member.param]
             mask = groups.member_mask(group, member, keep.to(tensor.orig.device), tensor.orig)
             if tensor.mask is not None:
                 mask = mask * tensor.mask.to(mask.dtype)

@@ -19,7 +19,7 @@ from . import groups, structures
 from .groups import Group
 from .layout import mask as mask_of
 from .layout import original
-from .masks import n_to_prune
+from .masks import to_prune
 from .spec import Rule
 
 Problem = tuple[tuple[str | int, ...], str, str | None]  # (document path, message, hint)
@@ -83,13 +83,8 @@ class GroupPlan:
 
 
 def already_pruned(modules: dict[str, nn.Module], group: Group) -> torch.Tensor:
-    """Units every member's mask prunes whole (bool per unit)."""
-    whole = torch.ones(group.size, dtype=torch.bool)
-    for member in group.members:
-        if member.role == "sliced":
-            continue
-        whole &= groups.pruned_units(group, member, mask_of(modules[member.module], member.param))
-    return whole
+    """Units every member's mask in the model prunes whole (bool per unit)."""
+    return groups.pruned_whole(group, lambda member: mask_of(modules[member.module], member.param))
 
 
 def entries_after(
@@ -292,7 +287,7 @@ def plan_rule(
     if rule.scope == "global" and options.unit != "blocks":
         size = sum(g.size for g, _ in found)
         left = size - sum(done)
-        k = count(rule, left, size, sum(done))
+        k = to_prune(rule.amount, rule.sparsity, left, size, sum(done))
         most = sum(g.size - groups.kept_count(g.size, g.size, options.round_to, least) for g, _ in found)
         if k is None or k > left or sum(done) + k > most:
             what = f"{k} more" if k is not None else str(rule.amount)
@@ -309,7 +304,7 @@ def plan_rule(
             plans.append(GroupPlan(index, label, group, d, None, entries, None, by, macs or 0, None, per))
         return plans, [], warnings
     for (group, by), d in zip(found, done, strict=True):
-        k = count(rule, group.size - d, group.size, d)
+        k = to_prune(rule.amount, rule.sparsity, group.size - d, group.size, d)
         if k is None or k > group.size - d:
             message = (
                 f"{label}: {group.name}: amount={rule.amount} is more than the {group.size - d} {options.unit} left"
@@ -336,12 +331,3 @@ def _macs(modules: dict[str, nn.Module], group: Group, pruned: int, traces: Trac
     if group.structure == "traced" and traces is not None and traces.example is not None:
         return entries_after(modules, group, pruned, traces.positions()), "example"
     return entries_after(modules, group, pruned, {}), "token"
-
-
-def count(rule: Rule, left: int, size: int, done: int) -> int | None:
-    """Units to prune now of ``left`` (``size`` in all, ``done`` pruned): the rule's amount or sparsity."""
-    if rule.sparsity is not None:
-        return max(0, round(rule.sparsity * size) - done)
-    if rule.amount is None:
-        return None
-    return n_to_prune(rule.amount, left)

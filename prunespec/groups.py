@@ -11,7 +11,7 @@ member a unit covers, per-unit scores from per-entry ones, and a member's mask f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,6 +109,16 @@ def pruned_units(group: Group, member: Member, mask: torch.Tensor | None) -> tor
     if mask is None:
         return torch.zeros(group.size, dtype=torch.bool)
     return ~_along(member, group.size, mask).bool().any(dim=1).cpu()
+
+
+def pruned_whole(group: Group, mask_of: Callable[[Member], torch.Tensor | None]) -> torch.Tensor:
+    """Units every member's mask prunes whole, bool per unit: ``mask_of(member)`` is a member's mask
+    (None: not pruned); sliced members (buffers) carry none and do not count."""
+    whole = torch.ones(group.size, dtype=torch.bool)
+    for member in group.members:
+        if member.role != "sliced":
+            whole &= pruned_units(group, member, mask_of(member))
+    return whole
 
 
 def member_mask(group: Group, member: Member, keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -107,10 +107,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def computed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state_dict with each pruned tensor as the model computes with it (``orig * mask``)
     under its own name, and no ``_orig``/``_mask`` keys: what ``from_pretrained`` expects."""
-    pruned = {
-        (f"{module_name}.{pname}" if module_name else pname): (module, pname)
-        for module_name, module, pname in _pruned(model)
-    }
+    pruned = {name: (module, pname) for name, module, pname, _ in layout.pruned_in(model)}
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         base = key.removesuffix(layout.ORIG).removesuffix(layout.MASK)
@@ -123,15 +120,6 @@ def computed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key] = value
     return out
-
-
-def _pruned(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    return [
-        (name, module, p.removesuffix(layout.ORIG))
-        for name, module in model.named_modules()
-        for p in module._parameters
-        if p.endswith(layout.ORIG) and layout.is_pruned(module, p.removesuffix(layout.ORIG))
-    ]
 
 
 def save_dir(model: nn.Module, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
@@ -155,9 +143,7 @@ def save_dir(model: nn.Module, path: str | os.PathLike[str], meta: Mapping[str, 
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(str(temp), state_dict=computed_state_dict(model), safe_serialization=True)
-        masks = {
-            (f"{name}.{pname}" if name else pname): layout.mask(module, pname) for name, module, pname in _pruned(model)
-        }
+        masks = {name: layout.mask(module, pname) for name, module, pname, _ in layout.pruned_in(model)}
         if masks:
             tensors = {k: v.detach().to(torch.bool).contiguous() for k, v in masks.items() if v is not None}
             save_file(tensors, str(temp / SIDECAR), metadata={"format": "prunespec-masks", "version": "1"})

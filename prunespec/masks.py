@@ -23,6 +23,17 @@ def n_to_prune(amount: float | int, size: int) -> int:
     return round(float(amount) * size)
 
 
+def to_prune(amount: float | int | None, sparsity: float | None, left: int, total: int, done: float) -> int | None:
+    """Units a step prunes now, of ``left`` unpruned (``total`` in all, ``done`` pruned): ``sparsity``
+    brings the total to ``round(sparsity * total)`` (never un-pruning), ``amount`` is torch's count or
+    fraction of what is left; None with neither. The caller checks the result against ``left``."""
+    if sparsity is not None:
+        return max(0, round(sparsity * total) - round(done))
+    if amount is None:
+        return None
+    return n_to_prune(amount, left)
+
+
 def row_targets(amount: float | int | None, sparsity: float | None, done: list[int], row_len: int) -> list[int]:
     """Entries each row has pruned after a step that compares within rows (each row on its own).
 

@@ -26,7 +26,7 @@ from .groups import Member
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
 from .loader import owl_issues
-from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, zeros
+from .masks import Entries, Unit, bounds_problem, budget_bounds, row_targets, to_prune, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
 from .runtime import one_thread
@@ -799,11 +799,9 @@ class _Planner:
         self, index: int, rule: Rule, what: str, remaining: int, total: int, pruned: float, unit: str
     ) -> int | None:
         """Units this rule prunes now, or None after reporting why it cannot."""
-        if rule.sparsity is not None:
-            return max(0, round(rule.sparsity * total) - round(pruned))
-        if rule.amount is None:
-            return None
-        k = n_to_prune(rule.amount, remaining)
+        k = to_prune(rule.amount, rule.sparsity, remaining, total, pruned)
+        if k is None or rule.sparsity is not None:
+            return k
         if k > remaining:
             self.issue(
                 ("rules", index, "amount"),

@@ -105,13 +105,13 @@ def removable(model: nn.Module, inputs: Any = None) -> list[tuple[Group, torch.T
     for in the groups traced from them (:mod:`prunespec.discovery`)."""
     modules = dict(model.named_modules())
     out: list[tuple[Group, torch.Tensor]] = []
-    covered: set[tuple[str, str]] = set()
+    covered: set[str] = set()  # tensors some known group spans
     blocks: list[tuple[Group, torch.Tensor]] = []
     for name, module in modules.items():
         for kind in ("channels", "heads"):
             group = find(kind, name, module)
             if group is not None:
-                covered.update((m.module, m.param) for m in group.members)
+                covered.update(m.tensor for m in group.members)
                 pruned = already_pruned(modules, group)
                 if bool(pruned.any()):
                     out.append((group, ~pruned))
@@ -119,20 +119,16 @@ def removable(model: nn.Module, inputs: Any = None) -> list[tuple[Group, torch.T
             prefix = f"{name}." if name else ""
             found = block_group(model, [prefix + key for key in module._modules])
             if isinstance(found, Group):
-                covered.update((m.module, m.param) for m in found.members)
+                covered.update(m.tensor for m in found.members)
                 pruned = already_pruned(modules, found)
                 if bool(pruned.any()):
                     blocks.append((found, ~pruned))
-    left = [(n, p) for n, m in modules.items() for p in _pruned_params(m) if (n, p) not in covered]
+    left = [name for name, _, _, _ in layout.pruned_in(model) if name not in covered]
     if left and inputs is not None:
         out += _traced(model, modules, inputs)
     gone = [name for group, keep in blocks for name, k in zip(group.unit_names, keep.tolist(), strict=True) if not k]
     inside = [(g, k) for g, k in out if not any(g.name == b or g.name.startswith(b + ".") for b in gone)]
     return blocks + inside  # blocks first: groups inside a removed block go with it
-
-
-def _pruned_params(module: nn.Module) -> list[str]:
-    return [name.removesuffix(layout.ORIG) for name in module._parameters if name.endswith(layout.ORIG)]
 
 
 def _traced(model: nn.Module, modules: Mapping[str, nn.Module], inputs: Any) -> list[tuple[Group, torch.Tensor]]:

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from .groups import Group, Kind, Member
+from .layout import original
 
 
 def _kind_of(module: nn.Module | None) -> str | None:
@@ -58,7 +59,7 @@ def _out_dim(kind: str) -> int:
 
 
 def _shape(module: nn.Module) -> tuple[int, ...]:
-    weight = _param(module, "weight")
+    weight = original(module, "weight")
     return tuple(weight.shape) if weight is not None else ()
 
 
@@ -72,7 +73,7 @@ def producer(prefix: str, path: str, module: nn.Module, *, width: int = 1, offse
     assert kind is not None
     name = _join(prefix, path)
     members = [Member(name, "weight", _out_dim(kind), width, offset)]
-    if _param(module, "bias") is not None:
+    if original(module, "bias") is not None:
         members.append(Member(name, "bias", 0, width, offset, role="masked"))
     return members
 
@@ -82,11 +83,6 @@ def consumer(prefix: str, path: str, module: nn.Module, *, width: int = 1) -> li
     kind = _kind_of(module)
     assert kind is not None
     return [Member(_join(prefix, path), "weight", 1 - _out_dim(kind), width)]
-
-
-def _param(module: nn.Module, pname: str) -> Any:
-    """A parameter, pruned or not (``<name>_orig`` under torch's layout)."""
-    return module._parameters.get(pname, module._parameters.get(pname + "_orig"))
 
 
 class Structure:
@@ -279,7 +275,7 @@ class DecoderBlocks(Structure):
             members = []
             for path, layer in zip(paths, layers, strict=True):
                 members += [Member(_join(name, path), "weight")]
-                if _param(layer, "bias") is not None:
+                if original(layer, "bias") is not None:
                     members.append(Member(_join(name, path), "bias", role="masked"))
             return members
         return None
