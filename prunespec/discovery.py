@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ class Discovery:
 
     groups: tuple[Group, ...]
     unsupported: Mapping[str, str]
+    outputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # each called module's output shape
 
 
 Inputs = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
@@ -77,7 +78,12 @@ def analyze(model: nn.Module, example_inputs: Inputs, *, timeout_s: float = 10.0
         raise DiscoveryError(op, module, f"cannot be traced ({e}); after `{tracer.last_op}`") from e
     metas = _shapes(fx.GraphModule(model, graph), graph, example_inputs, check)
     groups, unsupported = Analysis(model, check).run(graph, metas)
-    return Discovery(groups, unsupported)
+    outputs: dict[str, tuple[int, ...]] = {}
+    for node in graph.nodes:  # the first call of a module, as it ran on the example
+        meta = metas.get(node)
+        if node.op == "call_module" and isinstance(meta, Shape) and str(node.target) not in outputs:
+            outputs[str(node.target)] = meta.shape
+    return Discovery(groups, unsupported, outputs)
 
 
 class _Tracer(fx.Tracer):

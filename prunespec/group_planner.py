@@ -8,6 +8,7 @@ own), a total for ``scope: global`` (groups ranked together; the split is known 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,44 +129,26 @@ class Traces:
 
     def positions(self) -> dict[str, int]:
         """Per Conv or Linear module: the output positions it computes per example (H*W for a Conv2d,
-        tokens for a Linear on sequences), from one forward of the example (eval, no grad)."""
+        tokens for a Linear on sequences), from the output shapes the trace ran the example to."""
         if self._positions is None:
-            self._positions = _positions(self.model, self.example)
+            self._positions = _positions(self.model, self.analysis().outputs)
         return self._positions
 
 
-def _positions(model: nn.Module, example: Any) -> dict[str, int]:
-    from .sequential import run_batch
-
+def _positions(model: nn.Module, outputs: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Per Conv or Linear module: output positions per example, from its traced output shape."""
     found: dict[str, int] = {}
-    batch = [1]
-
-    def hook(name: str, channel_dim: int) -> Any:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() >= 1:
-                found[name] = output.numel() // max(batch[0] * output.shape[channel_dim], 1)
-
-        return record
-
-    handles = []
     for name, module in model.named_modules():
+        shape = outputs.get(name)
+        if shape is None or len(shape) < 2:
+            continue
         if isinstance(module, nn.modules.conv._ConvNd):
-            handles.append(module.register_forward_hook(hook(name, 1)))
+            channels = shape[1]
         elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(hook(name, -1)))
-    first = example if isinstance(example, torch.Tensor) else None
-    if isinstance(example, (tuple, list)) and example and isinstance(example[0], torch.Tensor):
-        first = example[0]
-    batch[0] = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            run_batch(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+            channels = shape[-1]
+        else:
+            continue
+        found[name] = math.prod(shape) // max(shape[0] * channels, 1)
     return found
 
 
