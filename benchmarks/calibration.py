@@ -566,13 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--settings", default="quality,speed", help="comma-separated: quality, speed (default both)")
     parser.add_argument("--json", action="store_true", help="print setups and results as JSON")
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="before each worker, wait up to SECONDS for other processes to leave the CPUs idle (default: no wait)",
-    )
+    engine.add_wait_idle(parser)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")
     parser.add_argument(
         "--worker", nargs=5, metavar=("TOOL", "METHOD", "SETTING", "MODEL_DIR", "DATA"), help=argparse.SUPPRESS

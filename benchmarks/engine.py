@@ -458,6 +458,17 @@ def other_load(seconds: float = 1.0) -> float:
     return (busy_seconds() - before) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
 
 
+def add_wait_idle(parser: argparse.ArgumentParser) -> None:
+    """The ``--wait-idle SECONDS`` option every benchmark takes (see :func:`wait_idle`)."""
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each worker, wait up to SECONDS for other processes to leave the CPUs idle (default: no wait)",
+    )
+
+
 def wait_idle(limit: float) -> None:
     """Wait, up to ``limit`` seconds, until other processes use under 10% of the CPUs."""
     deadline = time.perf_counter() + limit
@@ -755,13 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for the model's weights (default 0)")
     parser.add_argument("--no-embedding", action="store_true", help="put every parameter in Linear blocks")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per worker (default 600)")
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="before each worker, wait up to SECONDS for other processes to leave the CPUs idle (default: no wait)",
-    )
+    add_wait_idle(parser)
     parser.add_argument("--profile", action="store_true", help="(with --worker) cProfile the pruning to stderr")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -732,13 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="before each worker, wait up to SECONDS for other processes to leave the CPUs idle (default: no wait)",
-    )
+    engine.add_wait_idle(parser)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "CONTENDER", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
