@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from . import budgets, engine, layout, transaction
+from . import budgets, distributed, engine, layout, transaction
 from .engine import Progress
 from .loader import load_spec
 from .planner import Plan, make_plan
@@ -110,6 +110,19 @@ def run(
     snapshot: str = "memory",
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
+    with distributed.collective(distributed.sharded(model)):
+        return _run(model, the_plan, finalize, progress, merge, data, snapshot)
+
+
+def _run(
+    model: nn.Module,
+    the_plan: Plan,
+    finalize: bool,
+    progress: Progress | None,
+    merge: bool,
+    data: Iterable[Any] | None,
+    snapshot: str,
+) -> Report:
     batches = None
     if the_plan.needs_data or (the_plan.uses_data and data is not None):  # OWL may be allocated already
         batches = engine.calibration_batches(the_plan, data)
@@ -151,6 +164,11 @@ def finalize(model: nn.Module) -> list[str]:
 
 
 def _make_permanent(model: nn.Module) -> list[str]:
+    with distributed.collective(distributed.sharded(model)):
+        return _removed(model)
+
+
+def _removed(model: nn.Module) -> list[str]:
     found = list(layout.pruned_in(model))
     layout.remove_all([(module, pname) for _, module, pname, _ in found])
     return [name for name, _, _, _ in found]

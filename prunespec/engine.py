@@ -30,12 +30,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import budgets, calibration, groups, layout, selection
+from . import budgets, calibration, distributed, groups, layout, selection
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
 from .install import finalize as finalize_all
 from .layout import GlobalMask
-from .masks import Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, to_prune, zeros
+from .masks import Channels, Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, to_prune, zeros
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .pruned import Pruned
@@ -118,11 +118,20 @@ def execute(
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter, influences)
+        _whole_zeros(list(tensors.values()))
         if finalize:
             finalize_all(list(tensors.values()), merge)
         else:
             install(list(tensors.values()), merge)
     return Outcome(list(tensors.values()), tokens)
+
+
+def _whole_zeros(tensors: list[Pruned]) -> None:
+    """The zeros of each DTensor's mask in the whole tensor (the engine counted this rank's part)."""
+    sharded = [t for t in tensors if t.sharding is not None and t.mask is not None]
+    counts = distributed.reduce([zeros(t.mask) for t in sharded if t.mask is not None], [t.sharding for t in sharded])
+    for tensor, count in zip(sharded, counts, strict=True):
+        tensor.zeros = count
 
 
 class _Counter:
@@ -368,12 +377,16 @@ def _stage(
 ) -> Pruned:
     owners = [(modules[module], pname) for module, pname in step.tensor.owners]
     module, pname = owners[0]
-    orig = layout.original(module, pname)
-    assert orig is not None
-    key = id(orig)
+    param = layout.original(module, pname)
+    assert param is not None
+    key = id(param)
     if key not in tensors:
+        sharding = distributed.sharding_of(param)
+        orig = distributed.local(param)  # a DTensor's part on this rank: the engine works on parts
         start = layout.mask(module, pname)
+        start = None if start is None else distributed.local(start)
         tensors[key] = Pruned(step.tensor.name, step.tensor.module, owners, orig, start, start=start)
+        tensors[key].sharding = sharding
         tensors[key].owner_names = list(step.tensor.owners)
         tensors[key].generators = generators
     tensors[key].rules.append(step.rule)
@@ -387,12 +400,15 @@ def _fail(step: Step, tensor: str, message: str) -> ApplyError:
     return ApplyError(step.rule, tensor, message)
 
 
-def _amount(step: Step, unit: Unit, masks: list[torch.Tensor | None], shapes: list[tuple[int, ...]]) -> Any:
-    """The amount to hand the method: the rule's, or a count of units reaching the rule's ``sparsity``."""
+def _amount(step: Step, unit: Unit, tensors: list[Pruned]) -> Any:
+    """The amount to hand the method: the rule's, or a count of units reaching the rule's ``sparsity``
+    (counted over every rank for DTensors)."""
     if step.sparsity is None:
         return step.amount
-    done = sum(0 if m is None else unit.pruned(m) for m in masks)
-    return max(0, round(step.sparsity * sum(unit.count(s) for s in shapes)) - done)
+    done = distributed.reduce(
+        [0 if t.mask is None else unit.pruned(t.mask) for t in tensors], [t.sharding for t in tensors]
+    )
+    return max(0, round(step.sparsity * sum(unit.count(t.shape) for t in tensors)) - sum(done))
 
 
 def _instance(step: Step, info: MethodInfo, amount: Any, tensor: str) -> PruningMethod:
@@ -458,7 +474,7 @@ def _select(
     (the weights may have changed since planning), which saves finding them again.
     """
     already = selection.pruned_counts(entries)
-    sizes = [e.values.numel() for e in entries]
+    sizes = [e.numel for e in entries]
     remaining = sum(sizes) - sum(already)
     k = n_to_prune(amount, remaining)
     if k > remaining:
@@ -483,7 +499,7 @@ def _masks(
     entries: list[selection.Entry], cuts: list[selection.Cut], score: selection.Score, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, int]]:
     made = [selection.apply_cut(e, cut, score, dtype) for e, cut in zip(entries, cuts, strict=True)]
-    counts = selection.to_host([z for _, z in made])
+    counts = selection.read_counts([z for _, z in made], entries)
     return [(mask, n) for (mask, _), n in zip(made, counts, strict=True)]
 
 
@@ -510,6 +526,8 @@ def _select_units(
 ) -> tuple[torch.Tensor, int]:
     """A local step's new mask for units beyond entries, in one pass: the units left ranked by the
     method's scores with ``topk``, as torch ranks channels (so ``ln_structured`` gives torch's masks)."""
+    if tensor.sharding is not None:  # channels lie whole on one rank each: rank the whole grid everywhere
+        return _select_units_sharded(step, tensor, amount, unit, scores)
     flat = scores.reshape(-1)
     left = None if tensor.mask is None else (~unit.reduce(tensor.mask)).reshape(-1).nonzero().reshape(-1)
     ranked = flat if left is None else flat[left]
@@ -526,21 +544,46 @@ def _select_units(
     return _from_units(tensor, unit, keep.reshape(scores.shape))
 
 
+def _select_units_sharded(
+    step: Step, tensor: Pruned, amount: Any, unit: Unit, scores: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """:func:`_select_units` on one rank's part of a DTensor whose units (channels) each lie on one rank:
+    the per-channel scores and pruned flags of every rank put together (one number per channel, never
+    the tensor), ranked on every rank alike, and this rank's channels kept."""
+    assert tensor.sharding is not None and isinstance(unit, Channels)
+    dim = unit.dim % len(tensor.shape)
+    channels = distributed.Channels(tensor.sharding, dim)
+    whole = channels.assemble(scores.reshape(-1))
+    done = None if tensor.mask is None else channels.assemble(unit.reduce(tensor.mask).reshape(-1).to(torch.uint8))
+    left = None if done is None else (done == 0).nonzero().reshape(-1)
+    ranked = whole if left is None else whole[left]
+    size = ranked.numel()
+    k = n_to_prune(amount, size)
+    if k > size:
+        raise _fail(step, tensor.name, f"amount={amount} is more than the {size} {unit.name} left to prune")
+    if k == 0:
+        mask = tensor.mask.clone() if tensor.mask is not None else torch.ones_like(tensor.orig)
+        return mask, zeros(mask)
+    kept = torch.topk(ranked, k=size - k, largest=True).indices
+    keep = torch.zeros(whole.numel(), dtype=torch.bool, device=whole.device)
+    keep[kept if left is None else left[kept]] = True
+    return _from_units(tensor, unit, channels.part(keep))
+
+
 def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> None:
     """Local steps of one rule on small tensors of one shape: one sort for all of them
     (:func:`prunespec.selection.select_rows`), the same masks as one by one."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, tensor in enumerate(tensors):
         groups.setdefault((tensor.orig.dtype, tensor.orig.device), []).append(i)
-    if len(groups) > 1 or len({id(t) for t in tensors}) < len(tensors):
+    sharded = any(t.sharding is not None for t in tensors)
+    if len(groups) > 1 or len({id(t) for t in tensors}) < len(tensors) or sharded:
         for step, tensor in zip(steps, tensors, strict=True):
             _run_local(step, tensor, info)
         return
     values = torch.stack([t.orig.detach().reshape(-1) for t in tensors])
     size = values.shape[1]
-    amounts = [
-        _amount(step, Entries(), [t.mask], [tuple(t.orig.shape)]) for step, t in zip(steps, tensors, strict=True)
-    ]
+    amounts = [_amount(step, Entries(), [t]) for step, t in zip(steps, tensors, strict=True)]
     # one method object and one hook record per distinct amount (install gives each tensor its own copy)
     methods: dict[tuple[type, Any], PruningMethod] = {}
     hooks: dict[tuple[type, Any], prune.BasePruningMethod] = {}
@@ -582,10 +625,8 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
     pname = tensor.owners[0][1]
     unit = info.units(step.options)
     per_row = info.per_row(step.options) and tensor.orig.dim() == 2
-    if per_row:  # the rule's own fraction or count: it applies to each row, not to the tensor
-        amount = step.amount if step.amount is not None else step.sparsity
-    else:
-        amount = _amount(step, unit, [tensor.mask], [tuple(tensor.orig.shape)])
+    # per row: the rule's own fraction or count applies to each row, not to the tensor
+    amount = (step.amount if step.amount is not None else step.sparsity) if per_row else _amount(step, unit, [tensor])
     method = _instance(step, info, amount, tensor.name)
     hook = _hook(step, method, tensor.name, pname)
     caps = method.capabilities()
@@ -615,10 +656,10 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
             tensor.new_hooks.append(hook)
             return
         if caps.elementwise:
-            entry, score = selection.Entry(tensor.current.detach(), tensor.mask), method.elementwise() or _identity
+            entry, score = tensor.entry(), method.elementwise() or _identity
         else:
             scores = _nan_last(_scores(step, method, tensor.context(step.options), tuple(tensor.orig.shape)))
-            entry, score = selection.Entry(scores, tensor.mask), _identity
+            entry, score = tensor.entry(scores), _identity
         masks = _select(step, [entry], amount, score, tensor.name)
         if masks is not None:
             mask, tensor.zeros = masks[0]
@@ -668,18 +709,17 @@ def _run_global(
     step = unit[0]
     group = f"global group of {len(tensors)} tensors"
     units = [info.units(s.options) for s in unit]
-    amount = _amount(step, units[0], [t.mask for t in tensors], [tuple(t.orig.shape) for t in tensors])
+    amount = _amount(step, units[0], tensors)
     method = _instance(step, info, amount, group)
     caps = method.capabilities()
     masks: list[tuple[torch.Tensor, int]] | None = None
     if caps.scores:
         if caps.elementwise and isinstance(units[0], Entries):
-            entries = [selection.Entry(t.current.detach(), t.mask) for t in tensors]
+            entries = [t.entry() for t in tensors]
             masks = _select(step, entries, amount, method.elementwise() or _identity, group, planned)
         elif isinstance(units[0], Entries):
             entries = [
-                selection.Entry(_nan_last(_scores(step, method, t.context(step.options), tuple(t.orig.shape))), t.mask)
-                for t in tensors
+                t.entry(_nan_last(_scores(step, method, t.context(step.options), tuple(t.orig.shape)))) for t in tensors
             ]
             masks = _select(step, entries, amount, _identity, group, planned)
             masks = (
@@ -697,7 +737,7 @@ def _run_global(
     bounded = step.max_sparsity is not None or step.min_sparsity is not None
     if masks is None and bounded and caps.elementwise and isinstance(units[0], Entries):
         # NaNs to prune: torch's concatenated ranking knows no bounds, so NaN ranks last (as +inf) here
-        entries = [selection.Entry(t.current.detach(), t.mask) for t in tensors]
+        entries = [t.entry() for t in tensors]
         masks = _select(step, entries, amount, _nan_last_of(method.elementwise() or _identity), group)
     if masks is None and bounded:
         raise _fail(step, group, "max_sparsity/min_sparsity need a method that scores entries (like l1_unstructured)")

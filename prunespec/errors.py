@@ -13,6 +13,10 @@ from dataclasses import dataclass
 class PrunespecError(Exception):
     """Base class of every error prunespec raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # picklable whatever the subclass's __init__ takes: an error is sent to every rank of a group
+        return _rebuilt, (type(self), dict(self.__dict__), self.args)
+
 
 @dataclass(frozen=True)
 class Issue:
@@ -130,3 +134,25 @@ class CalibrationError(ApplyError):
         self.batch = batch
         where = "calibration" if batch is None else f"calibration batch {batch}"
         PrunespecError.__init__(self, f"{rules}: {where}: {message} (the model was left unchanged)")
+
+
+class ShardingError(PrunespecError):
+    """A DTensor parameter is laid out in a way prunespec cannot prune (partial sums, strided shards, a
+    mesh of only some of the ranks)."""
+
+
+class RankError(PrunespecError):
+    """Another rank of the process group failed with an error that cannot be sent as it is; raised on
+    this rank too, so that every rank stops together (``rank``: the one that failed)."""
+
+    def __init__(self, rank: int, message: str):
+        self.rank = rank
+        super().__init__(f"rank {rank} failed: {message}")
+
+
+def _rebuilt(cls: type[BaseException], state: dict[str, object], args: tuple[object, ...]) -> BaseException:
+    """An error of a class whose ``__init__`` takes other arguments than its message, from its state."""
+    error: BaseException = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error

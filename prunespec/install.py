@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import layout, runtime
+from . import distributed, layout, runtime
 from .errors import ApplyError
 from .masks import zeros
 from .pruned import Pruned
@@ -91,14 +91,14 @@ def finished(tensor: Pruned, undo: Streamed | None) -> None:
     ``undo``) its values written in place now, when no earlier pruning gave it torch's layout."""
     if tensor.mask is None or tensor.start is not None or any(layout.is_pruned(m, p) for m, p in tensor.owners):
         return
-    if tensor.zeros is None:
-        tensor.zeros = zeros(tensor.mask)
+    if tensor.zeros is None or tensor.sharding is not None:
+        tensor.zeros = zeros(distributed.wrap(tensor.mask, tensor.sharding))
     if undo is None:
         tensor.mask = tensor.mask.bool()  # 1 byte an entry until the install
         return
     undo.save(tensor)
     with runtime.deferred_interrupts():
-        layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
+        layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), tensor.values)
         undo.done.append(tensor)
         tensor.streamed = True
     tensor.mask, tensor.values = None, None
@@ -117,10 +117,11 @@ def finalize(tensors: list[Pruned], merge: bool) -> None:
             assert tensor.mask is not None
             if tensor.zeros is None:  # the report counts the mask's zeros, not zeros the values had anyway
                 tensor.zeros = zeros(tensor.mask)
-            layout.finalized_in_place(tensor.owners, tensor.mask, tensor.values)
+            layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), tensor.values)
 
 
 def install(tensors: list[Pruned], merge: bool) -> None:
+    sharded = any(t.sharding is not None for t in tensors)
     restores = [
         layout.snapshot(module, pname, values=t.values is not None) for t in tensors for module, pname in t.owners
     ]
@@ -132,12 +133,15 @@ def install(tensors: list[Pruned], merge: bool) -> None:
                 assert mask is not None
                 if mask.dtype == torch.bool:  # kept compact while other masks were computed
                     mask = mask.to(current.orig.dtype)
+                mask = distributed.wrap(mask, current.sharding)  # a DTensor's mask: sharded like it
                 layout.install(module, pname, mask, current.new_hooks, merge=merge, values=current.values)
+        current = None
+        if sharded:  # every rank installs, or none does (another rank's failure undoes this one's)
+            distributed.agree_or_raise()
     except BaseException as exc:  # an interrupt too: the model is all pruned or not at all
         for restore in restores:
             restore()
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, Exception) or current is None:
             raise
-        assert current is not None
         message = f"could not install the mask: {type(exc).__name__}: {exc}"
         raise ApplyError(current.rules[-1], current.name, message) from exc

@@ -14,6 +14,8 @@ from numbers import Integral
 
 import torch
 
+from . import distributed
+
 
 def n_to_prune(amount: float | int, size: int) -> int:
     """How many of ``size`` units ``amount`` prunes, rounded exactly as ``torch.nn.utils.prune`` does:
@@ -89,7 +91,11 @@ class Unit:
         raise NotImplementedError
 
     def pruned(self, mask: torch.Tensor) -> int:
-        """How many units ``mask`` prunes whole."""
+        """How many units ``mask`` prunes whole (of a DTensor mask whose units lie whole on one rank
+        each, over every rank)."""
+        sharding = distributed.sharding_of(mask)
+        if sharding is not None:
+            return distributed.reduce([int(self.reduce(distributed.local(mask)).sum())], [sharding])[0]
         return int(self.reduce(mask).sum())
 
 
@@ -172,7 +178,11 @@ def pruned_channels(mask: torch.Tensor, dim: int) -> int:
 
 
 def zeros(mask: torch.Tensor) -> int:
-    """The entries a (binary) mask prunes."""
+    """The entries a (binary) mask prunes; of a DTensor mask, in the whole tensor (summed over ranks)."""
+    sharding = distributed.sharding_of(mask)
+    if sharding is not None:
+        part = distributed.local(mask)
+        return distributed.reduce([part.numel() - int(torch.count_nonzero(part))], [sharding])[0]
     return mask.numel() - int(torch.count_nonzero(mask))
 
 

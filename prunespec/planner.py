@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibration, group_planner, groups, selection
+from . import calibration, distributed, group_planner, groups, selection
 from .blocks import block_of, find_blocks
-from .errors import Issue, PlanError
+from .errors import Issue, PlanError, ShardingError
 from .group_planner import GroupPlan
 from .groups import Member
 from .layout import base_name, is_pruned, original
 from .layout import mask as mask_of
 from .loader import owl_issues
-from .masks import Entries, Unit, bounds_problem, budget_bounds, row_targets, to_prune, zeros
+from .masks import Channels, Entries, Unit, bounds_problem, budget_bounds, row_targets, to_prune, zeros
 from .methods.base import MethodInfo
 from .plugins import MethodRegistry, provider_hint
 from .runtime import one_thread
@@ -306,6 +306,33 @@ def _unprunable(param: torch.Tensor) -> str | None:
     return None
 
 
+def sharded_problem(info: MethodInfo, rule: Rule, sharding: distributed.Sharding) -> str | None:
+    """Why ``rule`` cannot prune a DTensor laid out as ``sharding`` (each rank holding a part), or None."""
+    caps = info.capabilities
+    if rule.group is not None:
+        return "group rules (structural pruning) do not work on DTensors yet"
+    if caps.statistics:
+        return f"{info.name} reads calibration statistics, which prunespec does not gather across ranks yet"
+    if caps.updates_values:
+        return f"{info.name} changes the kept weights, which prunespec does not do on DTensors yet"
+    if not caps.shards:
+        return (
+            f"{info.name} computes masks from whole tensors; on a DTensor prunespec needs a method that scores "
+            "entries elementwise or declares `shards = True`"
+        )
+    unit = info.units(rule.options)
+    if not isinstance(unit, Entries):
+        if rule.scope == "global":
+            return f"{info.name} with scope: global ranks {unit.name} across tensors, not done on DTensors yet"
+        dim = unit.dim % len(sharding.shape) if isinstance(unit, Channels) else None
+        if dim is None or sharding.sharded_dims - {dim}:
+            dims = ", ".join(map(str, sorted(sharding.sharded_dims)))
+            return f"its {unit.name} span ranks (dim {dims} is split): prune along the split dim"
+    elif rule.scope == "global" and not caps.scores:
+        return f"{info.name} with scope: global ranks the group's tensors put together, not done on DTensors"
+    return None
+
+
 def make_plan(
     model: nn.Module,
     spec: Spec,
@@ -327,6 +354,18 @@ def make_plan(
     ``example``: one batch of inputs, from which `group` rules on models without known structures
     (CNNs) trace their channel groups (:mod:`prunespec.discovery`).
     """
+    with distributed.collective(distributed.sharded(model)):
+        return _make_plan(model, spec, methods, rules, allocations, example)
+
+
+def _make_plan(
+    model: nn.Module,
+    spec: Spec,
+    methods: Mapping[str, MethodInfo],
+    rules: Mapping[int, Rule] | None,
+    allocations: Allocations | None,
+    example: Any,
+) -> Plan:
     chosen = list(enumerate(spec.rules)) if rules is None else sorted(rules.items())
     planner = _Planner(model, spec, methods, chosen, allocations or {}, example)
     for index, rule in chosen:
@@ -448,6 +487,7 @@ class _Planner:
         targets = self._targets(index, rule)
         if targets is None:
             return
+        targets = [t for t in targets if self._shardable(index, rule, info, t[0], t[1])]
         if not targets:
             if not rule.optional:
                 self.issue(
@@ -893,6 +933,26 @@ class _Planner:
         state.units = None
         self._step(index, rule, ref, by, before, state)
 
+    def _shardable(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef, param: torch.Tensor) -> bool:
+        """Whether the rule can prune ``param`` where it is a DTensor (split across ranks); else an issue."""
+        try:
+            sharding = distributed.sharding_of(param)
+        except ShardingError as exc:
+            self.issue(("rules", index), f"tensor {ref.name}: {exc}")
+            return False
+        if sharding is None:
+            return True
+        problem = sharded_problem(info, rule, sharding)
+        if problem:
+            split = ", ".join(str(p) for p in sharding.placements)
+            self.issue(
+                ("rules", index, "method"),
+                f"tensor {ref.name} is split across ranks ({split}): {problem}",
+                "prune it before sharding it, or use a method that scores entries (l1_unstructured)",
+            )
+            return False
+        return True
+
     def _fits(self, index: int, rule: Rule, info: MethodInfo, ref: TensorRef) -> bool:
         """Whether the method can prune this tensor; else an issue at the option or the rule."""
         shape = ref.shape
@@ -1015,7 +1075,7 @@ class _Planner:
         they will be at apply (no earlier step of this plan changed them), else a proportional estimate."""
         if scorer is not None and all(s.exact and not s.touched for s in states):
             entries = [
-                selection.Entry(param.detach(), s.mask) for (_, param, _), s in zip(targets, states, strict=True)
+                selection.Entry.of(param.detach(), s.mask) for (_, param, _), s in zip(targets, states, strict=True)
             ]
             already = [round(s.pruned) for s in states]
             with torch.no_grad(), one_thread():

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .distributed import Sharding
 from .methods.base import Generators, MaskContext
+from .selection import Entry
 
 __all__ = ["Pruned"]
 
@@ -40,6 +42,17 @@ class Pruned:
     error: float | None = None  # relative reconstruction error on the calibration data
     blockwise: Mapping[str, torch.Tensor] = field(default_factory=dict)  # statistics of its whole block
     streamed: bool = False  # finalized in place as soon as its mask was ready (snapshot "disk" or "none")
+    # a DTensor's: ``orig``, ``mask`` and ``values`` are then this rank's parts (masks are wrapped at install)
+    sharding: Sharding | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole tensor's shape (on every rank together, for a DTensor)."""
+        return self.sharding.shape if self.sharding is not None else tuple(self.orig.shape)
+
+    def entry(self, values: torch.Tensor | None = None) -> Entry:
+        """This tensor for :mod:`prunespec.selection` (``values``: scores instead of its values)."""
+        return Entry(self.current.detach() if values is None else values, self.mask, self.sharding)
 
     @property
     def current(self) -> torch.Tensor:
@@ -54,5 +67,14 @@ class Pruned:
             values, mask = values.clone(), None if mask is None else mask.clone()
         statistics = {**self.statistics, **self.blockwise} if self.blockwise else self.statistics
         return MaskContext(
-            self.name, self.module_name, pname, module, values, mask, options, statistics, self.generators
+            self.name,
+            self.module_name,
+            pname,
+            module,
+            values,
+            mask,
+            options,
+            statistics,
+            self.generators,
+            self.sharding,
         )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layout, render
+from . import distributed, layout, render
 from .record import CalibrationRecord
 from .shrink import ShrinkReport
 
@@ -181,6 +181,8 @@ def _counted(found: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
 def count_zeros(tensors: list[torch.Tensor]) -> list[int]:
     """The zeros of each tensor. Small tensors are counted together (one pass for many: a model of
     thousands of tiny layers would otherwise pay a kernel call per bias); counts are read at once."""
+    shardings = [distributed.sharding_of(t) for t in tensors]
+    tensors = [distributed.local(t) for t in tensors]  # a DTensor's zeros: its parts' on every rank, summed
     out = [0] * len(tensors)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     large: list[int] = []
@@ -201,7 +203,7 @@ def count_zeros(tensors: list[torch.Tensor]) -> list[int]:
         counts = [(tensors[i].numel() - torch.count_nonzero(tensors[i])).to(device) for i in large]
         for i, n in zip(large, torch.stack(counts).tolist(), strict=True):
             out[i] = int(n)
-    return out
+    return distributed.reduce(out, shardings)
 
 
 def _stats(

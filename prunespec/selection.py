@@ -10,6 +10,10 @@ The result is the same *set* as torch's wherever no score ties the threshold: th
 identical. Where scores tie it (common in fp16/bf16), the count is still exact and the tied entries
 pruned are the first ones, in group order and then in row-major order within a tensor (torch's choice
 among ties is ``topk``'s, which is not documented). NaN scores rank last, as with ``topk``.
+
+On DTensors (parameters split across ranks) each rank works on its own part: the counts are summed
+over ranks and the few candidates inside the bracket gathered (:mod:`prunespec.distributed`), so the
+cut and the tie order (row-major in the whole tensor) are those of one process on the whole tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
+from .distributed import Sharding
+
 Score = Callable[[torch.Tensor], torch.Tensor]  # elementwise: entries' scores from their values
 
 SAMPLE = 1 << 18  # the largest sample; smaller groups take about total ** (2/3), at least MIN_SAMPLE
@@ -29,10 +36,25 @@ _GENERATOR_SEED = 0x5EED  # the sample is deterministic, so selection is too
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of a group: its values and its current mask (None: nothing pruned yet)."""
+    """One tensor of a group: its values and its current mask (None: nothing pruned yet); for a
+    DTensor, this rank's parts of them and where they lie (``sharding``)."""
 
     values: torch.Tensor
     mask: torch.Tensor | None = None
+    sharding: Sharding | None = None
+
+    @classmethod
+    def of(cls, values: torch.Tensor, mask: torch.Tensor | None = None) -> Entry:
+        """An entry of a tensor that may be a DTensor (its mask then a DTensor or a local part)."""
+        sharding = distributed.sharding_of(values)
+        if sharding is None:
+            return cls(values, mask)
+        return cls(distributed.local(values), None if mask is None else distributed.local(mask), sharding)
+
+    @property
+    def numel(self) -> int:
+        """Entries in the whole tensor (on every rank together)."""
+        return self.sharding.numel if self.sharding is not None else self.values.numel()
 
 
 @dataclass(frozen=True)
@@ -79,11 +101,17 @@ def to_host(counts: Sequence[torch.Tensor]) -> list[int]:
     return values
 
 
+def read_counts(values: Sequence[torch.Tensor], entries: Sequence[Entry]) -> list[int]:
+    """Per-entry counts (0-dim tensors) read in one transfer, summed over ranks for sharded entries."""
+    return distributed.reduce(to_host(values), [e.sharding for e in entries])
+
+
 def pruned_counts(entries: Sequence[Entry]) -> list[int]:
     """How many entries of each tensor its mask already prunes."""
     # masks are binary (the engine checks), so a mask's zeros are all that is not one
-    ones = iter(to_host([torch.count_nonzero(e.mask) for e in entries if e.mask is not None]))
-    return [0 if e.mask is None else e.mask.numel() - next(ones) for e in entries]
+    zero = torch.zeros((), dtype=torch.int64)
+    values = [zero if e.mask is None else e.mask.numel() - torch.count_nonzero(e.mask) for e in entries]
+    return read_counts(values, entries)
 
 
 def find_cuts(
@@ -104,7 +132,7 @@ def find_cuts(
     already = list(already) if already is not None else pruned_counts(entries)
     n = len(entries)
     low = list(low) if low is not None else list(already)
-    high = list(high) if high is not None else [e.values.numel() for e in entries]
+    high = list(high) if high is not None else [e.numel for e in entries]
     cuts: list[Cut | None] = [None] * n
     budget = k
     while True:
@@ -143,12 +171,13 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
     if k <= 0:
         return [NOTHING for _ in entries]
     dtype = group_dtype(entries, score)
-    sizes = [e.values.numel() for e in entries]
+    sizes = [e.numel for e in entries]
+    local_sizes = [e.values.numel() for e in entries]
     total = sum(sizes)
     target = k + sum(already)  # position (1-based) of the cut among all entries, pruned ones scoring -inf
     lo, hi, share = _bracket(entries, sizes, total, target, score, dtype)
     # room for each tensor's candidates: twice its expected share of the bracket (more is retried)
-    caps = [size if share >= 1 else min(size, math.ceil(2 * share * size) + 256) for size in sizes]
+    caps = [size if share >= 1 else min(size, math.ceil(2 * share * size) + 256) for size in local_sizes]
     while True:
         counts: list[torch.Tensor] = []
         gathered: list[torch.Tensor] = []
@@ -159,21 +188,26 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
             counts += [torch.count_nonzero(is_below), torch.count_nonzero(in_bracket)]
             gathered.append(_gather(scores, in_bracket, cap))
         read = to_host(counts)
-        below, found = read[0::2], read[1::2]
-        if any(n > cap for n, cap in zip(found, caps, strict=True)):  # more candidates than room: again
-            caps = [max(n, cap) for n, cap in zip(found, caps, strict=True)]
+        here = read[1::2]
+        if any(n > cap for n, cap in zip(here, caps, strict=True)):  # more candidates than room: again
+            caps = [max(n, cap) for n, cap in zip(here, caps, strict=True)]
             continue
+        read = distributed.reduce(read, [e.sharding for e in entries for _ in (0, 1)])
+        below, found = read[0::2], read[1::2]
         if sum(below) < target <= sum(below) + sum(found):
             break
         if isinstance(lo, float) and isinstance(hi, float):  # the whole range: only NaNs are left out
             return None
-        lo, hi, caps = -math.inf, math.inf, sizes  # the sample misled us (rare): take everything
-    inside = [g[:n] for g, n in zip(gathered, found, strict=True)]  # the padding is at the end
-    candidates = torch.cat([c.to(entries[0].values.device) for c in inside])
+        lo, hi, caps = -math.inf, math.inf, local_sizes  # the sample misled us (rare): take everything
+    inside = [g[:n] for g, n in zip(gathered, here, strict=True)]  # the padding is at the end
+    candidates = torch.cat([c.to(entries[0].values.device) for c in _everywhere(inside, entries)])
     exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
     # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
     value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
-    read = to_host([torch.count_nonzero(c < value) for c in inside] + [torch.count_nonzero(c == value) for c in inside])
+    read = read_counts(
+        [torch.count_nonzero(c < value) for c in inside] + [torch.count_nonzero(c == value) for c in inside],
+        [*entries, *entries],
+    )
     strictly = [b + n for b, n in zip(below, read[: len(inside)], strict=True)]
     need = target - sum(strictly)
     cuts = []
@@ -182,6 +216,18 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
         need -= take
         cuts.append(Cut(value, take, count + take - done, ties))
     return cuts
+
+
+def _everywhere(parts: Sequence[torch.Tensor], entries: Sequence[Entry]) -> list[torch.Tensor]:
+    """Each entry's ``parts``, with every rank's parts of a sharded entry (plain entries are whole on
+    every rank already)."""
+    out: list[torch.Tensor] = []
+    for part, entry in zip(parts, entries, strict=True):
+        if entry.sharding is None:
+            out.append(part)
+        else:
+            out.extend(distributed.gather(part, entry.sharding.counted))
+    return out
 
 
 def _gather(scores: torch.Tensor, keep: torch.Tensor, cap: int) -> torch.Tensor:
@@ -216,9 +262,12 @@ def _bracket(
     parts = []
     for i, entry in enumerate(entries):
         index = positions[owner == i] - offsets[i]
-        if index.numel():
-            parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).to(device))
-    sample = torch.cat(parts).cpu().float().nan_to_num(nan=math.inf)  # NaNs rank last; float32 holds fp16/bf16
+        if entry.sharding is not None:
+            index = entry.sharding.local_index(index)[1]
+        parts.append(_scores(entry, score, dtype, index.to(entry.values.device)).to(device))
+    sample = (
+        torch.cat(_everywhere(parts, entries)).cpu().float().nan_to_num(nan=math.inf)
+    )  # NaNs rank last; float32 holds fp16/bf16
     middle = target / total * size
     # 8 standard deviations of a sample quantile's position: the bracket misses about never
     spread = 8 * math.sqrt(middle * (1 - target / total)) + 2
@@ -244,10 +293,21 @@ def apply_cut(entry: Entry, cut: Cut, score: Score, dtype: torch.dtype) -> tuple
     else:
         keep = ~(scores < cut.value)
         if cut.take:
-            tied = (scores == cut.value).nonzero().reshape(-1)[: cut.take]
-            keep[tied] = False
+            tied = (scores == cut.value).nonzero().reshape(-1)
+            keep[_first_tied(tied, cut.take, entry.sharding)] = False
     zeros = keep.numel() - torch.count_nonzero(keep)  # counted on the bool mask: 4x fewer bytes than fp32
     return keep.reshape(values.shape).to(values.dtype), zeros
+
+
+def _first_tied(tied: torch.Tensor, take: int, sharding: Sharding | None) -> torch.Tensor:
+    """Of the local positions ``tied``, those among the tensor's first ``take`` tied entries in
+    row-major order of the whole tensor (only ties are gathered across ranks: usually few)."""
+    if sharding is None:
+        return tied[:take]
+    where = sharding.global_index(tied)
+    everywhere = torch.cat(distributed.gather(where, sharding.counted))
+    last = torch.sort(everywhere).values[take - 1]
+    return tied[where <= last]
 
 
 SMALL = 1 << 14  # tensors up to this many entries are selected in batches (one sort for many tensors)

@@ -88,3 +88,9 @@ def spawn(worker: Worker, world: int, *args: Any, timeout: float = 180.0) -> lis
     if failures:
         raise AssertionError("\n".join(failures))
     return [out[r] for r in range(world)]
+
+
+def gloo_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..calibration import STATISTICS
+from ..distributed import Sharding
 from ..masks import Channels, Entries, Unit, n_to_prune
 
 PRUNING_TYPES = ("unstructured", "structured", "global")
@@ -83,6 +84,7 @@ class MaskContext:
     options: Mapping[str, Any]
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     generators: Generators | None = None  # the spec's seeded generators (None: no seed, torch's own)
+    sharding: Sharding | None = None  # a DTensor's: values and mask are this rank's part (``shards``)
 
     @property
     def masked(self) -> torch.Tensor:
@@ -108,6 +110,7 @@ class Capabilities:
     statistics: tuple[str, ...]  # calibration statistics it needs
     own_random: bool  # draws random numbers only from ``ctx.generators`` (or none): torch's RNG is left alone
     updates_values: bool = False  # changes the kept weights too (:meth:`PruningMethod.reconstruct`)
+    shards: bool = False  # works on one rank's part of a DTensor (elementwise scores always do)
 
 
 class PruningMethod(prune.BasePruningMethod):
@@ -135,6 +138,10 @@ class PruningMethod(prune.BasePruningMethod):
     * ``updates_values = True`` for a method that also changes the weights it keeps (``sparsegpt``):
       it implements :meth:`reconstruct`, and prunespec writes the new values into ``<name>_orig``;
     * ``hook_class``: the class whose instance is installed as the forward pre-hook (default: this class).
+    * ``shards = True`` for a method whose :meth:`score` or :meth:`mask` works on one rank's part of a
+      DTensor parameter (``ctx.values`` and ``ctx.mask`` are that part, ``ctx.sharding`` says where it
+      lies) and gives that part of what it would give for the whole tensor. A method scoring entries
+      elementwise (:meth:`importance`) needs nothing: prunespec selects across ranks itself.
 
     Masks come from :meth:`score` (when given), else :meth:`mask`, which by default calls torch's
     ``compute_mask(t, default_mask)``.
@@ -149,6 +156,7 @@ class PruningMethod(prune.BasePruningMethod):
     own_random: ClassVar[bool] = False
     amount_replaced_by: ClassVar[tuple[str, ...]] = ()
     updates_values: ClassVar[bool] = False
+    shards: ClassVar[bool] = False
     hook_class: ClassVar[type[prune.BasePruningMethod] | None] = None
 
     def __init__(self, amount: float | int | None = None, **options: Any) -> None:
@@ -186,6 +194,7 @@ class PruningMethod(prune.BasePruningMethod):
             statistics=tuple(cls.statistics),
             own_random=cls.own_random,
             updates_values=cls.updates_values,
+            shards=cls.shards or elementwise,
         )
 
     @classmethod

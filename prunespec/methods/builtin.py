@@ -50,6 +50,7 @@ class Identity(PruningMethod):
 
     name = "identity"
     own_random = True
+    shards = True
     hook_class = prune.Identity
     takes_amount = False
 
@@ -59,9 +60,12 @@ class RandomUnstructured(PruningMethod):
 
     name = "random_unstructured"
     own_random = True
+    shards = True
     hook_class = prune.RandomUnstructured
 
     def mask(self, ctx: MaskContext) -> torch.Tensor:
+        if ctx.sharding is not None:
+            return self._draw_part(ctx)
         if ctx.generators is None:
             return super().mask(ctx)
         # torch's draws (rand_like, then topk), from the spec's own generator; after earlier pruning, on
@@ -80,6 +84,33 @@ class RandomUnstructured(PruningMethod):
         if k:
             prob = torch.rand(t.shape, generator=ctx.generators(t.device), dtype=t.dtype, device=t.device)
             mask.view(-1)[torch.topk(prob.view(-1), k=k).indices] = 0
+        return mask
+
+    def _draw_part(self, ctx: MaskContext) -> torch.Tensor:
+        """This rank's part of the mask the whole tensor would get: every rank draws the whole tensor's
+        random numbers (one tensor of them at a time, the price of agreeing with one process) and keeps
+        what falls in its part."""
+        sharding = ctx.sharding
+        assert sharding is not None
+        if ctx.generators is None:
+            raise ValueError("random_unstructured on a DTensor needs the spec's `seed` (every rank must draw alike)")
+        left = (ctx.mask == 1) if ctx.mask is not None else torch.ones_like(ctx.values, dtype=torch.bool)
+        mask = ctx.default_mask.clone(memory_format=torch.contiguous_format)
+        if ctx.mask is None:
+            k = self.n_to_prune(sharding.numel)
+            if k:
+                prob = torch.rand(sharding.shape, generator=ctx.generators(ctx.values.device), dtype=ctx.values.dtype)
+                chosen = torch.topk(prob.view(-1), k=k).indices
+                mask.view(-1)[sharding.local_index(chosen.to(ctx.values.device))[1]] = 0
+            return mask
+        mine = int(left.sum())
+        start, total = sharding.before(mine)  # the left entries, ordered as in the whole tensor
+        k = self.n_to_prune(total)
+        if k:
+            prob = torch.rand(total, generator=ctx.generators(ctx.values.device), dtype=ctx.values.dtype)
+            chosen = torch.topk(prob, k=k).indices
+            chosen = chosen[(chosen >= start) & (chosen < start + mine)] - start
+            mask.view(-1)[left.reshape(-1).nonzero().reshape(-1)[chosen]] = 0
         return mask
 
 
@@ -143,6 +174,7 @@ class LnStructured(PruningMethod):
 
     name = "ln_structured"
     own_random = True
+    shards = True  # a channel's norm is its own entries': right on a part that holds whole channels
     PRUNING_TYPE = "structured"
     Options = LnOptions
     unit = "channels"

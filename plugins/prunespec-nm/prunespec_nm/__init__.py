@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
 import torch
-from prunespec import PruningMethod, hookimpl
+from prunespec import MaskContext, PruningMethod, hookimpl
 from prunespec.hookspecs import Register
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -106,6 +106,8 @@ class NMPruning(PruningMethod):
     PRUNING_TYPE = "global"
     Options: ClassVar[type[BaseModel]] = NMOptions
     takes_amount: ClassVar[bool] = False  # n and m alone decide how much is pruned
+    # each group of m lies in one row: a rank's part of a DTensor split along dim 0 is masked on its own
+    shards: ClassVar[bool] = True
 
     n: int
     m: int
@@ -116,6 +118,17 @@ class NMPruning(PruningMethod):
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             return f"option m must be a positive integer, got {m!r}"
         return _shape_problem(shape, m)
+
+    def mask(self, ctx: MaskContext) -> torch.Tensor:
+        sharding = ctx.sharding
+        if sharding is not None and INPUT_DIM in sharding.sharded_dims:
+            start, length = sharding.offset[INPUT_DIM], sharding.local_shape[INPUT_DIM]
+            if start % self.m or length % self.m:
+                raise ValueError(
+                    f"this rank holds inputs {start}..{start + length - 1} of dim 1, which cut groups of m={self.m}: "
+                    "split the tensor along dim 0, or at multiples of m"
+                )
+        return nm_mask(ctx.values, ctx.default_mask, self.n, self.m)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         return nm_mask(t, default_mask, self.n, self.m)

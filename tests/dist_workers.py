@@ -1,0 +1,168 @@
+"""What each rank runs in tests/test_distributed.py (module level: pickled by reference into new processes)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import prunespec
+from prunespec.methods.base import MaskContext, MethodInfo, PruningMethod
+
+
+def mlp(ties: bool = False) -> nn.Module:
+    """The same small MLP on every rank (one layer's rows do not divide among 4 ranks)."""
+    torch.manual_seed(0)
+    # the first layer is large enough (19,200 entries) that selection brackets the cut from a sample
+    model = nn.Sequential(nn.Linear(160, 120), nn.ReLU(), nn.Linear(120, 8), nn.ReLU(), nn.Linear(8, 5))
+    if ties:  # a handful of distinct magnitudes: global cuts fall inside runs of tied entries
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((p * 10).round() / 10)
+    return model
+
+
+def fsdp(model: nn.Module) -> nn.Module:
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def tensor_parallel(model: nn.Module, dim: int) -> nn.Module:
+    """Every parameter a DTensor split along ``dim`` (biases along 0), without FSDP."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(dim)]))
+            layer.bias = nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Shard(0)]))
+    return model
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every mask buffer, whole (a DTensor's gathered: only tests do that)."""
+    out = {}
+    for name, buffer in model.named_buffers():
+        if name.endswith("_mask"):
+            assert isinstance(buffer, DTensor), f"{name} is not a DTensor"
+            out[name] = buffer.full_tensor()
+    return out
+
+
+def spec(rules: list[dict[str, Any]], seed: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": 1, "rules": rules}
+    if seed is not None:
+        out["seed"] = seed
+    return out
+
+
+LINEARS = {"types": ["Linear"]}
+WEIGHTS = {"types": ["Linear"], "params": ["weight"]}
+SPECS = {
+    "local_l1": spec([{"select": LINEARS, "method": "l1_unstructured", "amount": 0.3}]),
+    "global_l1": spec([{"select": LINEARS, "scope": "global", "method": "l1_unstructured", "amount": 0.5}]),
+    "global_bounded": spec(
+        [
+            {
+                "select": WEIGHTS,
+                "scope": "global",
+                "method": "l1_unstructured",
+                "sparsity": 0.6,
+                "max_sparsity": 0.7,
+            }
+        ]
+    ),
+    "ln_structured": spec(
+        [{"select": WEIGHTS, "method": "ln_structured", "amount": 0.5, "options": {"n": 2, "dim": 0}}]
+    ),
+    "random": spec(
+        [
+            {"select": LINEARS, "method": "random_unstructured", "amount": 0.3},
+            {"select": WEIGHTS, "method": "random_unstructured", "amount": 0.25},
+        ],
+        seed=7,
+    ),
+    "nm": spec([{"select": WEIGHTS, "method": "nm", "options": {"n": 2, "m": 4}}]),
+    "iterative": spec(
+        [
+            {"select": WEIGHTS, "method": "l1_unstructured", "amount": 0.2},
+            {"select": WEIGHTS, "method": "ln_structured", "amount": 1, "options": {"n": 1, "dim": 0}},
+            {"select": LINEARS, "scope": "global", "method": "l1_unstructured", "sparsity": 0.5},
+        ]
+    ),
+}
+
+
+def same_masks(rank: int, world: int, names: list[str], layout: str) -> dict[str, Any]:
+    """Each spec on a sharded model and on a plain copy: the masks and the report's zeros must agree."""
+    results: dict[str, Any] = {}
+    for name in names:
+        ties = name.endswith("_ties")
+        the_spec = SPECS[name.removesuffix("_ties")]
+        reference = mlp(ties)
+        sharded = copy.deepcopy(reference)
+        sharded = fsdp(sharded) if layout == "fsdp" else tensor_parallel(sharded, int(layout[-1]))
+        want = prunespec.apply(reference, the_spec)
+        got = prunespec.apply(sharded, the_spec)
+        have = masks(sharded)
+        expected = {n: b for n, b in reference.named_buffers() if n.endswith("_mask")}
+        assert have.keys() == expected.keys(), (have.keys(), expected.keys())
+        differ = [n for n in have if not torch.equal(have[n], expected[n])]
+        zeros = {n: t.zeros for n, t in got.entries.items()}, {n: t.zeros for n, t in want.entries.items()}
+        results[name] = {"differ": differ, "zeros_equal": zeros[0] == zeros[1], "sparsity": got.global_sparsity}
+        again = prunespec.sparsity(sharded)
+        results[name]["report_equal"] = again.to_dict() == prunespec.sparsity(reference).to_dict()
+        # the effective weights too: torch's attribute, orig * mask, equal to the plain model's
+        results[name]["weights"] = all(
+            torch.equal(
+                sharded_layer.weight.full_tensor(),  # type: ignore[operator]
+                plain.weight,
+            )
+            for sharded_layer, plain in zip(sharded, reference, strict=True)
+            if isinstance(plain, nn.Linear)
+        )
+    return results
+
+
+class FailsOnRankOne(PruningMethod):
+    """Scores like l1 everywhere but on rank 1, where it raises: a problem only one rank sees."""
+
+    name = "fails_on_rank_one"
+    shards: ClassVar[bool] = True
+
+    def score(self, ctx: MaskContext) -> torch.Tensor:
+        if dist.get_rank() == 1:
+            raise RuntimeError("only rank 1 sees this")
+        return ctx.values.abs()
+
+
+def errors(rank: int, world: int) -> dict[str, Any]:
+    """Errors are raised on every rank, as the same error, and leave every rank's model as it was."""
+    out: dict[str, Any] = {}
+    registry = prunespec.load_methods()
+    registry.add(MethodInfo.from_class(FailsOnRankOne, name=FailsOnRankOne.name))
+    model = fsdp(mlp())
+    before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+    for label, the_spec in {
+        "one_rank": spec([{"select": WEIGHTS, "method": "fails_on_rank_one", "amount": 0.5}]),
+        "data_aware": spec([{"select": WEIGHTS, "method": "wanda", "sparsity": 0.5}]),
+        "too_much": spec([{"select": WEIGHTS, "method": "l1_unstructured", "amount": 500}]),
+    }.items():
+        try:
+            prunespec.apply(model, the_spec, methods=registry)
+        except prunespec.PrunespecError as exc:
+            out[label] = (type(exc).__name__, str(exc))
+        else:
+            out[label] = None
+    after = model.state_dict()
+    out["unchanged"] = after.keys() == before.keys() and all(
+        torch.equal(after[k].to_local(), before[k]) for k in before
+    )
+    return out

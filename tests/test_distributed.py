@@ -1,0 +1,42 @@
+"""prunespec on DTensor models across spawned CPU ranks (gloo, loopback): the masks equal one process's."""
+
+from __future__ import annotations
+
+import dist_workers
+import pytest
+import ranks
+
+pytestmark = pytest.mark.skipif(not ranks.gloo_available(), reason="torch.distributed with gloo is not available")
+
+NAMES = list(dist_workers.SPECS)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_masks_equal_one_process(world: int) -> None:
+    names = [*NAMES, "global_l1_ties", "local_l1_ties"]
+    for rank, result in enumerate(ranks.spawn(dist_workers.same_masks, world, names, "fsdp")):
+        for name in names:
+            assert result[name]["differ"] == [], (rank, name, result[name])
+            assert result[name]["zeros_equal"], (rank, name)
+            assert result[name]["report_equal"], (rank, name)
+            assert result[name]["weights"], (rank, name)
+
+
+def test_tensor_parallel_along_inputs() -> None:
+    """Weights split along dim 1 (row-wise tensor parallel): entries of one row lie on both ranks."""
+    names = ["local_l1", "global_l1", "global_l1_ties", "global_bounded", "local_l1_ties"]
+    for rank, result in enumerate(ranks.spawn(dist_workers.same_masks, 2, names, "tp1")):
+        for name in names:
+            assert result[name]["differ"] == [], (rank, name, result[name])
+            assert result[name]["zeros_equal"], (rank, name)
+
+
+def test_errors_are_raised_on_every_rank() -> None:
+    results = ranks.spawn(dist_workers.errors, 2)
+    for result in results:
+        assert result["unchanged"]
+        assert result["one_rank"] is not None and "only rank 1 sees this" in result["one_rank"][1]
+        assert result["data_aware"] is not None and result["data_aware"][0] == "PlanError"
+        assert "split across ranks" in result["data_aware"][1]
+        assert result["too_much"] is not None and result["too_much"][0] in ("PlanError", "ApplyError")
+    assert results[0] == results[1]  # the same error on each rank
