@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import CalibrationError
-from .sequential import BatchFailed, Pass, Stop
+from .sequential import Arrival, BatchFailed, Pass, Stop, attention_mask, first_tensor, run_batch
 
 __all__ = [
     "STATISTICS",
@@ -300,3 +301,79 @@ def collect(
             rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
         )
     return {name: out[name] for name in modules}
+
+
+def collect_across_ranks(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    names: Callable[[str], Collection[str]],
+    data: list[Any],
+    rules: str,
+) -> tuple[Statistics, int]:
+    """Data-parallel calibration of a model split across ranks (DTensor parameters): each rank runs its
+    own batches, one plain forward each (the model as it is: ``calibration.sequential: false``), and
+    the statistics ``names(module)`` of each of ``modules`` are summed over every rank's batches, batch
+    by batch in rank order: the sums one process makes of all the ranks' batches, in that order, to
+    the bit. Returns them and the tokens counted at the first module. Every rank must call this
+    together, with as many batches as the others (a forward of a sharded model is collective)."""
+    counts = [int(c) for c in distributed.gather(torch.tensor([len(data)]))]
+    if len(set(counts)) > 1:
+        given = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+        raise CalibrationError(rules, f"every rank must give as many calibration batches ({given})")
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in modules}
+    tokens: dict[str, list[int]] = {name: [] for name in modules}
+    batch_index = 0
+    keep_mask: torch.Tensor | None = None
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(tokens[name]) > batch_index:
+                return  # a module run twice in one forward is calibrated on its first call
+            x = first_tensor(args, kwargs)
+            if x is None:
+                raise BadInput(batch_index, f"{name} was called without a tensor input")
+            stop = Stop(name, [Arrival(batch_index, x.detach(), keep_mask)])
+            stats = Accumulator().at(stop, names(name), features(module))
+            for stat, value in stats.items():
+                parts[name].setdefault(stat, []).append(value)
+            keep = tokens_kept(x, keep_mask, name)
+            tokens[name].append(x.reshape(-1, x.shape[-1]).shape[0] if keep is None else int(keep.sum()))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch_index, batch in enumerate(data):
+                keep_mask = attention_mask(batch)
+                try:
+                    run_batch(model, batch)
+                except BadInput as exc:
+                    raise CalibrationError(rules, str(exc), exc.batch) from exc
+                except Exception as exc:
+                    message = f"the forward pass failed: {type(exc).__name__}: {exc}"
+                    raise CalibrationError(rules, message, batch_index) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if len(tokens[name]) < len(data)]
+    reached = [int(n) for n in distributed.gather(torch.tensor([len(missing)]))]
+    if any(reached):
+        raise CalibrationError(
+            rules, "on some rank the model's forward never ran " + (", ".join(missing) or "a watched module")
+        )
+    out: Statistics = {}
+    for name in modules:  # the same order on every rank
+        out[name] = {}
+        for stat, values in sorted(parts[name].items()):
+            local = torch.stack(values)
+            everyone = distributed.gather(local.reshape(-1))
+            total: torch.Tensor | None = None
+            for piece in everyone:
+                for part in piece.reshape(-1, *local.shape[1:]):
+                    total = part.clone() if total is None else total.add_(part)
+            assert total is not None
+            out[name][stat] = total
+    first = next(iter(modules), None)
+    count = 0 if first is None else sum(int(t.sum()) for t in distributed.gather(torch.tensor(tokens[first])))
+    return out, count

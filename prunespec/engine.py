@@ -236,6 +236,8 @@ def _calibrated(
     """The units that need the calibration pass: each local one at its module's stop (in forward order),
     on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
     the pass, from the statistics its tensors' stops gathered. Returns the tokens counted."""
+    if distributed.sharded(model):
+        return _calibrated_across_ranks(model, plan, units, modules, tensors, batches, generators, counter, influences)
     sequential, errors = plan.spec.calibration.sequential, plan.spec.calibration.errors
     rules = ", ".join(plan.needs_data)
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
@@ -292,6 +294,41 @@ def _calibrated(
     for tensor in tensors.values():
         tensor.statistics = {}
     return accumulator.tokens
+
+
+def _calibrated_across_ranks(
+    model: nn.Module,
+    plan: Plan,
+    units: list[list[Step]],
+    modules: dict[str, nn.Module],
+    tensors: dict[int, Pruned],
+    batches: list[Any],
+    generators: Generators | None,
+    counter: _Counter,
+    influences: Mapping[tuple[str, str], torch.Tensor],
+) -> int | None:
+    """The units that need data, on a model split across ranks: every rank's batches calibrate it
+    together (:func:`prunespec.calibration.collect_across_ranks`, the model as it is), then each unit's
+    masks come from the statistics summed over all of them."""
+    needs: dict[str, set[str]] = {}
+    staged_units = []
+    for unit in units:
+        staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
+        for step in unit:
+            needs.setdefault(step.tensor.module, set()).update(wanted)
+        staged_units.append((unit, staged))
+    rules = ", ".join(plan.needs_data)
+    watched = {name: modules[name] for name in needs}
+    stats, tokens = calibration.collect_across_ranks(model, watched, needs.__getitem__, batches, rules)
+    for unit, staged in staged_units:
+        for tensor in staged:
+            tensor.statistics = stats.get(tensor.module_name, {})
+        _compute(model, plan, unit, staged)
+        counter.done(unit)
+    for tensor in tensors.values():
+        tensor.statistics = {}
+    return tokens
 
 
 def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

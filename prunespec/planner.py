@@ -306,13 +306,23 @@ def _unprunable(param: torch.Tensor) -> str | None:
     return None
 
 
-def sharded_problem(info: MethodInfo, rule: Rule, sharding: distributed.Sharding) -> str | None:
+def sharded_problem(
+    info: MethodInfo, rule: Rule, sharding: distributed.Sharding, spec: Spec, module: nn.Module
+) -> str | None:
     """Why ``rule`` cannot prune a DTensor laid out as ``sharding`` (each rank holding a part), or None."""
     caps = info.capabilities
     if rule.group is not None:
         return "group rules (structural pruning) do not work on DTensors yet"
-    if caps.statistics:
-        return f"{info.name} reads calibration statistics, which prunespec does not gather across ranks yet"
+    if caps.statistics and spec.calibration.sequential:
+        return (
+            f"{info.name} calibrates on data, which on DTensors runs the model as it is over every rank's "
+            "batches (set calibration: {sequential: false} in the spec)"
+        )
+    rows = info.per_row(rule.options) or any(rule.options.get(k) is not None for k in info.method.amount_replaced_by)
+    if caps.statistics and rows and (not isinstance(module, nn.Linear) or sharding.sharded_dims - {0}):
+        return (
+            f"{info.name} compares entries within rows, which must lie whole on one rank (split a Linear along dim 0)"
+        )
     if caps.updates_values:
         return f"{info.name} changes the kept weights, which prunespec does not do on DTensors yet"
     if not caps.shards:
@@ -942,7 +952,7 @@ class _Planner:
             return False
         if sharding is None:
             return True
-        problem = sharded_problem(info, rule, sharding)
+        problem = sharded_problem(info, rule, sharding, self.spec, self.by_name[ref.module])
         if problem:
             split = ", ".join(str(p) for p in sharding.placements)
             self.issue(

@@ -229,7 +229,7 @@ class Pass:
             if worker is None:
                 return
             if name in self.watched and name not in self.released:
-                x = _first_tensor(args, kwargs)
+                x = first_tensor(args, kwargs)
                 if x is not None:
                     self.reached.add(name)
                     self._wait(worker, name, x)
@@ -269,7 +269,7 @@ def _restore(module: nn.Module, pname: str, saved: Any) -> None:
         module.__dict__[pname] = saved
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     for key in ("input", "hidden_states", "x"):

@@ -166,3 +166,42 @@ def errors(rank: int, world: int) -> dict[str, Any]:
         torch.equal(after[k].to_local(), before[k]) for k in before
     )
     return out
+
+
+def rank_batches(rank: int, count: int = 3) -> list[torch.Tensor]:
+    """This rank's own calibration batches (different on every rank)."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(4, 160, generator=generator) for _ in range(count)]
+
+
+WANDA = {
+    "wanda_rows": {"method": "wanda", "sparsity": 0.5},
+    "wanda_2_4": {"method": "wanda", "options": {"n": 2, "m": 4}},
+    "wanda_tensor": {"method": "wanda", "sparsity": 0.6, "options": {"compare": "tensor"}},
+}
+
+
+def data_parallel(rank: int, world: int) -> dict[str, Any]:
+    """Wanda with each rank's own batches equals one process's Wanda on all of them (in rank order)."""
+    everyone = [b for r in range(world) for b in rank_batches(r)]
+    out: dict[str, Any] = {}
+    for label, rule in WANDA.items():
+        the_spec = {"version": 1, "calibration": {"sequential": False}, "rules": [{"select": WEIGHTS, **rule}]}
+        reference = mlp()
+        sharded = fsdp(copy.deepcopy(reference))
+        want = prunespec.apply(reference, the_spec, data=everyone)
+        got = prunespec.apply(sharded, the_spec, data=rank_batches(rank))
+        have = masks(sharded)
+        expected = {n: b for n, b in reference.named_buffers() if n.endswith("_mask")}
+        out[label] = {
+            "differ": [n for n in expected if not torch.equal(have[n], expected[n])],
+            "tokens": (got.calibration.tokens, want.calibration.tokens)
+            if got.calibration and want.calibration
+            else None,
+            "sparsity": (got.global_sparsity, want.global_sparsity),
+        }
+    try:  # sequential calibration is not done across ranks: a PlanError on every rank, saying what to set
+        prunespec.apply(fsdp(mlp()), {"version": 1, "rules": [{"select": WEIGHTS, "method": "wanda", "sparsity": 0.5}]})
+    except prunespec.PlanError as exc:
+        out["sequential"] = str(exc)
+    return out

@@ -40,3 +40,14 @@ def test_errors_are_raised_on_every_rank() -> None:
         assert "split across ranks" in result["data_aware"][1]
         assert result["too_much"] is not None and result["too_much"][0] in ("PlanError", "ApplyError")
     assert results[0] == results[1]  # the same error on each rank
+
+
+def test_data_parallel_wanda_equals_one_process_on_all_batches() -> None:
+    results = ranks.spawn(dist_workers.data_parallel, 2)
+    for rank, result in enumerate(results):
+        for label in dist_workers.WANDA:
+            assert result[label]["differ"] == [], (rank, label, result[label])
+            tokens = result[label]["tokens"]
+            assert tokens is not None and tokens[0] == tokens[1] == 4 * 3 * 2
+        assert "sequential: false" in result["sequential"]
+    assert results[0] == results[1]

@@ -54,6 +54,7 @@ class Wanda(PruningMethod):
     """Prune the weights with the smallest |W_ij| * ||X_j|| (input activation norms from calibration data)."""
 
     own_random = True  # deterministic
+    shards = True  # each score is its own entry's |W_ij| * ||X_j||: right on any rank's part
 
     name = "wanda"
     Options = WandaOptions
