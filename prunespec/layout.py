@@ -12,6 +12,10 @@ Everything that reads or writes this layout goes through here. Deliberate differ
 re-prune keeps the hook at its key (pytorch/pytorch#37138); :class:`DetachAfterForward` keeps
 ``copy.deepcopy`` working after a forward (pytorch/pytorch#37322); :class:`GlobalMask` records a global
 step without holding the group's mask (pytorch/pytorch#49332); tied owners share one ``_orig`` and mask.
+
+Under FSDP2 (``fully_shard``) the same layout holds with DTensors: ``<name>_orig`` is the sharded
+Parameter FSDP manages (told of each rename, :mod:`prunespec.fsdp`), ``<name>_mask`` a DTensor sharded
+like it, and values change in place in the local shard, never by rebinding ``.data``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.hooks import RemovableHandle
+
+from . import fsdp
 
 ORIG = "_orig"
 MASK = "_mask"
@@ -54,14 +60,19 @@ class DetachAfterForward:
 
     The forward has used (and autograd has recorded) the attached one, so gradients still reach
     ``<name>_orig``; what stays behind is a leaf, so ``copy.deepcopy`` of a model works after a forward
-    with grad (torch's own pruning fails there: pytorch/pytorch#37322).
+    with grad (torch's own pruning fails there: pytorch/pytorch#37322). Under FSDP2 what stays behind is
+    this rank's shard of it (:func:`fsdp.resharded`), not a full copy of the weight on every rank.
     """
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         for _, hook in pruning_hooks(module):
-            value = module.__dict__.get(hook._tensor_name)
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                module.__dict__[hook._tensor_name] = value.detach()
+            name = hook._tensor_name
+            value = module.__dict__.get(name)
+            mask = module._buffers.get(name + MASK)
+            if isinstance(value, torch.Tensor) and mask is not None and fsdp.gathers(value, mask):
+                module.__dict__[name] = fsdp.resharded(value, mask)
+            elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                module.__dict__[name] = value.detach()
 
 
 _DETACH = DetachAfterForward()  # stateless: one object serves every module
@@ -76,7 +87,9 @@ class MaskedWeight:
     forward time at batch 1 on a GPT-2). An optimizer step, ``load_state_dict``, a new mask or new
     ``.data`` changes the key; with grad enabled and ``<name>_orig`` requiring grad it is always made
     afresh, so gradients reach ``<name>_orig`` exactly as with torch. The product kept is the one the
-    module holds as ``<name>`` anyway: no extra memory.
+    module holds as ``<name>`` anyway: no extra memory. Inside FSDP2's forward (``<name>_orig`` the full
+    parameter, the mask sharded) nothing is kept: the product is full size, and FSDP rewrites the
+    parameter at each forward.
     """
 
     def __init__(self, name: str) -> None:
@@ -85,13 +98,14 @@ class MaskedWeight:
         self._value: torch.Tensor | None = None
 
     def _key_of(self, orig: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
+        local_orig, local_mask = fsdp.local(orig), fsdp.local(mask)  # a DTensor: its shard's version and data
         return (
             weakref.ref(orig),
-            orig._version,
-            orig.data_ptr(),
+            local_orig._version,
+            local_orig.data_ptr(),
             weakref.ref(mask),
-            mask._version,
-            mask.data_ptr(),
+            local_mask._version,
+            local_mask.data_ptr(),
             torch.is_inference_mode_enabled(),
         )
 
@@ -99,13 +113,13 @@ class MaskedWeight:
         orig = module._parameters[self.name + ORIG]
         mask = module._buffers[self.name + MASK]
         assert orig is not None and mask is not None
-        if torch.is_grad_enabled() and orig.requires_grad:
+        if (torch.is_grad_enabled() and orig.requires_grad) or fsdp.gathers(orig, mask):
             self._key = self._value = None
-            return mask.to(dtype=orig.dtype) * orig
+            return fsdp.masked(orig, mask)
         key = self._key_of(orig, mask)
         if self._value is not None and self._key is not None and _same(self._key, key):
             return self._value
-        self._value = mask.to(dtype=orig.dtype) * orig
+        self._value = fsdp.masked(orig, mask)
         self._key = key
         return self._value
 
@@ -231,17 +245,30 @@ def install(
     layout. ``merge`` folds each new record into the chain's last one where they can be (see
     :func:`merged`): a schedule re-prunes with one method at every update, and torch's chain would grow by
     one record each time. ``values``: new original values (a method that reconstructs, ``sparsegpt``),
-    bound as ``<pname>_orig``'s data (take a :func:`snapshot` with ``values=True`` to undo it)."""
+    bound as ``<pname>_orig``'s data (take a :func:`snapshot` with ``values=True`` to undo it). A DTensor
+    parameter (FSDP2) takes a DTensor mask and values sharded like it; its values are copied in place."""
     hooks = [_copy(h) for h in new_hooks]
     for new in hooks:
         new._tensor_name = pname
+    param = original(module, pname)
+    for what, given in (("mask", new_mask), ("values", values)):
+        problem = None if param is None or given is None else fsdp.same_sharding(param, given)
+        if problem is not None:
+            raise ValueError(f"the {what} for {pname}: {problem}")
     old_key = hook_key(module, pname)
     if not is_pruned(module, pname):
-        orig = module._parameters[pname]
-        module.register_parameter(pname + ORIG, orig)
-        del module._parameters[pname]
+        with fsdp.renamed(module, pname, pname + ORIG):  # FSDP manages the same Parameter at its new name
+            orig = module._parameters[pname]
+            module.register_parameter(pname + ORIG, orig)
+            del module._parameters[pname]
     if values is not None:
-        module._parameters[pname + ORIG].data = values  # type: ignore[union-attr]
+        orig = module._parameters[pname + ORIG]
+        assert orig is not None
+        if fsdp.is_dtensor(orig):
+            with torch.no_grad():
+                fsdp.values(orig).copy_(fsdp.values(values))
+        else:
+            orig.data = values
     module.register_buffer(pname + MASK, new_mask)
     old = None if old_key is None else module._forward_pre_hooks[old_key]
     chain = methods_of(old) if isinstance(old, prune.BasePruningMethod) else []
@@ -280,9 +307,32 @@ def merged(a: prune.BasePruningMethod, b: prune.BasePruningMethod) -> prune.Base
 
 
 def remove(module: nn.Module, pname: str) -> None:
-    """Make ``pname``'s pruning permanent (torch's ``prune.remove``) and tidy prunespec's hook."""
-    prune.remove(module, pname)
+    """Make ``pname``'s pruning permanent (torch's ``prune.remove``) and tidy prunespec's hook. A DTensor
+    parameter (FSDP2) is masked in place instead (:func:`_remove_in_place`)."""
+    orig = module._parameters.get(pname + ORIG)
+    with fsdp.renamed(module, pname + ORIG, pname):
+        if fsdp.is_dtensor(orig):
+            _remove_in_place(module, pname)
+        else:
+            prune.remove(module, pname)
     drop_detach_hook(module)
+
+
+def _remove_in_place(module: nn.Module, pname: str) -> None:
+    """What ``prune.remove`` leaves, with ``<pname>_orig``'s local shard multiplied by the mask's in
+    place: torch rebinds ``orig.data``, which would cut the Parameter off the storage FSDP all-gathers
+    from."""
+    key = hook_key(module, pname)
+    if key is None or not is_pruned(module, pname):
+        raise ValueError(f"Parameter '{pname}' of module {module} has to be pruned before pruning can be removed")
+    orig, mask = module._parameters[pname + ORIG], module._buffers[pname + MASK]
+    assert orig is not None and mask is not None
+    with torch.no_grad():
+        fsdp.values(orig).mul_(fsdp.values(mask))
+    del module._forward_pre_hooks[key]
+    module.__dict__.pop(pname, None)
+    del module._parameters[pname + ORIG], module._buffers[pname + MASK]
+    module._parameters[pname] = orig  # at the end, where prune.remove's setattr puts it
 
 
 def remove_all(owners: Sequence[tuple[nn.Module, str]]) -> None:
@@ -304,13 +354,18 @@ def finalized_in_place(
     """What :func:`install` then :func:`remove` leave, without the layout in between: the Parameter
     (the same object) holds ``values * mask`` (``values``: new original values, or its own), and moves to
     the end of each owner's parameters, as ``prune.remove`` puts it. No mask, no second copy: the
-    memory-lean way to finalize a tensor no earlier pruning touched. Interrupts wait until it is done."""
+    memory-lean way to finalize a tensor no earlier pruning touched. Interrupts wait until it is done. A
+    DTensor parameter (FSDP2) takes a DTensor mask and values sharded like it, applied to its shard."""
     first = owners[0][0]._parameters[owners[0][1]]
     assert first is not None
+    for what, given in (("mask", mask), ("values", values)):
+        problem = None if given is None else fsdp.same_sharding(first, given)
+        if problem is not None:
+            raise ValueError(f"the {what} for {owners[0][1]}: {problem}")
     with torch.no_grad():
         if values is not None:
-            first.data.copy_(values)
-        first.data.mul_(mask)
+            fsdp.values(first).copy_(fsdp.values(values))
+        fsdp.values(first).mul_(fsdp.values(mask))
     for module, pname in owners:
         param = module._parameters.pop(pname)
         module._parameters[pname] = param
@@ -319,7 +374,11 @@ def finalized_in_place(
 def keep_only(module: nn.Module, pname: str, dim: int, index: torch.Tensor) -> None:
     """Keep only the entries ``index`` along ``dim`` of ``pname`` (a Parameter, pruned or not, or a
     buffer), in new tensors (the old ones are left as they were, for an undo). A pruned tensor whose
-    mask keeps everything that is left is made permanent (``prune.remove``)."""
+    mask keeps everything that is left is made permanent (``prune.remove``). Not for a DTensor (FSDP2):
+    new, smaller Parameters would leave FSDP managing the old ones."""
+    current = original(module, pname)
+    if fsdp.is_dtensor(current if current is not None else module._buffers.get(pname)):
+        raise ValueError(f"{pname} is a DTensor (FSDP2): its pruned units cannot be cut out of its shards")
     if is_pruned(module, pname):
         orig = module._parameters[pname + ORIG]
         mask = module._buffers[pname + MASK]
@@ -351,10 +410,12 @@ _MISSING = object()
 def snapshot(module: nn.Module, pname: str | None = None, *, values: bool = False) -> Callable[[], None]:
     """A function that puts ``module``'s parameters, buffers, hooks (and ``pname``'s attribute, or every
     pruned attribute) back as they are now; ``values``: the Parameters' data too (what ``prune.remove``
-    rebinds)."""
+    rebinds, or a DTensor's shard changes in place). FSDP2 is told of the names it puts back."""
     params, buffers = dict(module._parameters), dict(module._buffers)
-    # torch's prune.remove rebinds `<name>_orig.data` to the masked values: keep each Parameter's data
-    data = {name: p.data for name, p in params.items() if p is not None} if values else {}
+    # torch's prune.remove rebinds `<name>_orig.data` to the masked values: keep each Parameter's data;
+    # a DTensor's shard is masked in place (FSDP all-gathers from its storage): keep a copy of it
+    data = {n: p.data for n, p in params.items() if p is not None and not fsdp.is_dtensor(p)} if values else {}
+    shards = {n: fsdp.values(p).clone() for n, p in params.items() if fsdp.is_dtensor(p)} if values else {}
     hooks, post_hooks = OrderedDict(module._forward_pre_hooks), OrderedDict(module._forward_hooks)
     names = [pname] if pname is not None else [h._tensor_name for _, h in pruning_hooks(module)]
     attrs = {name: module.__dict__.get(name, _MISSING) for name in names}
@@ -364,8 +425,15 @@ def snapshot(module: nn.Module, pname: str | None = None, *, values: bool = Fals
             param = params[name]
             if param is not None:
                 param.data = saved
+        with torch.no_grad():
+            for name, shard in shards.items():
+                fsdp.values(params[name]).copy_(shard)  # type: ignore[arg-type]
+        now = {id(p): name for name, p in module._parameters.items() if p is not None}  # where each is now
         module._parameters.clear()
         module._parameters.update(params)
+        for name, param in params.items():
+            if param is not None and now.get(id(param), name) != name:
+                fsdp.rename(module, now[id(param)], name)
         module._buffers.clear()
         module._buffers.update(buffers)
         module._forward_pre_hooks.clear()
