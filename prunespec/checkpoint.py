@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint_hooks, hf, shrink, sparse_file
+from . import checkpoint_hooks, distributed, hf, shrink, sparse_file
 from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
@@ -153,33 +153,46 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
         state_dict, meta = hf.read_dir(model, path)
     else:
         state_dict, meta = _read(path, limit=_data_limit(model))
+    return _load_checked(model, path, state_dict, meta, methods)
+
+
+def _load_checked(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    meta: dict[str, Any] | None,
+    methods: MethodRegistry,
+    fill: Callable[[], None] | None = None,
+    *,
+    agree: bool = False,
+) -> Spec | None:
+    """Check ``state_dict`` and ``meta`` against ``model``, then load them all or nothing.
+
+    ``fill``: None to load ``state_dict``'s values; else ``state_dict`` gives only the shapes and dtypes
+    (tensors on the meta device) and ``fill()`` writes the values into the model's state_dict in place
+    once the layout is installed, checking them. ``agree``: every rank of a sharded model loads, or none
+    does (see :func:`_commit`).
+    """
     undo_shrink = _replay_shrinks(model, path, meta)
     try:
-        spec = _load_checked(model, path, state_dict, meta, methods)
+        to_prune = _check_state_dict(model, state_dict, path, data=fill is None)
+        pruned = {
+            key.removesuffix("_mask"): tuple(value.shape)
+            for key, value in state_dict.items()
+            if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
+        }
+        hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
+        _recorded_calibration(path, meta)  # refused here, before the model changes, if it is not a record
+        spec = _recorded_spec(path, meta, methods)
+        _commit(model, to_prune, hooks, fill or (lambda: _fill_from(model, state_dict)), agree=agree)
     except BaseException:
         undo_shrink()
         raise
     return spec
 
 
-def _load_checked(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    state_dict: dict[str, torch.Tensor],
-    meta: dict[str, Any] | None,
-    methods: MethodRegistry,
-) -> Spec | None:
-    to_prune = _check_state_dict(model, state_dict, path)
-    pruned = {
-        key.removesuffix("_mask"): tuple(value.shape)
-        for key, value in state_dict.items()
-        if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
-    }
-    hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
-    _recorded_calibration(path, meta)  # refused here, before the model changes, if it is not a record
-    spec = _recorded_spec(path, meta, methods)
-    _commit(model, state_dict, to_prune, hooks)
-    return spec
+def _fill_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    model.load_state_dict(state_dict, strict=True)
 
 
 @dataclass(frozen=True)
@@ -243,7 +256,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     and the model is left as it was. Returns the names of the tensors that were made pruned to fit.
     """
     to_prune = _check_state_dict(model, state_dict, None)
-    _commit(model, state_dict, to_prune, {})
+    _commit(model, to_prune, {}, lambda: _fill_from(model, state_dict))
     return [f"{m}.{p}" if m else p for m, p in to_prune]
 
 
@@ -382,12 +395,20 @@ def _data_limit(model: nn.Module) -> int:
 
 
 def _check_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str] | None,
+    *,
+    data: bool = True,
 ) -> list[tuple[str, str]]:
-    """Check everything that :func:`_commit` will load; returns the (module, param) pairs to prune."""
+    """Check everything that :func:`_commit` will load; returns the (module, param) pairs to prune.
+
+    ``data=False``: the tensors only say the shapes and dtypes (a sharded checkpoint's, whose values
+    the load reads in place and checks then), so their values are not checked here.
+    """
     where = f"{path}: " if path is not None else ""
     _check_values(path or "the state_dict", state_dict, "")
-    for key, value in state_dict.items():
+    for key, value in state_dict.items() if data else ():
         problem = "a tensor on the meta device, without data" if value.is_meta else check_geometry(value)
         if problem is not None:
             raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
@@ -413,7 +434,7 @@ def _check_state_dict(
         )
     for key, value in state_dict.items():
         problem = _dtype_problem(key, value.dtype, expected[key][1])
-        if problem is None and key.endswith("_mask"):
+        if problem is None and data and key.endswith("_mask"):
             problem = _mask_problem(value)
         if problem is not None:
             raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
@@ -491,18 +512,24 @@ def _expected(model: nn.Module, to_prune: list[tuple[str, str]]) -> dict[str, tu
 
 def _commit(
     model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
     to_prune: list[tuple[str, str]],
     hooks: Mapping[str, prune.BasePruningMethod | None],
+    fill: Callable[[], None],
+    *,
+    agree: bool = False,
 ) -> None:
-    """Load what was checked; on any exception the model is restored, then the exception re-raised."""
+    """Load what was checked: prune ``to_prune`` with torch's Identity (a DTensor's mask of ones is a
+    DTensor placed like it), ``fill()`` the values, install the rebuilt ``hooks``. On any exception the
+    model is restored, then the exception re-raised. ``agree``: every rank of a process group commits,
+    or every rank restores (one rank's failure reaches the others here; see
+    :func:`prunespec.distributed.collective`)."""
     snapshot = ModelSnapshot(model)
     try:
         modules = dict(model.named_modules())
         for module_name, pname in to_prune:
             prune.identity(modules[module_name], pname)
             ensure_detach_hook(modules[module_name])
-        model.load_state_dict(state_dict, strict=True)
+        fill()
         _share_tied_masks(model)
         with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
             for module in modules.values():
@@ -516,6 +543,8 @@ def _commit(
             installed = module._forward_pre_hooks[key]
             assert isinstance(installed, prune.BasePruningMethod)
             cache_masked_weight(installed)
+        if agree:
+            distributed.agree_or_raise()
     except BaseException as exc:
         snapshot.restore()
         if isinstance(exc, Exception) and not isinstance(exc, PrunespecError):
