@@ -15,6 +15,10 @@ one. ``calibration`` (a :class:`~prunespec.record.CalibrationRecord`, read back 
 what data the calibration used; checkpoints without one load as before. A bare state_dict (what
 ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
 
+A model whose parameters are DTensors split across ranks (FSDP2, tensor parallel) is saved by every
+rank into a directory of ``torch.distributed.checkpoint``, with the same metadata beside it, and loads
+on any number of ranks or in one process (:mod:`prunespec.sharded_checkpoint`).
+
 Saving is atomic (:mod:`prunespec.files`). Loading checks the whole checkpoint before it changes the
 model: the file (:mod:`prunespec.checkpoint_file`), then every key, dtype, shape, mask and hook record
 against the model and the installed methods; then it loads all or nothing, restoring the model on any
@@ -56,7 +60,7 @@ def save(
     *,
     methods: MethodRegistry | None = None,
     record: CalibrationRecord | None = None,
-    format: Literal["pt", "sparse", "pretrained"] = "pt",
+    format: Literal["pt", "sparse", "pretrained", "dcp"] | None = None,
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
     Spec, a YAML path or a mapping), which methods pruned each tensor and, given a ``record``, what
@@ -67,12 +71,26 @@ def save(
     bits (or N:M codes), without the original values under the mask; ``"pretrained"``, for a
     transformers model, a ``save_pretrained`` directory that plain ``from_pretrained`` loads (the
     weights as the model computes them), with ``prunespec.yaml`` and the masks beside it
-    (:mod:`prunespec.hf`). :func:`load` reads each. The file or directory appears whole or not at all:
-    a failed or killed save leaves the previous one as it was.
+    (:mod:`prunespec.hf`); ``"dcp"``, a directory of ``torch.distributed.checkpoint`` that loads on any
+    number of ranks (:mod:`prunespec.sharded_checkpoint`): the only format, and the default, for a model
+    whose parameters are DTensors split across ranks, which every rank saves together. The default is
+    ``"pt"`` for any other model. :func:`load` reads each. The file or directory appears whole or not
+    at all: a failed or killed save leaves the previous one as it was.
     """
-    if format not in ("pt", "sparse", "pretrained"):
-        raise ValueError(f"format={format!r}: expected 'pt' (torch's layout), 'sparse' or 'pretrained'")
+    if format not in (None, "pt", "sparse", "pretrained", "dcp"):
+        raise ValueError(f"format={format!r}: expected 'pt' (torch's layout), 'sparse', 'pretrained' or 'dcp'")
+    if format == "dcp" or distributed.sharded(model):
+        from . import sharded_checkpoint  # imports torch.distributed.checkpoint: only when it is needed
+
+        sharded_checkpoint.save(model, path, spec, methods=methods, record=record, format=format or "dcp")
+        return
+    format = format or "pt"
     if format != "pretrained":
+        if format == "pt" and Path(path).is_dir():
+            raise OutputError(
+                f"{path}: is a folder; give a file name, e.g. {Path(path) / 'model.pt'}, or format='dcp' to "
+                "write a torch.distributed.checkpoint directory"
+            )
         check_writable(path)
     methods = load_methods() if methods is None else methods
     meta = metadata(model, spec, methods, record)
@@ -149,11 +167,20 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     left as it was (also when any other exception, KeyboardInterrupt included, interrupts the load).
     """
     methods = load_methods() if methods is None else methods
+    if distributed.sharded(model) or _is_sharded_checkpoint(path):
+        from . import sharded_checkpoint
+
+        return sharded_checkpoint.load(model, path, methods)
     if Path(path).is_dir():  # a save_pretrained directory (prunespec's, with its masks, or any)
         state_dict, meta = hf.read_dir(model, path)
     else:
         state_dict, meta = _read(path, limit=_data_limit(model))
     return _load_checked(model, path, state_dict, meta, methods)
+
+
+def _is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A directory of torch.distributed.checkpoint (its ``.metadata`` file), without importing it."""
+    return (Path(path) / ".metadata").is_file()
 
 
 def _load_checked(
@@ -212,7 +239,12 @@ def inspect(path: str | os.PathLike[str], *, methods: MethodRegistry | None = No
     CheckpointError if it is not a valid record). A bare state_dict has no spec and no record.
     """
     methods = load_methods() if methods is None else methods
-    state_dict, meta = read(path)
+    if _is_sharded_checkpoint(path):
+        from . import sharded_checkpoint
+
+        state_dict, meta = sharded_checkpoint.read(path)
+    else:
+        state_dict, meta = read(path)
     pruned = tuple(
         key.removesuffix("_mask")
         for key in state_dict
