@@ -15,6 +15,10 @@ one. ``calibration`` (a :class:`~prunespec.record.CalibrationRecord`, read back 
 what data the calibration used; checkpoints without one load as before. A bare state_dict (what
 ``torch.save(model.state_dict())`` writes, pruned by torch or not) loads too.
 
+A model whose parameters are DTensors split across ranks (FSDP2, tensor parallel) is saved by every
+rank into a directory of ``torch.distributed.checkpoint``, with the same metadata beside it, and loads
+on any number of ranks or in one process (:mod:`prunespec.sharded_checkpoint`).
+
 Saving is atomic (:mod:`prunespec.files`). Loading checks the whole checkpoint before it changes the
 model: the file (:mod:`prunespec.checkpoint_file`), then every key, dtype, shape, mask and hook record
 against the model and the installed methods; then it loads all or nothing, restoring the model on any
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint_hooks, hf, shrink, sparse_file
+from . import checkpoint_hooks, distributed, hf, shrink, sparse_file
 from .checkpoint_file import check_geometry, read_file
 from .checkpoint_hooks import a_type
 from .errors import CheckpointError, OutputError, PrunespecError, ShrinkError, SpecError
@@ -56,7 +60,7 @@ def save(
     *,
     methods: MethodRegistry | None = None,
     record: CalibrationRecord | None = None,
-    format: Literal["pt", "sparse", "pretrained"] = "pt",
+    format: Literal["pt", "sparse", "pretrained", "dcp"] | None = None,
 ) -> None:
     """Write ``model``'s state_dict (masks and original weights included), the spec that pruned it (a
     Spec, a YAML path or a mapping), which methods pruned each tensor and, given a ``record``, what
@@ -67,12 +71,26 @@ def save(
     bits (or N:M codes), without the original values under the mask; ``"pretrained"``, for a
     transformers model, a ``save_pretrained`` directory that plain ``from_pretrained`` loads (the
     weights as the model computes them), with ``prunespec.yaml`` and the masks beside it
-    (:mod:`prunespec.hf`). :func:`load` reads each. The file or directory appears whole or not at all:
-    a failed or killed save leaves the previous one as it was.
+    (:mod:`prunespec.hf`); ``"dcp"``, a directory of ``torch.distributed.checkpoint`` that loads on any
+    number of ranks (:mod:`prunespec.sharded_checkpoint`): the only format, and the default, for a model
+    whose parameters are DTensors split across ranks, which every rank saves together. The default is
+    ``"pt"`` for any other model. :func:`load` reads each. The file or directory appears whole or not
+    at all: a failed or killed save leaves the previous one as it was.
     """
-    if format not in ("pt", "sparse", "pretrained"):
-        raise ValueError(f"format={format!r}: expected 'pt' (torch's layout), 'sparse' or 'pretrained'")
+    if format not in (None, "pt", "sparse", "pretrained", "dcp"):
+        raise ValueError(f"format={format!r}: expected 'pt' (torch's layout), 'sparse', 'pretrained' or 'dcp'")
+    if format == "dcp" or distributed.sharded(model):
+        from . import sharded_checkpoint  # imports torch.distributed.checkpoint: only when it is needed
+
+        sharded_checkpoint.save(model, path, spec, methods=methods, record=record, format=format or "dcp")
+        return
+    format = format or "pt"
     if format != "pretrained":
+        if format == "pt" and Path(path).is_dir():
+            raise OutputError(
+                f"{path}: is a folder; give a file name, e.g. {Path(path) / 'model.pt'}, or format='dcp' to "
+                "write a torch.distributed.checkpoint directory"
+            )
         check_writable(path)
     methods = load_methods() if methods is None else methods
     meta = metadata(model, spec, methods, record)
@@ -149,37 +167,59 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, methods: MethodRegis
     left as it was (also when any other exception, KeyboardInterrupt included, interrupts the load).
     """
     methods = load_methods() if methods is None else methods
+    if distributed.sharded(model) or _is_sharded_checkpoint(path):
+        from . import sharded_checkpoint
+
+        return sharded_checkpoint.load(model, path, methods)
     if Path(path).is_dir():  # a save_pretrained directory (prunespec's, with its masks, or any)
         state_dict, meta = hf.read_dir(model, path)
     else:
         state_dict, meta = _read(path, limit=_data_limit(model))
+    return _load_checked(model, path, state_dict, meta, methods)
+
+
+def _is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A directory of torch.distributed.checkpoint (its ``.metadata`` file), without importing it."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def _load_checked(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    meta: dict[str, Any] | None,
+    methods: MethodRegistry,
+    fill: Callable[[], None] | None = None,
+    *,
+    agree: bool = False,
+) -> Spec | None:
+    """Check ``state_dict`` and ``meta`` against ``model``, then load them all or nothing.
+
+    ``fill``: None to load ``state_dict``'s values; else ``state_dict`` gives only the shapes and dtypes
+    (tensors on the meta device) and ``fill()`` writes the values into the model's state_dict in place
+    once the layout is installed, checking them. ``agree``: every rank of a sharded model loads, or none
+    does (see :func:`_commit`).
+    """
     undo_shrink = _replay_shrinks(model, path, meta)
     try:
-        spec = _load_checked(model, path, state_dict, meta, methods)
+        to_prune = _check_state_dict(model, state_dict, path, data=fill is None)
+        pruned = {
+            key.removesuffix("_mask"): tuple(value.shape)
+            for key, value in state_dict.items()
+            if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
+        }
+        hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
+        _recorded_calibration(path, meta)  # refused here, before the model changes, if it is not a record
+        spec = _recorded_spec(path, meta, methods)
+        _commit(model, to_prune, hooks, fill or (lambda: _fill_from(model, state_dict)), agree=agree)
     except BaseException:
         undo_shrink()
         raise
     return spec
 
 
-def _load_checked(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    state_dict: dict[str, torch.Tensor],
-    meta: dict[str, Any] | None,
-    methods: MethodRegistry,
-) -> Spec | None:
-    to_prune = _check_state_dict(model, state_dict, path)
-    pruned = {
-        key.removesuffix("_mask"): tuple(value.shape)
-        for key, value in state_dict.items()
-        if key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state_dict
-    }
-    hooks = checkpoint_hooks.rebuild(str(path), meta.get("hooks") if meta else None, pruned, methods)
-    _recorded_calibration(path, meta)  # refused here, before the model changes, if it is not a record
-    spec = _recorded_spec(path, meta, methods)
-    _commit(model, state_dict, to_prune, hooks)
-    return spec
+def _fill_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    model.load_state_dict(state_dict, strict=True)
 
 
 @dataclass(frozen=True)
@@ -199,7 +239,12 @@ def inspect(path: str | os.PathLike[str], *, methods: MethodRegistry | None = No
     CheckpointError if it is not a valid record). A bare state_dict has no spec and no record.
     """
     methods = load_methods() if methods is None else methods
-    state_dict, meta = read(path)
+    if _is_sharded_checkpoint(path):
+        from . import sharded_checkpoint
+
+        state_dict, meta = sharded_checkpoint.read(path)
+    else:
+        state_dict, meta = read(path)
     pruned = tuple(
         key.removesuffix("_mask")
         for key in state_dict
@@ -243,7 +288,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     and the model is left as it was. Returns the names of the tensors that were made pruned to fit.
     """
     to_prune = _check_state_dict(model, state_dict, None)
-    _commit(model, state_dict, to_prune, {})
+    _commit(model, to_prune, {}, lambda: _fill_from(model, state_dict))
     return [f"{m}.{p}" if m else p for m, p in to_prune]
 
 
@@ -382,12 +427,20 @@ def _data_limit(model: nn.Module) -> int:
 
 
 def _check_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str] | None,
+    *,
+    data: bool = True,
 ) -> list[tuple[str, str]]:
-    """Check everything that :func:`_commit` will load; returns the (module, param) pairs to prune."""
+    """Check everything that :func:`_commit` will load; returns the (module, param) pairs to prune.
+
+    ``data=False``: the tensors only say the shapes and dtypes (a sharded checkpoint's, whose values
+    the load reads in place and checks then), so their values are not checked here.
+    """
     where = f"{path}: " if path is not None else ""
     _check_values(path or "the state_dict", state_dict, "")
-    for key, value in state_dict.items():
+    for key, value in state_dict.items() if data else ():
         problem = "a tensor on the meta device, without data" if value.is_meta else check_geometry(value)
         if problem is not None:
             raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
@@ -413,7 +466,7 @@ def _check_state_dict(
         )
     for key, value in state_dict.items():
         problem = _dtype_problem(key, value.dtype, expected[key][1])
-        if problem is None and key.endswith("_mask"):
+        if problem is None and data and key.endswith("_mask"):
             problem = _mask_problem(value)
         if problem is not None:
             raise CheckpointError(f"{where}{key}: {problem} (the model was left unchanged)")
@@ -491,18 +544,24 @@ def _expected(model: nn.Module, to_prune: list[tuple[str, str]]) -> dict[str, tu
 
 def _commit(
     model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
     to_prune: list[tuple[str, str]],
     hooks: Mapping[str, prune.BasePruningMethod | None],
+    fill: Callable[[], None],
+    *,
+    agree: bool = False,
 ) -> None:
-    """Load what was checked; on any exception the model is restored, then the exception re-raised."""
+    """Load what was checked: prune ``to_prune`` with torch's Identity (a DTensor's mask of ones is a
+    DTensor placed like it), ``fill()`` the values, install the rebuilt ``hooks``. On any exception the
+    model is restored, then the exception re-raised. ``agree``: every rank of a process group commits,
+    or every rank restores (one rank's failure reaches the others here; see
+    :func:`prunespec.distributed.collective`)."""
     snapshot = ModelSnapshot(model)
     try:
         modules = dict(model.named_modules())
         for module_name, pname in to_prune:
             prune.identity(modules[module_name], pname)
             ensure_detach_hook(modules[module_name])
-        model.load_state_dict(state_dict, strict=True)
+        fill()
         _share_tied_masks(model)
         with torch.no_grad():  # the masked attribute would otherwise be stale until the next forward
             for module in modules.values():
@@ -516,6 +575,8 @@ def _commit(
             installed = module._forward_pre_hooks[key]
             assert isinstance(installed, prune.BasePruningMethod)
             cache_masked_weight(installed)
+        if agree:
+            distributed.agree_or_raise()
     except BaseException as exc:
         snapshot.restore()
         if isinstance(exc, Exception) and not isinstance(exc, PrunespecError):
