@@ -205,3 +205,60 @@ def data_parallel(rank: int, world: int) -> dict[str, Any]:
     except prunespec.PlanError as exc:
         out["sequential"] = str(exc)
     return out
+
+
+GRADUAL = {
+    "version": 1,
+    "schedule": {"start": 0, "end": 4, "every": 1, "initial": 0.0, "curve": "cubic", "unit": "step"},
+    "rules": [
+        {"name": "weights", "select": WEIGHTS, "scope": "global", "method": "l1_unstructured", "sparsity": 0.8},
+        {
+            "name": "biases",
+            "select": {"types": ["Linear"], "params": ["bias"]},
+            "method": "l1_unstructured",
+            "sparsity": 0.5,
+        },
+    ],
+}
+
+
+def training(rank: int, world: int) -> dict[str, Any]:
+    """A gradual schedule during FSDP2 training with AdamW: the masks equal one process's at every step,
+    and pruned weights stay exactly zero through forward, backward and optimizer steps."""
+    reference = mlp()
+    sharded = fsdp(copy.deepcopy(reference))
+    models = {"one": reference, "fsdp": sharded}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for k, m in models.items()}
+    schedulers = {k: prunespec.Scheduler(m, GRADUAL) for k, m in models.items()}
+    generator = torch.Generator().manual_seed(5)  # the same batches on every rank: FSDP averages equal gradients
+    out: dict[str, Any] = {"steps": []}
+    for step in range(7):
+        x, y = torch.randn(8, 160, generator=generator), torch.randn(8, 5, generator=generator)
+        for key, model in models.items():
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizers[key].step()
+            optimizers[key].zero_grad()
+            schedulers[key].step(step)
+        have, want = masks(sharded), {n: b for n, b in reference.named_buffers() if n.endswith("_mask")}
+        sharded(x)  # a forward: the masked weights as the model computes with them
+        zero_kept = all(
+            bool((layer.weight.full_tensor()[have[f"{i}.weight_mask"] == 0] == 0).all())  # type: ignore[operator]
+            for i, layer in enumerate(sharded)
+            if isinstance(layer, nn.Linear)
+        )
+        close = all(
+            torch.allclose(s.weight_orig.full_tensor(), r.weight_orig, atol=1e-5)  # type: ignore[operator]
+            for s, r in zip(sharded, reference, strict=True)
+            if isinstance(r, nn.Linear)
+        )
+        out["steps"].append(
+            {
+                "differ": [n for n in want if not torch.equal(have[n], want[n])],
+                "zeros_stay": zero_kept,
+                "close": close,
+                "sparsity": prunespec.sparsity(sharded).global_sparsity,
+                "want": prunespec.sparsity(reference).global_sparsity,
+            }
+        )
+    return out

@@ -51,3 +51,12 @@ def test_data_parallel_wanda_equals_one_process_on_all_batches() -> None:
             assert tokens is not None and tokens[0] == tokens[1] == 4 * 3 * 2
         assert "sequential: false" in result["sequential"]
     assert results[0] == results[1]
+
+
+def test_gradual_schedule_during_fsdp2_training() -> None:
+    for rank, result in enumerate(ranks.spawn(dist_workers.training, 2)):
+        for step, seen in enumerate(result["steps"]):
+            assert seen["differ"] == [], (rank, step, seen)
+            assert seen["zeros_stay"] and seen["close"], (rank, step, seen)
+            assert seen["sparsity"] == seen["want"], (rank, step, seen)
+        assert result["steps"][-1]["sparsity"] > 0.6  # the schedule reached its end
