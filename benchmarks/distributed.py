@@ -161,6 +161,10 @@ def free_port() -> int:
 
 
 def run(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    # a fixed mmap threshold: glibc then returns every large freed block to the OS at once, so resident
+    # memory follows what is alive (its default raises the threshold as blocks are freed, and freed
+    # memory stays resident and is reused, hiding or inflating what apply allocates)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
