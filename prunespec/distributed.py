@@ -14,17 +14,33 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 
 from .errors import PrunespecError, RankError, ShardingError
 
-__all__ = ["Channels", "Sharding", "active", "collective", "gather", "local", "reduce", "sharding_of", "wrap"]
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+__all__ = [
+    "Channels",
+    "Sharding",
+    "active",
+    "collective",
+    "gather",
+    "is_dtensor",
+    "local",
+    "reduce",
+    "sharded",
+    "sharding_of",
+    "wrap",
+]
 
 
 def active() -> bool:
@@ -32,17 +48,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _dtensor_type() -> type | None:
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_dtensor(t: Any) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a DTensor (False, at no cost, in a program that never imported them: importing
+    DTensor takes a second, and a model can only hold DTensors once the program has)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,11 @@ def sharding_of(t: torch.Tensor) -> Sharding | None:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    placements = tuple(t.placements)  # type: ignore[attr-defined]
+    placements = tuple(t.placements)
     for p in placements:
         if type(p) not in (Shard, Replicate):
             raise ShardingError(f"a DTensor placed {p}: prunespec prunes Shard(dim) and Replicate() parts")
-    mesh = t.device_mesh  # type: ignore[attr-defined]
+    mesh = t.device_mesh
     if mesh.size() != dist.get_world_size():
         raise ShardingError(
             f"a DTensor on a mesh of {mesh.size()} of the {dist.get_world_size()} ranks: prunespec counts over "
@@ -125,7 +135,7 @@ def sharding_of(t: torch.Tensor) -> Sharding | None:
         )
     shape = tuple(t.shape)
     local_shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
-    coordinate = mesh.get_coordinate() or []
+    coordinate = list(mesh.get_coordinate() or [])
     counted = all(c == 0 for c, p in zip(coordinate, placements, strict=False) if isinstance(p, Replicate))
     return Sharding(shape, tuple(local_shape), tuple(offset), counted, mesh, placements)
 
@@ -137,8 +147,11 @@ def sharded(model: torch.nn.Module) -> bool:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local part (the same storage); any other tensor as it is."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    """A DTensor's local part (a view of the same storage, without autograd), or ``t`` itself."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def wrap(part: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
@@ -222,10 +235,6 @@ class Channels:
     def part(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's channels of a per-channel tensor."""
         return whole[self.start : self.start + self.length]
-
-
-def any_sharded(owners: Sequence[Sharding | None]) -> bool:
-    return any(o is not None for o in owners)
 
 
 @contextmanager

@@ -19,32 +19,18 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+from .distributed import is_dtensor, local
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     from torch.distributed.tensor import DTensor
 
-__all__ = ["gathers", "is_dtensor", "local", "masked", "rename", "renamed", "resharded", "same_sharding", "values"]
-
-
-def is_dtensor(t: object) -> TypeGuard[DTensor]:
-    """Whether ``t`` is a DTensor (False, at no cost, in a program that never imported them)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a view of it, without autograd), or ``t`` itself. A DTensor's own
-    ``data_ptr()`` is 0 and its version does not move when an optimizer steps its shard: this rank's
-    shard is what to key a cache on and to write in place."""
-    if not is_dtensor(t):
-        return t
-    with torch.no_grad():
-        return t.to_local()
+__all__ = ["gathers", "masked", "rename", "renamed", "resharded", "same_sharding", "values"]
 
 
 def values(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.hooks import RemovableHandle
 
-from . import fsdp
+from . import distributed, fsdp
 
 ORIG = "_orig"
 MASK = "_mask"
@@ -98,7 +98,10 @@ class MaskedWeight:
         self._value: torch.Tensor | None = None
 
     def _key_of(self, orig: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
-        local_orig, local_mask = fsdp.local(orig), fsdp.local(mask)  # a DTensor: its shard's version and data
+        local_orig, local_mask = (
+            distributed.local(orig),
+            distributed.local(mask),
+        )  # a DTensor: its shard's version and data
         return (
             weakref.ref(orig),
             local_orig._version,
@@ -264,7 +267,7 @@ def install(
     if values is not None:
         orig = module._parameters[pname + ORIG]
         assert orig is not None
-        if fsdp.is_dtensor(orig):
+        if distributed.is_dtensor(orig):
             with torch.no_grad():
                 fsdp.values(orig).copy_(fsdp.values(values))
         else:
@@ -311,7 +314,7 @@ def remove(module: nn.Module, pname: str) -> None:
     parameter (FSDP2) is masked in place instead (:func:`_remove_in_place`)."""
     orig = module._parameters.get(pname + ORIG)
     with fsdp.renamed(module, pname + ORIG, pname):
-        if fsdp.is_dtensor(orig):
+        if distributed.is_dtensor(orig):
             _remove_in_place(module, pname)
         else:
             prune.remove(module, pname)
@@ -377,7 +380,7 @@ def keep_only(module: nn.Module, pname: str, dim: int, index: torch.Tensor) -> N
     mask keeps everything that is left is made permanent (``prune.remove``). Not for a DTensor (FSDP2):
     new, smaller Parameters would leave FSDP managing the old ones."""
     current = original(module, pname)
-    if fsdp.is_dtensor(current if current is not None else module._buffers.get(pname)):
+    if distributed.is_dtensor(current if current is not None else module._buffers.get(pname)):
         raise ValueError(f"{pname} is a DTensor (FSDP2): its pruned units cannot be cut out of its shards")
     if is_pruned(module, pname):
         orig = module._parameters[pname + ORIG]
@@ -414,8 +417,8 @@ def snapshot(module: nn.Module, pname: str | None = None, *, values: bool = Fals
     params, buffers = dict(module._parameters), dict(module._buffers)
     # torch's prune.remove rebinds `<name>_orig.data` to the masked values: keep each Parameter's data;
     # a DTensor's shard is masked in place (FSDP all-gathers from its storage): keep a copy of it
-    data = {n: p.data for n, p in params.items() if p is not None and not fsdp.is_dtensor(p)} if values else {}
-    shards = {n: fsdp.values(p).clone() for n, p in params.items() if fsdp.is_dtensor(p)} if values else {}
+    data = {n: p.data for n, p in params.items() if p is not None and not distributed.is_dtensor(p)} if values else {}
+    shards = {n: fsdp.values(p).clone() for n, p in params.items() if distributed.is_dtensor(p)} if values else {}
     hooks, post_hooks = OrderedDict(module._forward_pre_hooks), OrderedDict(module._forward_hooks)
     names = [pname] if pname is not None else [h._tensor_name for _, h in pruning_hooks(module)]
     attrs = {name: module.__dict__.get(name, _MISSING) for name in names}

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.utils import prune
 
-from prunespec import fsdp, layout
+from prunespec import distributed, fsdp, layout
 
 PRUNED = {"0": 0.5, "2": 0.3, "4.0": 0.6}  # layer -> amount, through layout.install
 IN_PLACE = "4.2"  # finalized without the layout (layout.finalized_in_place)
@@ -123,10 +123,10 @@ def train_finalize_undo(rank: int, world: int) -> list[str]:
     with torch.no_grad():
         first = hook.apply_mask(layer)
         assert hook.apply_mask(layer) is first
-        fsdp.local(layer.weight_orig).mul_(2)
+        distributed.local(layer.weight_orig).mul_(2)
         second = hook.apply_mask(layer)
         assert second is not first and torch.equal(second.full_tensor(), 2 * first.full_tensor())
-        fsdp.local(layer.weight_orig).mul_(0.5)
+        distributed.local(layer.weight_orig).mul_(0.5)
     done.append("cache")
 
     # training: gradients reach weight_orig masked, AdamW's decay never revives a pruned weight
