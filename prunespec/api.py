@@ -32,6 +32,11 @@ def plan(
     their channel groups from the first batch. Raises SpecError for an invalid spec and PlanError
     when it does not fit the model.
     """
+    with distributed.collective(distributed.sharded(model)):  # a bad spec on one rank stops every rank
+        return _plan(model, spec, methods, data)
+
+
+def _plan(model: nn.Module, spec: SpecLike, methods: MethodRegistry | None, data: Iterable[Any] | None) -> Plan:
     methods = load_methods() if methods is None else methods
     the_spec = load_spec(spec, methods=methods)
     listed = None if data is None else list(data)

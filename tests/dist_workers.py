@@ -262,3 +262,17 @@ def training(rank: int, world: int) -> dict[str, Any]:
             }
         )
     return out
+
+
+def spec_on_one_rank(rank: int, world: int, folder: str) -> str | None:
+    """A spec file that only rank 1 finds broken: a SpecError on every rank, not a hang."""
+    from pathlib import Path
+
+    path = Path(folder) / f"spec-{rank}.yaml"
+    rule = "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}"
+    path.write_text("version: 1\nrules:\n" + (rule if rank == 0 else rule.replace("amount", "amout")) + "\n")
+    try:
+        prunespec.apply(fsdp(mlp()), path)
+    except prunespec.PrunespecError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dist_workers
 import pytest
 import ranks
@@ -60,3 +62,9 @@ def test_gradual_schedule_during_fsdp2_training() -> None:
             assert seen["zeros_stay"] and seen["close"], (rank, step, seen)
             assert seen["sparsity"] == seen["want"], (rank, step, seen)
         assert result["steps"][-1]["sparsity"] > 0.6  # the schedule reached its end
+
+
+def test_a_spec_broken_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    results = ranks.spawn(dist_workers.spec_on_one_rank, 2, str(tmp_path))
+    assert results[0] == results[1]
+    assert results[0] is not None and results[0].startswith("SpecError") and "amout" in results[0]
