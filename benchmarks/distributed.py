@@ -13,9 +13,10 @@ and then calls ``prunespec.apply`` with one rule: ``scope: global``, ``l1_unstru
 
 * ``apply s``: the wall time of ``apply``, with a barrier before it;
 * ``extra MiB``: the peak resident memory during ``apply`` above the resident memory just before it,
-  read from ``/proc/self/statm`` every millisecond. That is the masks (kept: 4 bytes an entry of
-  the rank's part) plus the working set. ``1/N`` is the one-rank extra divided by N, the target; the
-  ratio column is extra / (1/N);
+  read from ``/proc/self/statm`` every millisecond, after a warm-up ``apply`` on a tiny sharded model
+  (so imports and plugin loading, the same at every world size, are not counted). That is the masks
+  and torch's masked ``weight`` attributes (kept: 4 bytes an entry of the rank's part each) plus the
+  working set. ``1/N`` is the one-rank extra divided by N, the target; the ratio column is extra / (1/N);
 * ``sent``: bytes this rank passed to ``torch.distributed`` collectives during ``apply`` (all_reduce,
   all_gather, all_gather_object; counted by wrapping them), for the one global cut and the collective
   error checks.
@@ -128,6 +129,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results: 
             }
         ],
     }
+    # warm-up on a tiny sharded model: imports, plugin loading and first-call caches are not what a
+    # cut costs (they are the same at every world size and would blur the 1/N comparison)
+    tiny = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    for layer in tiny:
+        fully_shard(layer)
+    fully_shard(tiny)
+    prunespec.apply(tiny, spec)
+    del tiny
     dist.barrier()
     before = resident()
     with Peak() as peak, Traffic() as traffic:

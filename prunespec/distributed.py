@@ -213,6 +213,18 @@ def gather(part: torch.Tensor, counted: bool = True) -> list[torch.Tensor]:
     return [p[:n] for p, n in zip(parts, lengths, strict=True)]
 
 
+def first_rank() -> bool:
+    return dist.get_rank() == 0
+
+
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of the integers ``values`` in ``[0, bins)``, summed over ranks (int64, on the CPU)."""
+    _headers(bins)
+    counts = torch.bincount(values.reshape(-1).cpu(), minlength=bins).to(torch.int64)
+    dist.all_reduce(counts)
+    return counts
+
+
 class Channels:
     """The channels along ``dim`` of a DTensor whose parts hold whole channels (only ``dim`` is split):
     one number per channel put together from every rank, and this rank's share of such numbers."""

@@ -200,10 +200,13 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
             return None
         lo, hi, caps = -math.inf, math.inf, local_sizes  # the sample misled us (rare): take everything
     inside = [g[:n] for g, n in zip(gathered, here, strict=True)]  # the padding is at the end
-    candidates = torch.cat([c.to(entries[0].values.device) for c in _everywhere(inside, entries)])
-    exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
-    # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
-    value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
+    if any(e.sharding is not None for e in entries):
+        value = _kth_across_ranks(inside, entries, target - sum(below)).to(dtype)
+    else:
+        candidates = torch.cat([c.to(entries[0].values.device) for c in inside])
+        exact = candidates.float() if candidates.dtype in (torch.float16, torch.bfloat16) else candidates
+        # a CPU 0-dim value compares with tensors on any device (a model split across GPUs)
+        value = torch.kthvalue(exact, target - sum(below)).values.to(dtype).cpu()
     read = read_counts(
         [torch.count_nonzero(c < value) for c in inside] + [torch.count_nonzero(c == value) for c in inside],
         [*entries, *entries],
@@ -216,6 +219,45 @@ def _threshold(entries: Sequence[Entry], k: int, score: Score, already: Sequence
         need -= take
         cuts.append(Cut(value, take, count + take - done, ties))
     return cuts
+
+
+_SIGN = -(1 << 63)  # int64's sign bit
+
+
+def _kth_across_ranks(parts: Sequence[torch.Tensor], entries: Sequence[Entry], k: int) -> torch.Tensor:
+    """The ``k``-th smallest (1-based) of every rank's candidates ``parts`` together, from counts alone:
+    a radix select over the values' ordered bits, 8 bits a round, each round one all-reduce of 256
+    counts (2 KiB), so no candidate leaves its rank. A 0-dim CPU tensor (float64, or int64 for
+    integer scores), exactly the value ``kthvalue`` over the union would give."""
+    rank0 = distributed.first_rank()
+    mine = [p.reshape(-1).cpu() for p, e in zip(parts, entries, strict=True) if _counts_here(e, rank0)]
+    values = torch.cat(mine) if mine else torch.empty(0, dtype=parts[0].dtype)
+    floating = values.is_floating_point()
+    if floating:
+        bits = values.to(torch.float64).view(torch.int64)
+        keys = bits ^ ((bits >> 63) & ~_SIGN)  # ordered like the floats, as signed integers
+    else:
+        keys = values.to(torch.int64)
+    keys = keys ^ _SIGN  # ordered as unsigned: the top byte first
+    prefix, left = 0, k
+    chosen = torch.ones_like(keys, dtype=torch.bool)
+    for shift in range(56, -8, -8):
+        digits = (keys >> shift) & 0xFF
+        counts = distributed.histogram(digits[chosen], 256)
+        below = counts.cumsum(0)
+        digit = int(torch.searchsorted(below, torch.tensor(left)))
+        left -= int(below[digit - 1]) if digit else 0
+        prefix = (prefix << 8) | digit
+        chosen &= digits == digit
+    key = torch.tensor(prefix - (1 << 64) if prefix >= 1 << 63 else prefix, dtype=torch.int64) ^ _SIGN
+    if not floating:
+        return key
+    return (key ^ ((key >> 63) & ~_SIGN)).view(torch.float64)
+
+
+def _counts_here(entry: Entry, first: bool) -> bool:
+    """Whether this rank's part of ``entry`` is counted in sums (a plain entry: on the first rank)."""
+    return entry.sharding.counted if entry.sharding is not None else first
 
 
 def _everywhere(parts: Sequence[torch.Tensor], entries: Sequence[Entry]) -> list[torch.Tensor]:
