@@ -36,6 +36,16 @@ def fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
+def hsdp(model: nn.Module) -> nn.Module:
+    """FSDP2 across 2 replicas of 2 shards (placements Replicate(), Shard(0)): each part is held twice."""
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def tensor_parallel(model: nn.Module, dim: int) -> nn.Module:
     """Every parameter a DTensor split along ``dim`` (biases along 0), without FSDP."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -108,7 +118,12 @@ def same_masks(rank: int, world: int, names: list[str], layout: str) -> dict[str
         the_spec = SPECS[name.removesuffix("_ties")]
         reference = mlp(ties)
         sharded = copy.deepcopy(reference)
-        sharded = fsdp(sharded) if layout == "fsdp" else tensor_parallel(sharded, int(layout[-1]))
+        if layout == "fsdp":
+            sharded = fsdp(sharded)
+        elif layout == "hsdp":
+            sharded = hsdp(sharded)
+        else:
+            sharded = tensor_parallel(sharded, int(layout[-1]))
         want = prunespec.apply(reference, the_spec)
         got = prunespec.apply(sharded, the_spec)
         have = masks(sharded)
@@ -276,3 +291,23 @@ def spec_on_one_rank(rank: int, world: int, folder: str) -> str | None:
     except prunespec.PrunespecError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def finalized(rank: int, world: int, snapshot: str) -> dict[str, Any]:
+    """``finalize: true`` on an FSDP2 model: the same Parameters, holding one process's pruned values."""
+    the_spec = {**SPECS["global_l1"], "finalize": True}
+    reference = mlp()
+    sharded = fsdp(copy.deepcopy(reference))
+    params = [id(p) for p in sharded.parameters()]
+    prunespec.apply(reference, the_spec)
+    prunespec.apply(sharded, the_spec, snapshot=snapshot)
+    x = torch.randn(3, 160, generator=torch.Generator().manual_seed(1))
+    return {
+        "same_objects": {id(p) for p in sharded.parameters()} == set(params),  # (reordered, as torch does)
+        "no_masks": not any(n.endswith("_mask") for n, _ in sharded.named_buffers()),
+        "values": all(
+            torch.equal(s.full_tensor(), r)  # type: ignore[operator]
+            for s, r in zip(sharded.parameters(), reference.parameters(), strict=True)
+        ),
+        "forward": torch.allclose(sharded(x), reference(x), atol=1e-6),
+    }

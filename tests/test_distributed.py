@@ -68,3 +68,18 @@ def test_a_spec_broken_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     results = ranks.spawn(dist_workers.spec_on_one_rank, 2, str(tmp_path))
     assert results[0] == results[1]
     assert results[0] is not None and results[0].startswith("SpecError") and "amout" in results[0]
+
+
+def test_hsdp_replicas_count_once() -> None:
+    """2 replicas x 2 shards: each part is counted once, so the cuts are one process's."""
+    names = ["local_l1", "global_l1_ties", "global_bounded", "ln_structured", "random"]
+    for rank, result in enumerate(ranks.spawn(dist_workers.same_masks, 4, names, "hsdp")):
+        for name in names:
+            assert result[name]["differ"] == [], (rank, name, result[name])
+            assert result[name]["zeros_equal"] and result[name]["report_equal"], (rank, name)
+
+
+@pytest.mark.parametrize("snapshot", ["memory", "disk"])
+def test_finalize_on_fsdp2(snapshot: str) -> None:
+    for result in ranks.spawn(dist_workers.finalized, 2, snapshot):
+        assert result == {"same_objects": True, "no_masks": True, "values": True, "forward": True}
