@@ -14,6 +14,7 @@ from . import calibration
 from .api import apply, finalize, plan
 from .calibration import STATISTICS
 from .checkpoint import inspect, load, save
+from .distributed import Sharding
 from .errors import (
     ApplyError,
     CalibrationError,
@@ -21,6 +22,8 @@ from .errors import (
     PlanError,
     PluginError,
     PrunespecError,
+    RankError,
+    ShardingError,
     ShrinkError,
     SpecError,
 )
@@ -56,8 +59,11 @@ __all__ = [
     "PluginError",
     "PrunespecError",
     "PruningMethod",
+    "RankError",
     "Report",
     "Scheduler",
+    "Sharding",
+    "ShardingError",
     "ShrinkError",
     "ShrinkReport",
     "Spec",

@@ -1,7 +1,7 @@
 """Parameters split across processes: DTensors (FSDP2's ``fully_shard``, tensor parallel), in one place.
 
 prunespec works on each rank's local part of a DTensor parameter and never gathers a whole tensor:
-what has to be global (how many entries score below a value, the candidates near a cut, the order of
+what has to be global (how many entries score below a value, the k-th score near a cut, the order of
 tied entries, per-channel scores) is reduced or gathered over the default process group, which every
 rank joins in the same order because every rank runs the same plan. A :class:`Sharding` says where a
 rank's part lies in the whole; :func:`wrap` makes a local mask the DTensor of its parameter.
