@@ -32,6 +32,7 @@ __all__ = [
     "Channels",
     "Sharding",
     "active",
+    "add_up",
     "collective",
     "gather",
     "is_dtensor",
@@ -211,6 +212,19 @@ def gather(part: torch.Tensor, counted: bool = True) -> list[torch.Tensor]:
     parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded)
     return [p[:n] for p, n in zip(parts, lengths, strict=True)]
+
+
+def add_up(part: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of every rank's ``part`` (the same shape on each), the same tensor on every
+    rank, in ``part``'s dtype: added in float64, then rounded once. A float sum depends on its order, so
+    this equals one process's sum of the same terms only up to rounding (for exact sums of counts, see
+    :func:`reduce`). Every rank calls it together."""
+    sizes = _headers(part.numel())
+    if len(set(sizes)) > 1:  # every rank sees the same sizes, so every rank raises this together
+        raise ValueError(f"ranks hold {sorted(set(sizes))} entries each: add_up needs the same shape on every rank")
+    total = part.detach().to(torch.float64, copy=True)
+    dist.all_reduce(total)
+    return total.to(part.dtype)
 
 
 class Channels:
