@@ -34,6 +34,7 @@ __all__ = [
     "active",
     "add_up",
     "collective",
+    "everywhere",
     "gather",
     "is_dtensor",
     "local",
@@ -263,7 +264,7 @@ def collective(enabled: bool) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if getattr(exc, "_prunespec_everywhere", False):
+        if everywhere(exc):
             raise  # every rank knows already
         _headers(0, _FAILED)
         error = _received(exc)
@@ -271,6 +272,13 @@ def collective(enabled: bool) -> Iterator[None]:
             raise
         raise error from exc
     agree_or_raise()
+
+
+def everywhere(error: BaseException) -> bool:
+    """Whether ``error`` was raised on every rank already (received in a collective): pass it on as it
+    is; wrapping it in a new error would make :func:`collective` report it again, to ranks that have
+    moved on."""
+    return bool(getattr(error, "_prunespec_everywhere", False))
 
 
 def agree_or_raise() -> None:
