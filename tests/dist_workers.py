@@ -373,6 +373,28 @@ def sparsegpt_parts(rank: int, world: int) -> dict[str, Any]:
         select = sparsegpt._AcrossRanks(part, left)
         chosen = select(scores[start : start + local_rows], done[start : start + local_rows], count, 0)
         out[label] = torch.equal(chosen | done[start : start + local_rows], want[start : start + local_rows])
+    # a weight only one rank's part of which cannot be reconstructed: the same error on every rank, and
+    # every rank's model as it was
+    broken = fsdp(mlp())
+    if rank == 1:
+        with torch.no_grad():
+            broken[0].weight.to_local()[0, 0] = float("inf")
+    before = {k: v.to_local().clone() for k, v in broken.state_dict().items()}
+    the_spec = {
+        "version": 1,
+        "calibration": {"sequential": False},
+        "rules": [{"select": WEIGHTS, **SPARSEGPT["sparsegpt_half"]}],
+    }
+    try:
+        prunespec.apply(broken, the_spec, data=rank_batches(rank))
+    except prunespec.ApplyError as exc:
+        out["one_rank_fails"] = "inf or NaN" in str(exc)
+    else:
+        out["one_rank_fails"] = False
+    after = broken.state_dict()
+    out["unchanged"] = after.keys() == before.keys() and all(
+        torch.equal(after[k].to_local(), before[k]) for k in before
+    )
     # rows split across ranks (a Linear split along its inputs): refused when planned, on every rank
     the_spec = {
         "version": 1,

@@ -84,6 +84,7 @@ def test_data_parallel_sparsegpt_on_fsdp2_matches_one_process_on_all_batches() -
 
 
 def test_sparsegpt_hessian_and_block_selection_across_ranks() -> None:
+    """Also: a failure on one rank's part, inside sparsegpt's collectives, is one error on every rank."""
     results = ranks.spawn(dist_workers.sparsegpt_parts, 2)
     assert results[0].pop("gram") == results[1].pop("gram")  # every rank factors the same Hessian, to the bit
     for rank, result in enumerate(results):
