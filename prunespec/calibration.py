@@ -118,6 +118,9 @@ def input_gram(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 _COMPUTE = {"input_sq_norms": input_sq_sums, "input_gram": input_gram}
+PER_RANK = frozenset({"input_gram"})
+"""Statistics that :func:`collect_across_ranks` sums on each rank first, then over ranks (an ``(in, in)``
+matrix per batch is too much to gather); the others are gathered per batch, for sums exact to the bit."""
 
 
 def tokens_kept(x: torch.Tensor, mask: torch.Tensor | None, module: str) -> torch.Tensor | None:
@@ -312,15 +315,23 @@ def collect_across_ranks(
 ) -> tuple[Statistics, int]:
     """Data-parallel calibration of a model split across ranks (DTensor parameters): each rank runs its
     own batches, one plain forward each (the model as it is: ``calibration.sequential: false``), and
-    the statistics ``names(module)`` of each of ``modules`` are summed over every rank's batches, batch
-    by batch in rank order: the sums one process makes of all the ranks' batches, in that order, to
-    the bit. Returns them and the tokens counted at the first module. Every rank must call this
+    the statistics ``names(module)`` of each of ``modules`` are summed over every rank's batches.
+
+    Vectors (``input_sq_norms``) are gathered batch by batch and summed in rank order: the sums one
+    process makes of all the ranks' batches, in that order, to the bit. Matrices (``input_gram``,
+    :data:`PER_RANK`) are too big to send once per batch: each rank sums its own batches in batch order
+    (as :class:`Accumulator` does), and those per-rank sums are added over ranks in float64, then
+    rounded to float32 once. That order differs from one process's, so they equal one process's sums
+    of the same batches up to float rounding, not to the bit.
+
+    Returns the statistics and the tokens counted at the first module. Every rank must call this
     together, with as many batches as the others (a forward of a sharded model is collective)."""
     counts = [int(c) for c in distributed.gather(torch.tensor([len(data)]))]
     if len(set(counts)) > 1:
         given = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
         raise CalibrationError(rules, f"every rank must give as many calibration batches ({given})")
     parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in modules}
+    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}  # PER_RANK: this rank's batches
     tokens: dict[str, list[int]] = {name: [] for name in modules}
     batch_index = 0
     keep_mask: torch.Tensor | None = None
@@ -335,7 +346,11 @@ def collect_across_ranks(
             stop = Stop(name, [Arrival(batch_index, x.detach(), keep_mask)])
             stats = Accumulator().at(stop, names(name), features(module))
             for stat, value in stats.items():
-                parts[name].setdefault(stat, []).append(value)
+                if stat in PER_RANK:
+                    total = sums[name].get(stat)
+                    sums[name][stat] = value if total is None else total.add_(value)  # batch order, as Accumulator
+                else:
+                    parts[name].setdefault(stat, []).append(value)
             keep = tokens_kept(x, keep_mask, name)
             tokens[name].append(x.reshape(-1, x.shape[-1]).shape[0] if keep is None else int(keep.sum()))
 
@@ -374,6 +389,8 @@ def collect_across_ranks(
                     total = part.clone() if total is None else total.add_(part)
             assert total is not None
             out[name][stat] = total
+        for stat, mine in sorted(sums[name].items()):
+            out[name][stat] = distributed.add_up(mine)
     first = next(iter(modules), None)
     count = 0 if first is None else sum(int(t.sum()) for t in distributed.gather(torch.tensor(tokens[first])))
     return out, count

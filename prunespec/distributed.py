@@ -32,7 +32,9 @@ __all__ = [
     "Channels",
     "Sharding",
     "active",
+    "add_up",
     "collective",
+    "everywhere",
     "gather",
     "is_dtensor",
     "local",
@@ -225,6 +227,19 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
     return counts
 
 
+def add_up(part: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of every rank's ``part`` (the same shape on each), the same tensor on every
+    rank, in ``part``'s dtype: added in float64, then rounded once. A float sum depends on its order, so
+    this equals one process's sum of the same terms only up to rounding (for exact sums of counts, see
+    :func:`reduce`). Every rank calls it together."""
+    sizes = _headers(part.numel())
+    if len(set(sizes)) > 1:  # every rank sees the same sizes, so every rank raises this together
+        raise ValueError(f"ranks hold {sorted(set(sizes))} entries each: add_up needs the same shape on every rank")
+    total = part.detach().to(torch.float64, copy=True)
+    dist.all_reduce(total)
+    return total.to(part.dtype)
+
+
 class Channels:
     """The channels along ``dim`` of a DTensor whose parts hold whole channels (only ``dim`` is split):
     one number per channel put together from every rank, and this rank's share of such numbers."""
@@ -261,7 +276,7 @@ def collective(enabled: bool) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if getattr(exc, "_prunespec_everywhere", False):
+        if everywhere(exc):
             raise  # every rank knows already
         _headers(0, _FAILED)
         error = _received(exc)
@@ -269,6 +284,13 @@ def collective(enabled: bool) -> Iterator[None]:
             raise
         raise error from exc
     agree_or_raise()
+
+
+def everywhere(error: BaseException) -> bool:
+    """Whether ``error`` was raised on every rank already (received in a collective): pass it on as it
+    is; wrapping it in a new error would make :func:`collective` report it again, to ranks that have
+    moved on."""
+    return bool(getattr(error, "_prunespec_everywhere", False))
 
 
 def agree_or_raise() -> None:

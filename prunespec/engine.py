@@ -712,6 +712,8 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
         ctx = tensor.context(step.options, copy=not trusted)
         mask = method.mask(ctx)
     except Exception as exc:
+        if distributed.everywhere(exc):  # another rank's error, from a collective inside the method
+            raise
         raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
     if trusted:
         tensor.mask = mask.detach()
@@ -727,6 +729,8 @@ def _reconstruct(step: Step, tensor: Pruned, method: PruningMethod, info: Method
     try:
         mask, values = method.reconstruct(ctx)
     except Exception as exc:
+        if distributed.everywhere(exc):  # another rank's error, from a collective inside the method
+            raise
         raise _fail(step, tensor.name, f"{info.name} failed: {type(exc).__name__}: {exc}") from exc
     tensor.mask = _checked(step, tensor, mask, before if before is not None else torch.ones_like(tensor.orig))
     orig = tensor.orig

@@ -98,7 +98,8 @@ def finished(tensor: Pruned, undo: Streamed | None) -> None:
         return
     undo.save(tensor)
     with runtime.deferred_interrupts():
-        layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), tensor.values)
+        mask, values = distributed.wrap(tensor.mask, tensor.sharding), _values(tensor)
+        layout.finalized_in_place(tensor.owners, mask, values)
         undo.done.append(tensor)
         tensor.streamed = True
     tensor.mask, tensor.values = None, None
@@ -117,7 +118,7 @@ def finalize(tensors: list[Pruned], merge: bool) -> None:
             assert tensor.mask is not None
             if tensor.zeros is None:  # the report counts the mask's zeros, not zeros the values had anyway
                 tensor.zeros = zeros(tensor.mask)
-            layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), tensor.values)
+            layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), _values(tensor))
 
 
 def install(tensors: list[Pruned], merge: bool) -> None:
@@ -134,7 +135,7 @@ def install(tensors: list[Pruned], merge: bool) -> None:
                 if mask.dtype == torch.bool:  # kept compact while other masks were computed
                     mask = mask.to(current.orig.dtype)
                 mask = distributed.wrap(mask, current.sharding)  # a DTensor's mask: sharded like it
-                layout.install(module, pname, mask, current.new_hooks, merge=merge, values=current.values)
+                layout.install(module, pname, mask, current.new_hooks, merge=merge, values=_values(current))
         current = None
         if sharded:  # every rank installs, or none does (another rank's failure undoes this one's)
             distributed.agree_or_raise()
@@ -145,3 +146,8 @@ def install(tensors: list[Pruned], merge: bool) -> None:
             raise
         message = f"could not install the mask: {type(exc).__name__}: {exc}"
         raise ApplyError(current.rules[-1], current.name, message) from exc
+
+
+def _values(tensor: Pruned) -> torch.Tensor | None:
+    """A reconstructing method's new values (this rank's part, for a DTensor: sharded like it), or None."""
+    return None if tensor.values is None else distributed.wrap(tensor.values, tensor.sharding)

@@ -324,7 +324,14 @@ def sharded_problem(
             f"{info.name} compares entries within rows, which must lie whole on one rank (split a Linear along dim 0)"
         )
     if caps.updates_values:
-        return f"{info.name} changes the kept weights, which prunespec does not do on DTensors yet"
+        if not caps.shards:
+            return f"{info.name} changes the kept weights and does not declare `shards = True` (work on a rank's part)"
+        # such a method (sparsegpt) updates each row from the row alone: rows must not span ranks
+        if not isinstance(module, nn.Linear) or sharding.sharded_dims - {0}:
+            return (
+                f"{info.name} changes the kept weights row by row, so rows must lie whole on one rank "
+                "(split a Linear along dim 0)"
+            )
     if not caps.shards:
         return (
             f"{info.name} computes masks from whole tensors; on a DTensor prunespec needs a method that scores "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -311,3 +312,148 @@ def finalized(rank: int, world: int, snapshot: str) -> dict[str, Any]:
         ),
         "forward": torch.allclose(sharded(x), reference(x), atol=1e-6),
     }
+
+
+SPARSEGPT = {
+    "sparsegpt_half": {"method": "sparsegpt", "sparsity": 0.5},
+    "sparsegpt_2_4": {"method": "sparsegpt", "options": {"n": 2, "m": 4}},
+}
+
+
+def sparsegpt_data_parallel(rank: int, world: int) -> dict[str, Any]:
+    """SparseGPT on FSDP2 with each rank's own batches, against one process on all of them (rank order):
+    how many mask entries agree, how close the reconstructed ``weight_orig`` is, and the sparsity."""
+    everyone = [b for r in range(world) for b in rank_batches(r)]
+    out: dict[str, Any] = {}
+    for label, rule in SPARSEGPT.items():
+        the_spec = {"version": 1, "calibration": {"sequential": False}, "rules": [{"select": WEIGHTS, **rule}]}
+        reference = mlp()
+        sharded = fsdp(copy.deepcopy(reference))
+        params = [layer.weight for layer in sharded if isinstance(layer, nn.Linear)]
+        started = time.perf_counter()
+        want = prunespec.apply(reference, the_spec, data=everyone)
+        middle = time.perf_counter()
+        got = prunespec.apply(sharded, the_spec, data=rank_batches(rank))
+        ended = time.perf_counter()
+        have = masks(sharded)
+        expected = {n: b for n, b in reference.named_buffers() if n.endswith("_mask")}
+        linears = [(s, r) for s, r in zip(sharded, reference, strict=True) if isinstance(r, nn.Linear)]
+        origs = [(s.weight_orig.detach(), r.weight_orig.detach()) for s, r in linears]
+        before = [layer.weight.detach() for layer in mlp() if isinstance(layer, nn.Linear)]
+        sharded(everyone[0])  # a forward: pruned entries of the weight the model computes with are zeros
+        out[label] = {
+            "agree": {n: float((have[n] == expected[n]).double().mean()) for n in expected},
+            "entries": sum(t.numel() for t in expected.values()),
+            "differ": sum(int((have[n] != expected[n]).sum()) for n in expected),
+            "dtensors": all(isinstance(s, DTensor) for s, _ in origs),
+            "same_parameters": all(s.weight_orig is p for (s, _), p in zip(linears, params, strict=True)),
+            "close": all(
+                torch.allclose(s.full_tensor(), r, rtol=1e-3, atol=1e-5)  # type: ignore[operator]
+                for s, r in origs
+            ),
+            "worst": max(float((s.full_tensor() - r).abs().max()) for s, r in origs),  # type: ignore[operator]
+            "moved": all(not torch.equal(s.full_tensor(), b) for (s, _), b in zip(origs, before, strict=True)),
+            "zeros_stay": all(
+                bool((s.weight.full_tensor()[have[f"{i}.weight_mask"] == 0] == 0).all())  # type: ignore[operator]
+                for i, s in enumerate(sharded)
+                if isinstance(s, nn.Linear)
+            ),
+            "sparsity": (got.global_sparsity, want.global_sparsity),
+            "report_equal": prunespec.sparsity(sharded).to_dict() == prunespec.sparsity(reference).to_dict(),
+            "seconds": (middle - started, ended - middle),
+        }
+    # finalized at once (each snapshot way): the Parameter holds the reconstructed, masked values in place
+    rule = {"select": WEIGHTS, **SPARSEGPT["sparsegpt_half"]}
+    the_spec = {"version": 1, "calibration": {"sequential": False}, "finalize": True, "rules": [rule]}
+    reference = mlp()
+    prunespec.apply(reference, the_spec, data=everyone)
+    for snapshot in ("memory", "disk"):
+        sharded = fsdp(mlp())
+        prunespec.apply(sharded, the_spec, data=rank_batches(rank), snapshot=snapshot)
+        out[f"finalized_{snapshot}"] = all(
+            torch.allclose(s.weight.detach().full_tensor(), r.weight, rtol=1e-3, atol=1e-5)
+            and not any(n.endswith("_mask") for n, _ in s.named_buffers())
+            for s, r in zip(sharded, reference, strict=True)
+            if isinstance(r, nn.Linear)
+        )
+    return out
+
+
+def sparsegpt_parts(rank: int, world: int) -> dict[str, Any]:
+    """The pieces of SparseGPT across ranks. The Hessian summed over ranks (each rank's batches, then
+    the ranks in float64) is the same on every rank and close to one process's, while Wanda's norms
+    stay exact. The per-block selection across ranks picks the entries one process picks, ties included
+    (in row-major order of the whole block), also where a rank holds no rows and where the block is
+    large enough to be bracketed from a sample. Rows split across ranks are refused."""
+    from torch.distributed.tensor import Shard
+
+    from prunespec import calibration
+    from prunespec.distributed import Sharding
+    from prunespec.methods import sparsegpt
+
+    names = {"input_gram", "input_sq_norms"}
+    reference = mlp()
+    sharded = fsdp(copy.deepcopy(reference))
+    everyone = [b for r in range(world) for b in rank_batches(r)]
+    want = calibration.collect(reference, {"2": reference[2]}, names, everyone, "test")["2"]
+    got = calibration.collect_across_ranks(sharded, {"2": sharded[2]}, lambda _: names, rank_batches(rank), "test")
+    have = got[0]["2"]
+    out: dict[str, Any] = {
+        "gram": have["input_gram"].tolist(),  # compared across ranks by the test (a list: tensors do not travel well)
+        "gram_dtype": have["input_gram"].dtype == torch.float32,
+        "gram_close": torch.allclose(have["input_gram"], want["input_gram"], rtol=1e-5, atol=1e-5),
+        "gram_error": float((have["input_gram"] - want["input_gram"]).abs().max() / want["input_gram"].abs().max()),
+        "norms_exact": torch.equal(have["input_sq_norms"], want["input_sq_norms"]),
+    }
+    generator = torch.Generator().manual_seed(3)
+    for label, rows, width, splits in (
+        ("small", 10, 6, [6, 4]),
+        ("empty_rank", 7, 5, [7, 0]),
+        ("large", 300, 128, [151, 149]),
+    ):
+        scores = torch.randint(0, 5, (rows, width), generator=generator).float()  # many ties
+        done = torch.rand(rows, width, generator=generator) < 0.2
+        count = int((~done).sum()) // 2 + 1
+        want = sparsegpt._select_block(scores, done, count, 0) | done
+        start = sum(splits[:rank])
+        local_rows = splits[rank] if rank < len(splits) else 0
+        part = Sharding((rows, width), (local_rows, width), (start, 0), True, None, (Shard(0),))
+        left = [int((~done).sum())]
+        select = sparsegpt._AcrossRanks(part, left)
+        chosen = select(scores[start : start + local_rows], done[start : start + local_rows], count, 0)
+        out[label] = torch.equal(chosen | done[start : start + local_rows], want[start : start + local_rows])
+    # a weight only one rank's part of which cannot be reconstructed: the same error on every rank, and
+    # every rank's model as it was
+    broken = fsdp(mlp())
+    if rank == 1:
+        with torch.no_grad():
+            broken[0].weight.to_local()[0, 0] = float("inf")
+    before = {k: v.to_local().clone() for k, v in broken.state_dict().items()}
+    the_spec = {
+        "version": 1,
+        "calibration": {"sequential": False},
+        "rules": [{"select": WEIGHTS, **SPARSEGPT["sparsegpt_half"]}],
+    }
+    try:
+        prunespec.apply(broken, the_spec, data=rank_batches(rank))
+    except prunespec.ApplyError as exc:
+        out["one_rank_fails"] = "inf or NaN" in str(exc)
+    else:
+        out["one_rank_fails"] = False
+    after = broken.state_dict()
+    out["unchanged"] = after.keys() == before.keys() and all(
+        torch.equal(after[k].to_local(), before[k]) for k in before
+    )
+    # rows split across ranks (a Linear split along its inputs): refused when planned, on every rank
+    the_spec = {
+        "version": 1,
+        "calibration": {"sequential": False},
+        "rules": [{"select": WEIGHTS, **SPARSEGPT["sparsegpt_half"]}],
+    }
+    try:
+        prunespec.plan(tensor_parallel(mlp(), 1), the_spec)
+    except prunespec.PlanError as exc:
+        out["split_rows_refused"] = "rows must lie whole on one rank" in str(exc)
+    else:
+        out["split_rows_refused"] = False
+    return out

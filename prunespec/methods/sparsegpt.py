@@ -34,6 +34,14 @@ Only 2-D weights, ``(out, in)``; transformers' ``Conv1D`` (weight ``(in, out)``)
 transpose. ``scope: global`` is refused (each layer's error is its own). Memory: one ``(in, in)``
 float32 Hessian per distinct layer input (``q``/``k``/``v`` share one) and its factor ``U``, computed
 once per Hessian and cached while the Hessian lives, plus a float32 copy of the weight.
+
+On a DTensor (FSDP2: a Linear weight split along its rows, dim 0), each rank sweeps its own rows with
+the factor of the Hessian summed over every rank's batches (the same on every rank): a row's updates
+need nothing from other rows. The unstructured selection is what rows share: the per-block counts are
+summed over ranks and each block's cut is found across ranks (:mod:`prunespec.selection`), ties in
+row-major order of the whole block, as in one process. N:M is per row. The Hessian's sum over ranks
+is rounded differently from one process's (:func:`prunespec.calibration.collect_across_ranks`), so
+masks and values equal one process's up to that rounding.
 """
 
 from __future__ import annotations
@@ -43,15 +51,17 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator
 
-from ..calibration import out_in
-from ..selection import select_rows
+from .. import distributed
+from ..calibration import out_in, transposed
+from ..distributed import Sharding
+from ..selection import Entry, apply_cut, find_cuts, select_rows
 from .base import Capabilities, MaskContext, PruningMethod
 from .nm import NMOptions, PositiveInt, linear_problem
 
@@ -88,6 +98,10 @@ class SparseGPT(PruningMethod):
     statistics: ClassVar[tuple[str, ...]] = ("input_gram",)
     amount_replaced_by: ClassVar[tuple[str, ...]] = ("n", "m")
     updates_values: ClassVar[bool] = True
+    # On a DTensor split along rows (FSDP2), each rank sweeps its own rows: a row's updates need only the
+    # shared factor U (every rank has the same Hessian, summed over ranks). What rows share, the
+    # unstructured per-block selection, is made across ranks (prunespec.selection); N:M is per row.
+    shards: ClassVar[bool] = True
 
     n: int | None
     m: int | None
@@ -118,6 +132,7 @@ class SparseGPT(PruningMethod):
         (reconstructed where kept, as before this step where pruned)."""
         original = out_in(ctx.module, ctx.values.detach())
         rows, cols = original.shape
+        rows_of = _rows_of(ctx)
         gram = _gram(ctx, cols)
         if self.m is not None and cols % self.m:
             raise ValueError(f"{ctx.name}: the input dimension {cols} is not a multiple of m={self.m}")
@@ -131,12 +146,15 @@ class SparseGPT(PruningMethod):
             weight.masked_fill_(pruned, 0.0)
 
         counts: list[int] | None = None
+        select: Select = _select_block
         if self.n is None:
-            counts = self._block_counts(pruned)
-            if not any(counts):  # nothing more to prune: nothing moves either
+            counts, left = self._block_counts(pruned, rows_of)
+            if not any(counts):  # nothing more to prune: nothing moves either (the same on every rank)
                 return ctx.default_mask.clone(), ctx.values.detach().clone()
+            if rows_of is not None:
+                select = _AcrossRanks(rows_of, left)
         factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name)
-        _sweep(weight, pruned, factor, self.block_size, counts, self.n, self.m)
+        _sweep(weight, pruned, factor, self.block_size, counts, self.n, self.m, select)
 
         values = torch.empty_like(ctx.values)
         out_in(ctx.module, values).copy_(torch.where(pruned, original, weight.to(original.dtype)))
@@ -144,19 +162,38 @@ class SparseGPT(PruningMethod):
         out_in(ctx.module, mask).copy_(~pruned)
         return mask, values
 
-    def _block_counts(self, pruned: torch.Tensor) -> list[int]:
+    def _block_counts(self, pruned: torch.Tensor, rows_of: Sharding | None) -> tuple[list[int], list[int]]:
         """Entries each block of columns prunes: the rule's count shared in proportion to the entries
-        each block has left, rounded cumulatively so the shares add up to the count."""
+        each block has left, rounded cumulatively so the shares add up to the count; and the entries
+        each block has left. Both over every row: on a DTensor, summed over ranks (collective)."""
         block = self.block_size
         left_per_column = (~pruned).sum(dim=0)
         padded = torch.nn.functional.pad(left_per_column, (0, -left_per_column.numel() % block))
-        cumulative = padded.reshape(-1, block).sum(dim=1).cumsum(0)
+        per_block = padded.reshape(-1, block).sum(dim=1)
+        if rows_of is not None:
+            per_block = torch.tensor(distributed.reduce(per_block.tolist(), [rows_of] * per_block.numel()))
+        cumulative = per_block.cumsum(0)
         left = int(cumulative[-1])
         k = self.n_to_prune(left)
         if left == 0:
-            return [0] * cumulative.numel()
+            return [0] * cumulative.numel(), per_block.tolist()
         shares = (2 * k * cumulative + left) // (2 * left)  # k * cumulative / left rounded half up, in integers
-        return torch.diff(shares, prepend=shares.new_zeros(1)).tolist()
+        return torch.diff(shares, prepend=shares.new_zeros(1)).tolist(), per_block.tolist()
+
+
+def _rows_of(ctx: MaskContext) -> Sharding | None:
+    """Where this rank's rows lie in the whole weight, for a DTensor (None for a plain tensor). Each rank
+    sweeps its own rows, so rows must lie whole on one rank: a Linear's weight split along dim 0 only."""
+    sharding = ctx.sharding
+    if sharding is None:
+        return None
+    split = sharding.sharded_dims
+    if transposed(ctx.module) or len(sharding.shape) != 2 or split - {0}:
+        raise ValueError(
+            f"sparsegpt on a DTensor needs whole rows on each rank (a Linear weight split along dim 0 only); "
+            f"{ctx.name} is split along dims {sorted(split)}"
+        )
+    return sharding
 
 
 def _gram(ctx: MaskContext, cols: int) -> torch.Tensor:
@@ -171,6 +208,53 @@ def _gram(ctx: MaskContext, cols: int) -> torch.Tensor:
     return gram
 
 
+Select = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+"""(scores, pruned, count, block) -> the ``count`` entries of a block of columns to prune, a bool matrix:
+the lowest scores of those not pruned yet, over all rows together, ties to the lower flat index."""
+
+
+def _select_block(score: torch.Tensor, done: torch.Tensor, count: int, block: int) -> torch.Tensor:
+    """:data:`Select` for a whole weight, in one process."""
+    score = score.masked_fill(done, math.inf)
+    # the block's lowest scores, ties to the lower flat index, without sorting the whole block
+    target = torch.tensor([count], device=score.device)
+    chosen, _ = select_rows(score.reshape(1, -1), target)
+    return chosen.view(score.shape)
+
+
+@dataclass(frozen=True)
+class _AcrossRanks:
+    """:data:`Select` for this rank's rows of a DTensor: the same entries as one process over all rows
+    (collective). The block's counts are summed and its few candidates near the cut gathered
+    (:func:`prunespec.selection.find_cuts`); ties go in row-major order of the whole block."""
+
+    rows: Sharding  # the weight's: this rank's rows, whole
+    left: list[int]  # each block's entries not pruned yet, over every rank
+
+    def __call__(self, score: torch.Tensor, done: torch.Tensor, count: int, block: int) -> torch.Tensor:
+        local_rows, width = score.shape
+        whole = self.rows
+        part = Sharding(
+            (whole.shape[0], width),
+            (local_rows, width),
+            (whole.offset[0], 0),
+            whole.counted,
+            whole.mesh,
+            whole.placements,
+        )
+        entry = Entry(score, (~done).to(score.dtype), part)  # pruned entries (mask 0) count as pruned first
+        already = whole.shape[0] * width - self.left[block]
+        cuts = find_cuts([entry], count, _identity, already=[already])
+        if cuts is None:
+            raise ValueError("the reconstruction gave NaN weights; raise dampening (e.g. 0.1)")
+        keep, _ = apply_cut(entry, cuts[0], _identity, score.dtype)
+        return keep == 0
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _sweep(
     weight: torch.Tensor,
     pruned: torch.Tensor,
@@ -179,9 +263,11 @@ def _sweep(
     counts: list[int] | None,
     n: int | None,
     m: int | None,
+    select: Select = _select_block,
 ) -> None:
     """The column sweep, in place: ``weight`` ends reconstructed (zeros where pruned), ``pruned`` with
-    every entry pruned. ``counts``: entries each block prunes (unstructured), or None for N:M."""
+    every entry pruned. ``counts``: entries each block prunes (unstructured, chosen by ``select``), or
+    None for N:M."""
     cols = weight.shape[1]
     diag = factor.diagonal()
     for block, start in enumerate(range(0, cols, block_size)):
@@ -190,12 +276,8 @@ def _sweep(
         u = factor[start:end, start:end]
         done = pruned[:, start:end]  # a view: selections below land in `pruned`
         errors = torch.zeros_like(w)
-        if counts is not None and counts[block]:
-            score = (w / diag[start:end]).square().masked_fill(done, math.inf)
-            # the block's lowest scores, ties to the lower flat index, without sorting the whole block
-            target = torch.tensor([counts[block]], device=w.device)
-            chosen, _ = select_rows(score.reshape(1, -1), target)
-            done |= chosen.view(score.shape)
+        if counts is not None and counts[block]:  # the same on every rank: counts are over all rows
+            done |= select((w / diag[start:end]).square(), done, counts[block], block)
         width = end - start
         step = _sub_block(width, block_size, m)
         for low in range(0, width, step):
