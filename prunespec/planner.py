@@ -313,11 +313,6 @@ def sharded_problem(
     caps = info.capabilities
     if rule.group is not None:
         return "group rules (structural pruning) do not work on DTensors yet"
-    if caps.statistics and spec.calibration.sequential:
-        return (
-            f"{info.name} calibrates on data, which on DTensors runs the model as it is over every rank's "
-            "batches (set calibration: {sequential: false} in the spec)"
-        )
     rows = info.per_row(rule.options) or any(rule.options.get(k) is not None for k in info.method.amount_replaced_by)
     if caps.statistics and rows and (not isinstance(module, nn.Linear) or sharding.sharded_dims - {0}):
         return (
