@@ -310,8 +310,10 @@ def finalized(rank: int, world: int, snapshot: str) -> dict[str, Any]:
 
 
 SEQUENTIAL = {
-    "wanda_rows": {"method": "wanda", "sparsity": 0.5},
-    "wanda_2_4": {"method": "wanda", "options": {"n": 2, "m": 4}},
+    "wanda_rows": [{"method": "wanda", "sparsity": 0.5}],
+    "wanda_2_4": [{"method": "wanda", "options": {"n": 2, "m": 4}}],
+    # l1's masks, computed first and not yet installed, are what the passes compute with too
+    "l1_then_wanda": [{"method": "l1_unstructured", "amount": 0.2}, {"method": "wanda", "sparsity": 0.5}],
 }
 
 
@@ -329,8 +331,8 @@ def sequential_data_parallel(rank: int, world: int) -> dict[str, Any]:
 
     everyone = [b for r in range(world) for b in rank_batches(r)]
     out: dict[str, Any] = {}
-    for label, rule in SEQUENTIAL.items():
-        the_spec = {"version": 1, "rules": [{"select": WEIGHTS, **rule}]}
+    for label, rules in SEQUENTIAL.items():
+        the_spec = {"version": 1, "rules": [{"select": WEIGHTS, **rule} for rule in rules]}
         reference, plain = mlp(), mlp()
         sharded = fsdp(copy.deepcopy(reference))
         calls = forwards(sharded)

@@ -88,14 +88,14 @@ def test_sequential_wanda_on_fsdp2_equals_one_process() -> None:
     """Sequential calibration across ranks: each layer on the pruned outputs of the layers before it."""
     results = ranks.spawn(dist_workers.sequential_data_parallel, 2)
     for rank, result in enumerate(results):
-        for label in dist_workers.SEQUENTIAL:
-            seen = result[label]
+        assert result.keys() == set(dist_workers.SEQUENTIAL)
+        for label, seen in result.items():
             assert seen["differ"] == [], (rank, label, seen)
             assert seen["sequential_matters"], (rank, label)  # else this test could not fail
             assert seen["tokens"] == (4 * 3 * 2, 4 * 3 * 2), seen
             assert seen["origs"], (rank, label)
             assert seen["forwards"] == 3 * 3, seen  # 3 groups (one Linear each) x 3 batches
-    print({label: results[0][label]["seconds"] for label in dist_workers.SEQUENTIAL})
+    print({label: seen["seconds"] for label, seen in results[0].items()})
 
 
 def test_sequential_calibration_failing_leaves_the_fsdp2_model_as_it_was() -> None:
