@@ -381,16 +381,29 @@ def collect_across_ranks(
     for name in modules:  # the same order on every rank
         out[name] = {}
         for stat, values in sorted(parts[name].items()):
-            local = torch.stack(values)
-            everyone = distributed.gather(local.reshape(-1))
-            total: torch.Tensor | None = None
-            for piece in everyone:
-                for part in piece.reshape(-1, *local.shape[1:]):
-                    total = part.clone() if total is None else total.add_(part)
-            assert total is not None
-            out[name][stat] = total
+            out[name][stat] = over_ranks(stat, values)
         for stat, mine in sorted(sums[name].items()):
-            out[name][stat] = distributed.add_up(mine)
+            out[name][stat] = over_ranks(stat, [mine])
     first = next(iter(modules), None)
     count = 0 if first is None else sum(int(t.sum()) for t in distributed.gather(torch.tensor(tokens[first])))
     return out, count
+
+
+def over_ranks(stat: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Statistic ``stat`` summed over every rank's batches, from this rank's ``parts`` (one per batch, in
+    batch order; or, for :data:`PER_RANK` statistics, already summed). Vectors are gathered batch by
+    batch and summed in rank order, to the bit what one process sums; :data:`PER_RANK` matrices are
+    summed here, then over ranks in float64 (another order: equal up to float rounding). Every rank
+    calls this together, for the same statistics in the same order."""
+    if stat in PER_RANK:
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total.add_(part)
+        return distributed.add_up(total)
+    local = torch.stack(parts)
+    summed: torch.Tensor | None = None
+    for piece in distributed.gather(local.reshape(-1)):
+        for part in piece.reshape(-1, *local.shape[1:]):
+            summed = part.clone() if summed is None else summed.add_(part)
+    assert summed is not None
+    return summed

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import budgets, calibration, distributed, groups, layout, selection
+from . import budgets, calibration, distributed, groups, layout, selection, sharded_sequential
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
 from .install import finalize as finalize_all
@@ -309,7 +309,10 @@ def _calibrated_across_ranks(
 ) -> int | None:
     """The units that need data, on a model split across ranks: every rank's batches calibrate it
     together (:func:`prunespec.calibration.collect_across_ranks`, the model as it is), then each unit's
-    masks come from the statistics summed over all of them."""
+    masks come from the statistics summed over all of them. With ``calibration.sequential``, each module
+    on the outputs of the modules before it as pruned (:mod:`prunespec.sharded_sequential`)."""
+    if plan.spec.calibration.sequential:
+        return _sequential_across_ranks(model, plan, units, modules, tensors, batches, generators, counter, influences)
     needs: dict[str, set[str]] = {}
     staged_units = []
     for unit in units:
@@ -324,6 +327,68 @@ def _calibrated_across_ranks(
     for unit, staged in staged_units:
         for tensor in staged:
             tensor.statistics = stats.get(tensor.module_name, {})
+        _compute(model, plan, unit, staged)
+        counter.done(unit)
+    for tensor in tensors.values():
+        tensor.statistics = {}
+    return tokens
+
+
+def _sequential_across_ranks(
+    model: nn.Module,
+    plan: Plan,
+    units: list[list[Step]],
+    modules: dict[str, nn.Module],
+    tensors: dict[int, Pruned],
+    batches: list[Any],
+    generators: Generators | None,
+    counter: _Counter,
+    influences: Mapping[tuple[str, str], torch.Tensor],
+) -> int | None:
+    """:func:`_calibrated`'s sequential calibration on a model split across ranks: the same units at the
+    same modules, each group of modules given its statistics by :func:`sharded_sequential.calibrate`."""
+    rules = ", ".join(plan.needs_data)
+    early = [t for t in tensors.values() if t.mask is not None]  # earlier rules' masks: the passes use them
+    at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
+    deferred: list[tuple[list[Step], list[Pruned]]] = []
+    waiting: set[str] = set()
+    needs: dict[str, set[str]] = {}
+    for unit in units:
+        staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
+        for step in unit:
+            needs.setdefault(step.tensor.module, set()).update(wanted)
+        # as in one process: a rule ranking across modules is decided after the passes, its tensors unpruned
+        if unit[0].scope == "global" or unit[0].group is not None or any(s.tensor.name in waiting for s in unit):
+            deferred.append((unit, staged))
+            waiting.update(step.tensor.name for step in unit)
+        else:
+            at_stop.setdefault(unit[0].tensor.module, []).append((unit, staged))
+    kept: dict[str, list[Pruned]] = {}
+    for _, staged in deferred:
+        for tensor in staged:
+            kept.setdefault(tensor.module_name, []).append(tensor)
+
+    def at_group(group: list[str], stats: calibration.Statistics) -> list[Pruned]:
+        done: list[Pruned] = []
+        for name in group:
+            for unit, staged in at_stop.pop(name, []):
+                for tensor in staged:
+                    tensor.statistics = stats[name]
+                _compute(model, plan, unit, staged)
+                done.extend(t for t in staged if all(t is not d for d in done))
+                counter.done(unit)
+            for tensor in kept.get(name, []):
+                tensor.statistics = stats[name]
+        for tensor in done:
+            if all(tensor is not k for ks in kept.values() for k in ks):
+                tensor.statistics = {}
+                tensor.mask = tensor.mask.bool() if tensor.mask is not None else None  # final: 1 byte an entry
+        return done
+
+    watched = {name: modules[name] for name in needs}
+    tokens = sharded_sequential.calibrate(model, watched, needs.__getitem__, batches, rules, early, at_group)
+    for unit, staged in deferred:
         _compute(model, plan, unit, staged)
         counter.done(unit)
     for tensor in tensors.values():

@@ -313,11 +313,6 @@ def sharded_problem(
     caps = info.capabilities
     if rule.group is not None:
         return "group rules (structural pruning) do not work on DTensors yet"
-    if caps.statistics and spec.calibration.sequential:
-        return (
-            f"{info.name} calibrates on data, which on DTensors runs the model as it is over every rank's "
-            "batches (set calibration: {sequential: false} in the spec)"
-        )
     rows = info.per_row(rule.options) or any(rule.options.get(k) is not None for k in info.method.amount_replaced_by)
     if caps.statistics and rows and (not isinstance(module, nn.Linear) or sharding.sharded_dims - {0}):
         return (
@@ -935,18 +930,25 @@ class _Planner:
             state.exact = False
         else:
             mask = state.mask
+            sharding = None if mask is None else distributed.sharding_of(mask)
+            part = None if mask is None else distributed.local(mask)  # a DTensor's rows on this rank
             done = (
                 [0] * rows
-                if mask is None
-                else (calibration.out_in(self.by_name[ref.module], mask) == 0).sum(dim=1).tolist()
+                if part is None
+                else (calibration.out_in(self.by_name[ref.module], part) == 0).sum(dim=1).tolist()
             )
+            problem: ValueError | None = None
             try:
                 targets = row_targets(rule.amount, rule.sparsity, done, row_len)
             except ValueError as exc:
+                problem, targets = exc, []
+            # every rank joins the sum, a rank with a problem too: the ranks' collectives stay in step
+            total = distributed.reduce([sum(targets)], [sharding])[0]
+            if problem is not None:
                 hint = f"use a count <= {row_len - max(done)}"
-                self.issue(("rules", index, "amount"), f"tensor {ref.name}: {exc}", hint)
+                self.issue(("rules", index, "amount"), f"tensor {ref.name}: {problem}", hint)
                 return
-            state.pruned = float(sum(targets))
+            state.pruned = float(total)
         state.units = None
         self._step(index, rule, ref, by, before, state)
 

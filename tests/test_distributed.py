@@ -39,7 +39,7 @@ def test_errors_are_raised_on_every_rank() -> None:
         assert result["unchanged"]
         assert result["one_rank"] is not None and "only rank 1 sees this" in result["one_rank"][1]
         assert result["data_aware"] is not None and result["data_aware"][0] == "PlanError"
-        assert "split across ranks" in result["data_aware"][1]
+        assert "needs calibration data" in result["data_aware"][1]  # sequential is done across ranks now
         assert result["too_much"] is not None and result["too_much"][0] in ("PlanError", "ApplyError")
     assert results[0] == results[1]  # the same error on each rank
 
@@ -51,7 +51,6 @@ def test_data_parallel_wanda_equals_one_process_on_all_batches() -> None:
             assert result[label]["differ"] == [], (rank, label, result[label])
             tokens = result[label]["tokens"]
             assert tokens is not None and tokens[0] == tokens[1] == 4 * 3 * 2
-        assert "sequential: false" in result["sequential"]
     assert results[0] == results[1]
 
 
@@ -113,3 +112,44 @@ def test_sparsegpt_hessian_and_block_selection_across_ranks() -> None:
     for rank, result in enumerate(results):
         assert result.pop("gram_error") < 1e-5, (rank, result)
         assert all(result.values()), (rank, result)
+
+
+def test_sequential_wanda_on_fsdp2_equals_one_process() -> None:
+    """Sequential calibration across ranks: each layer on the pruned outputs of the layers before it."""
+    results = ranks.spawn(dist_workers.sequential_data_parallel, 2)
+    for rank, result in enumerate(results):
+        assert result.keys() == set(dist_workers.SEQUENTIAL)
+        for label, seen in result.items():
+            assert seen["differ"] == [], (rank, label, seen)
+            assert seen["sequential_matters"], (rank, label)  # else this test could not fail
+            assert seen["tokens"] == (4 * 3 * 2, 4 * 3 * 2), seen
+            assert seen["origs"], (rank, label)
+            assert seen["forwards"] == 3 * 3, seen  # 3 groups (one Linear each) x 3 batches
+    print({label: seen["seconds"] for label, seen in results[0].items()})
+
+
+def test_sequential_calibration_failing_leaves_the_fsdp2_model_as_it_was() -> None:
+    results = ranks.spawn(dist_workers.sequential_fails, 2)
+    for result in results:
+        assert result["error"] is not None and result["error"][0] == "CalibrationError", result
+        assert "the fourth call fails" in result["error"][1] and "batch 0" in result["error"][1], result
+        assert result["calls"] == 4
+        assert all(result[k] for k in ("unchanged", "no_masks", "training", "hooks", "forward")), result
+
+
+def test_sequential_wanda_on_fsdp2_llama_equals_one_process() -> None:
+    pytest.importorskip("transformers")
+    results = ranks.spawn(dist_workers.sequential_llama, 2)
+    for rank, result in enumerate(results):
+        for label, seen in result.items():
+            assert seen["masks"] == 2 * 7, seen
+            assert seen["differ"] == [], (rank, label, seen)
+            assert seen["sequential_matters"], (rank, label)  # the later layers' masks move
+            assert seen["tokens"] is not None and seen["tokens"][0] == seen["tokens"][1], seen
+            assert seen["forwards"] == 4 * 2 * 2, seen  # 4 groups a layer (q/k/v, o, gate/up, down) x 2 x 2
+    print({label: (seen["forwards"], seen["seconds"]) for label, seen in results[0].items()})
+
+
+def test_wanda_on_an_fsdp2_model_pruned_before() -> None:
+    for result in ranks.spawn(dist_workers.wanda_after_l1, 2):
+        assert result == {"differ": [], "masks": 3}
