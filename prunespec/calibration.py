@@ -356,21 +356,11 @@ def collect_across_ranks(
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for batch_index, batch in enumerate(data):
-                keep_mask = attention_mask(batch)
-                try:
-                    run_batch(model, batch)
-                except BadInput as exc:
-                    raise CalibrationError(rules, str(exc), exc.batch) from exc
-                except Exception as exc:
-                    message = f"the forward pass failed: {type(exc).__name__}: {exc}"
-                    raise CalibrationError(rules, message, batch_index) from exc
-    finally:
-        for handle in handles:
-            handle.remove()
+    def start(index: int, batch: Any) -> None:
+        nonlocal batch_index, keep_mask
+        batch_index, keep_mask = index, attention_mask(batch)
+
+    forward_each(model, data, {name: hook(name) for name in modules}, modules, rules, start)
     missing = [name for name in modules if len(tokens[name]) < len(data)]
     reached = [int(n) for n in distributed.gather(torch.tensor([len(missing)]))]
     if any(reached):
@@ -407,3 +397,35 @@ def over_ranks(stat: str, parts: list[torch.Tensor]) -> torch.Tensor:
             summed = part.clone() if summed is None else summed.add_(part)
     assert summed is not None
     return summed
+
+
+def forward_each(
+    model: nn.Module,
+    data: list[Any],
+    hooks: Mapping[str, Callable[..., None]],
+    modules: Mapping[str, nn.Module],
+    rules: str,
+    start: Callable[[int, Any], None],
+    end: Callable[[int], None] | None = None,
+) -> None:
+    """One plain forward of each batch, in order, without grad, with ``hooks[name]`` as a forward
+    pre-hook (with kwargs) of ``modules[name]`` meanwhile; ``start(index, batch)`` before each batch and
+    ``end(index)`` after it. A batch whose forward fails (or whose input a hook finds wrong, as
+    :class:`BadInput`) is a :class:`CalibrationError` naming it."""
+    handles = [modules[name].register_forward_pre_hook(hook, with_kwargs=True) for name, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(data):
+                start(index, batch)
+                try:
+                    run_batch(model, batch)
+                except BadInput as exc:
+                    raise CalibrationError(rules, str(exc), exc.batch) from exc
+                except Exception as exc:
+                    message = f"the forward pass failed: {type(exc).__name__}: {exc}"
+                    raise CalibrationError(rules, message, index) from exc
+                if end is not None:
+                    end(index)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from . import calibration, distributed
-from .calibration import Accumulator, BadInput, Statistics, features
+from .calibration import Accumulator, Statistics, features
 from .errors import CalibrationError
 from .pruned import Pruned
-from .sequential import Arrival, Stop, attention_mask, first_tensor, run_batch
+from .sequential import Arrival, Stop, attention_mask, first_tensor
 
 __all__ = ["calibrate"]
 
@@ -171,24 +171,18 @@ def _one_pass(
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in pending.items()]
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                current = _Batch(index, batch)
-                try:
-                    run_batch(model, batch)
-                except BadInput as exc:
-                    raise CalibrationError(rules, str(exc), exc.batch) from exc
-                except Exception as exc:
-                    message = f"the forward pass failed: {type(exc).__name__}: {exc}"
-                    raise CalibrationError(rules, message, index) from exc
-                current.x = None  # the input is not kept past its forward
-                seen.append(current)
-                current = None
-    finally:
-        for handle in handles:
-            handle.remove()
+    def start(index: int, batch: Any) -> None:
+        nonlocal current
+        current = _Batch(index, batch)
+
+    def end(index: int) -> None:
+        nonlocal current
+        assert current is not None
+        current.x = None  # the input is not kept past its forward
+        seen.append(current)
+        current = None
+
+    calibration.forward_each(model, batches, {name: hook(name) for name in pending}, pending, rules, start, end)
     group = _agreed(seen, list(pending), rules)
     stats: Statistics = {}
     shared: dict[str, torch.Tensor] = {}
