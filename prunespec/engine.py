@@ -117,7 +117,8 @@ def execute(
         tokens = None
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
-            tokens = _calibrated(model, plan, later_units, modules, tensors, batches, generators, counter, influences)
+            work = _Work(model, plan, modules, tensors, generators, counter, influences)
+            tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
         if finalize:
             finalize_all(list(tensors.values()), merge)
@@ -132,6 +133,32 @@ def _whole_zeros(tensors: list[Pruned]) -> None:
     counts = distributed.reduce([zeros(t.mask) for t in sharded if t.mask is not None], [t.sharding for t in sharded])
     for tensor, count in zip(sharded, counts, strict=True):
         tensor.zeros = count
+
+
+@dataclass
+class _Work:
+    """What the calibrated paths share: the model and plan, the staged tensors and how to stage more."""
+
+    model: nn.Module
+    plan: Plan
+    modules: dict[str, nn.Module]
+    tensors: dict[int, Pruned]
+    generators: Generators | None
+    counter: _Counter
+    influences: Mapping[tuple[str, str], torch.Tensor]
+
+    def parts(
+        self,
+    ) -> tuple[
+        nn.Module,
+        Plan,
+        dict[str, nn.Module],
+        dict[int, Pruned],
+        Generators | None,
+        _Counter,
+        Mapping[tuple[str, str], torch.Tensor],
+    ]:
+        return self.model, self.plan, self.modules, self.tensors, self.generators, self.counter, self.influences
 
 
 class _Counter:
@@ -222,22 +249,13 @@ def calibration_batches(plan: Plan, data: Iterable[Any] | None) -> list[Any]:
     return calibration.batches(data, rules, plan.spec.calibration.samples)
 
 
-def _calibrated(
-    model: nn.Module,
-    plan: Plan,
-    units: list[list[Step]],
-    modules: dict[str, nn.Module],
-    tensors: dict[int, Pruned],
-    batches: list[Any],
-    generators: Generators | None,
-    counter: _Counter,
-    influences: Mapping[tuple[str, str], torch.Tensor],
-) -> int | None:
+def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int | None:
     """The units that need the calibration pass: each local one at its module's stop (in forward order),
     on the outputs of the modules before it as pruned (``calibration.sequential``); a global one after
     the pass, from the statistics its tensors' stops gathered. Returns the tokens counted."""
+    model, plan, modules, tensors, generators, counter, influences = work.parts()
     if distributed.sharded(model):
-        return _calibrated_across_ranks(model, plan, units, modules, tensors, batches, generators, counter, influences)
+        return _calibrated_across_ranks(work, units, batches)
     sequential, errors = plan.spec.calibration.sequential, plan.spec.calibration.errors
     rules = ", ".join(plan.needs_data)
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
@@ -296,23 +314,14 @@ def _calibrated(
     return accumulator.tokens
 
 
-def _calibrated_across_ranks(
-    model: nn.Module,
-    plan: Plan,
-    units: list[list[Step]],
-    modules: dict[str, nn.Module],
-    tensors: dict[int, Pruned],
-    batches: list[Any],
-    generators: Generators | None,
-    counter: _Counter,
-    influences: Mapping[tuple[str, str], torch.Tensor],
-) -> int | None:
+def _calibrated_across_ranks(work: _Work, units: list[list[Step]], batches: list[Any]) -> int | None:
     """The units that need data, on a model split across ranks: every rank's batches calibrate it
     together (:func:`prunespec.calibration.collect_across_ranks`, the model as it is), then each unit's
     masks come from the statistics summed over all of them. With ``calibration.sequential``, each module
     on the outputs of the modules before it as pruned (:mod:`prunespec.sharded_sequential`)."""
+    model, plan, modules, tensors, generators, counter, influences = work.parts()
     if plan.spec.calibration.sequential:
-        return _sequential_across_ranks(model, plan, units, modules, tensors, batches, generators, counter, influences)
+        return _sequential_across_ranks(work, units, batches)
     needs: dict[str, set[str]] = {}
     staged_units = []
     for unit in units:
@@ -334,19 +343,10 @@ def _calibrated_across_ranks(
     return tokens
 
 
-def _sequential_across_ranks(
-    model: nn.Module,
-    plan: Plan,
-    units: list[list[Step]],
-    modules: dict[str, nn.Module],
-    tensors: dict[int, Pruned],
-    batches: list[Any],
-    generators: Generators | None,
-    counter: _Counter,
-    influences: Mapping[tuple[str, str], torch.Tensor],
-) -> int | None:
+def _sequential_across_ranks(work: _Work, units: list[list[Step]], batches: list[Any]) -> int | None:
     """:func:`_calibrated`'s sequential calibration on a model split across ranks: the same units at the
     same modules, each group of modules given its statistics by :func:`sharded_sequential.calibrate`."""
+    model, plan, modules, tensors, generators, counter, influences = work.parts()
     rules = ", ".join(plan.needs_data)
     early = [t for t in tensors.values() if t.mask is not None]  # earlier rules' masks: the passes use them
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
