@@ -627,11 +627,20 @@ def _select_units(
     step: Step, tensor: Pruned, amount: Any, unit: Unit, scores: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """A local step's new mask for units beyond entries, in one pass: the units left ranked by the
-    method's scores with ``topk``, as torch ranks channels (so ``ln_structured`` gives torch's masks)."""
-    if tensor.sharding is not None:  # channels lie whole on one rank each: rank the whole grid everywhere
-        return _select_units_sharded(step, tensor, amount, unit, scores)
-    flat = scores.reshape(-1)
-    left = None if tensor.mask is None else (~unit.reduce(tensor.mask)).reshape(-1).nonzero().reshape(-1)
+    method's scores with ``topk``, as torch ranks channels (so ``ln_structured`` gives torch's masks).
+
+    On one rank's part of a DTensor whose channels each lie on one rank, the per-channel scores and
+    pruned flags of every rank are put together (one number per channel, never the tensor), ranked on
+    every rank alike, and this rank's channels kept."""
+    channels = None
+    if tensor.sharding is not None:
+        assert isinstance(unit, Channels)  # the planner refuses other units on DTensors
+        channels = distributed.Channels(tensor.sharding, unit.dim % len(tensor.shape))
+    flat = scores.reshape(-1) if channels is None else channels.assemble(scores.reshape(-1))
+    done = None if tensor.mask is None else unit.reduce(tensor.mask).reshape(-1)
+    if done is not None and channels is not None:
+        done = channels.assemble(done.to(torch.uint8)) != 0
+    left = None if done is None else (~done).nonzero().reshape(-1)
     ranked = flat if left is None else flat[left]
     size = ranked.numel()
     k = n_to_prune(amount, size)
@@ -643,33 +652,7 @@ def _select_units(
     kept = torch.topk(ranked, k=size - k, largest=True).indices
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[kept if left is None else left[kept]] = True
-    return _from_units(tensor, unit, keep.reshape(scores.shape))
-
-
-def _select_units_sharded(
-    step: Step, tensor: Pruned, amount: Any, unit: Unit, scores: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """:func:`_select_units` on one rank's part of a DTensor whose units (channels) each lie on one rank:
-    the per-channel scores and pruned flags of every rank put together (one number per channel, never
-    the tensor), ranked on every rank alike, and this rank's channels kept."""
-    assert tensor.sharding is not None and isinstance(unit, Channels)
-    dim = unit.dim % len(tensor.shape)
-    channels = distributed.Channels(tensor.sharding, dim)
-    whole = channels.assemble(scores.reshape(-1))
-    done = None if tensor.mask is None else channels.assemble(unit.reduce(tensor.mask).reshape(-1).to(torch.uint8))
-    left = None if done is None else (done == 0).nonzero().reshape(-1)
-    ranked = whole if left is None else whole[left]
-    size = ranked.numel()
-    k = n_to_prune(amount, size)
-    if k > size:
-        raise _fail(step, tensor.name, f"amount={amount} is more than the {size} {unit.name} left to prune")
-    if k == 0:
-        mask = tensor.mask.clone() if tensor.mask is not None else torch.ones_like(tensor.orig)
-        return mask, zeros(mask)
-    kept = torch.topk(ranked, k=size - k, largest=True).indices
-    keep = torch.zeros(whole.numel(), dtype=torch.bool, device=whole.device)
-    keep[kept if left is None else left[kept]] = True
-    return _from_units(tensor, unit, channels.part(keep))
+    return _from_units(tensor, unit, keep.reshape(scores.shape) if channels is None else channels.part(keep))
 
 
 def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> None:
