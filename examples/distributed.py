@@ -1,7 +1,7 @@
 """Prune an FSDP2-sharded model on every rank at once, without gathering a weight.
 
     torchrun --nproc-per-node 2 examples/distributed.py            # CPU ranks (gloo)
-    torchrun --nproc-per-node 4 examples/distributed.py --spec examples/specs/global_l1.yaml
+    torchrun --nproc-per-node 4 examples/distributed.py --spec examples/specs/distributed/mlp.yaml
 
 Every rank builds the same model, shards it with ``fully_shard``, and calls ``prunespec.apply`` with
 the same spec: each rank prunes its own rows, the global cut is found from counts summed over ranks,
@@ -34,6 +34,12 @@ SPEC = {
 }
 
 
+def build() -> nn.Module:
+    """The example's MLP, the same weights on every rank (seed 0), before sharding."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", help="a spec file (default: 50% of every Linear, globally)")
@@ -42,8 +48,7 @@ def main() -> None:
     rank = dist.get_rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.manual_seed(0)  # the same weights on every rank, before sharding
-    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = build()
     if torch.cuda.is_available():
         model = model.cuda()
     for layer in model:

@@ -7,6 +7,9 @@ from pathlib import Path
 import dist_workers
 import pytest
 import ranks
+from conftest import SPECS
+
+import prunespec
 
 pytestmark = pytest.mark.skipif(not ranks.gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -153,3 +156,11 @@ def test_sequential_wanda_on_fsdp2_llama_equals_one_process() -> None:
 def test_wanda_on_an_fsdp2_model_pruned_before() -> None:
     for result in ranks.spawn(dist_workers.wanda_after_l1, 2):
         assert result == {"differ": [], "masks": 3}
+
+
+def test_the_example_spec_fits_the_example_model() -> None:
+    """docs/distributed.md's torchrun line: its spec plans on the example's model (one process here)."""
+    import distributed as example  # examples/distributed.py
+
+    plan = prunespec.plan(example.build(), SPECS / "distributed" / "mlp.yaml")
+    assert {step.tensor.name for step in plan.steps} == {"0.weight", "2.weight", "4.weight"}
