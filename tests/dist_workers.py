@@ -554,19 +554,9 @@ def sequential_fails(rank: int, world: int) -> dict[str, Any]:
 
 
 def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_transformers import tiny_llama as example  # examples/: a 2-layer Llama with GQA
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return example(0)
 
 
 def llama_batches(rank: int, count: int = 2) -> list[dict[str, torch.Tensor]]:
