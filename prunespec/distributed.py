@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import pickle
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -185,6 +185,12 @@ def _headers(size: int, status: int = _OK) -> list[int]:
     return [int(h[1]) for h in everyone]
 
 
+def counted(owner: Sharding | None) -> bool:
+    """Whether this rank's part of a tensor adds to sums over ranks: the first replica of a DTensor's
+    part, and rank 0's copy of a plain tensor (which every rank holds whole)."""
+    return owner.counted if owner is not None else dist.get_rank() == 0
+
+
 def reduce(values: Sequence[int], owners: Sequence[Sharding | None]) -> list[int]:
     """Sums over ranks of per-tensor counts: each rank's ``values[i]`` where ``owners[i]`` says its part
     is counted (rank 0's for a plain tensor, which every rank holds whole). Without a sharded owner
@@ -192,12 +198,18 @@ def reduce(values: Sequence[int], owners: Sequence[Sharding | None]) -> list[int
     if not any(o is not None for o in owners):
         return list(values)
     _headers(len(values))
-    rank = dist.get_rank()
-    weights = [(o.counted if o is not None else rank == 0) for o in owners]
-    t = torch.tensor([v if w else 0 for v, w in zip(values, weights, strict=True)], dtype=torch.int64)
+    t = torch.tensor([v if counted(o) else 0 for v, o in zip(values, owners, strict=True)], dtype=torch.int64)
     dist.all_reduce(t)
     out: list[int] = t.tolist()
     return out
+
+
+def whole_count(t: torch.Tensor, count: Callable[[torch.Tensor], int]) -> int:
+    """``count(t)``; of a DTensor, ``count`` of each rank's part summed over ranks (collective)."""
+    sharding = sharding_of(t)
+    if sharding is None:
+        return count(t)
+    return reduce([count(local(t))], [sharding])[0]
 
 
 def gather(part: torch.Tensor, counted: bool = True) -> list[torch.Tensor]:
@@ -213,10 +225,6 @@ def gather(part: torch.Tensor, counted: bool = True) -> list[torch.Tensor]:
     parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded)
     return [p[:n] for p, n in zip(parts, lengths, strict=True)]
-
-
-def first_rank() -> bool:
-    return dist.get_rank() == 0
 
 
 def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:

@@ -93,10 +93,7 @@ class Unit:
     def pruned(self, mask: torch.Tensor) -> int:
         """How many units ``mask`` prunes whole (of a DTensor mask whose units lie whole on one rank
         each, over every rank)."""
-        sharding = distributed.sharding_of(mask)
-        if sharding is not None:
-            return distributed.reduce([int(self.reduce(distributed.local(mask)).sum())], [sharding])[0]
-        return int(self.reduce(mask).sum())
+        return distributed.whole_count(mask, lambda part: int(self.reduce(part).sum()))
 
 
 @dataclass(frozen=True)
@@ -179,11 +176,7 @@ def pruned_channels(mask: torch.Tensor, dim: int) -> int:
 
 def zeros(mask: torch.Tensor) -> int:
     """The entries a (binary) mask prunes; of a DTensor mask, in the whole tensor (summed over ranks)."""
-    sharding = distributed.sharding_of(mask)
-    if sharding is not None:
-        part = distributed.local(mask)
-        return distributed.reduce([part.numel() - int(torch.count_nonzero(part))], [sharding])[0]
-    return mask.numel() - int(torch.count_nonzero(mask))
+    return distributed.whole_count(mask, lambda part: part.numel() - int(torch.count_nonzero(part)))
 
 
 def budget_bounds(

@@ -229,8 +229,7 @@ def _kth_across_ranks(parts: Sequence[torch.Tensor], entries: Sequence[Entry], k
     a radix select over the values' ordered bits, 8 bits a round, each round one all-reduce of 256
     counts (2 KiB), so no candidate leaves its rank. A 0-dim CPU tensor (float64, or int64 for
     integer scores), exactly the value ``kthvalue`` over the union would give."""
-    rank0 = distributed.first_rank()
-    mine = [p.reshape(-1).cpu() for p, e in zip(parts, entries, strict=True) if _counts_here(e, rank0)]
+    mine = [p.reshape(-1).cpu() for p, e in zip(parts, entries, strict=True) if distributed.counted(e.sharding)]
     values = torch.cat(mine) if mine else torch.empty(0, dtype=parts[0].dtype)
     floating = values.is_floating_point()
     if floating:
@@ -253,11 +252,6 @@ def _kth_across_ranks(parts: Sequence[torch.Tensor], entries: Sequence[Entry], k
     if not floating:
         return key
     return (key ^ ((key >> 63) & ~_SIGN)).view(torch.float64)
-
-
-def _counts_here(entry: Entry, first: bool) -> bool:
-    """Whether this rank's part of ``entry`` is counted in sums (a plain entry: on the first rank)."""
-    return entry.sharding.counted if entry.sharding is not None else first
 
 
 def _everywhere(parts: Sequence[torch.Tensor], entries: Sequence[Entry]) -> list[torch.Tensor]:
