@@ -91,11 +91,14 @@ def finished(tensor: Pruned, undo: Streamed | None) -> None:
     ``undo``) its values written in place now, when no earlier pruning gave it torch's layout."""
     if tensor.mask is None or tensor.start is not None or any(layout.is_pruned(m, p) for m, p in tensor.owners):
         return
-    if tensor.zeros is None or tensor.sharding is not None:
-        tensor.zeros = zeros(distributed.wrap(tensor.mask, tensor.sharding))
+    if tensor.zeros is None and tensor.sharding is None:
+        tensor.zeros = zeros(tensor.mask)
     if undo is None:
-        tensor.mask = tensor.mask.bool()  # 1 byte an entry until the install
+        # 1 byte an entry until the install (a DTensor's zeros are counted over ranks with the others')
+        tensor.mask = tensor.mask.bool()
         return
+    if tensor.sharding is not None:  # its mask goes now: count it over ranks before
+        tensor.zeros = zeros(distributed.wrap(tensor.mask, tensor.sharding))
     undo.save(tensor)
     with runtime.deferred_interrupts():
         mask, values = distributed.wrap(tensor.mask, tensor.sharding), _values(tensor)
