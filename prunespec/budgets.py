@@ -24,7 +24,7 @@ from . import calibration, layout, owl
 from .blocks import block_of
 from .errors import CalibrationError
 from .planner import Plan, Step
-from .sequential import Pass, attention_mask, run_batch
+from .sequential import Pass, attention_mask, run_batch, without_cache
 
 __all__ = ["block_influences", "owl_allocations"]
 
@@ -133,7 +133,7 @@ def block_influences(model: nn.Module, blocks: Sequence[str], batches: Sequence[
             handles.append(modules[name].register_forward_pre_hook(before(name), with_kwargs=True))
             handles.append(modules[name].register_forward_hook(after(name), with_kwargs=True))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), without_cache(model):
             for index, batch in enumerate(batches):
                 mask = attention_mask(batch)
                 keep[0] = None if mask is None else mask.reshape(-1).bool()

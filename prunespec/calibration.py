@@ -45,7 +45,7 @@ from torch import nn
 
 from . import distributed
 from .errors import CalibrationError
-from .sequential import Arrival, BatchFailed, Pass, Stop, attention_mask, first_tensor, run_batch
+from .sequential import Arrival, BatchFailed, Pass, Stop, attention_mask, first_tensor, run_batch, without_cache
 
 __all__ = [
     "STATISTICS",
@@ -101,20 +101,19 @@ def features(module: nn.Module) -> int | None:
 def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Sum over tokens of each feature squared, in float32; ``keep``: bool mask of the tokens that count,
     already matched to ``x``'s leading dims."""
-    tokens = x.detach()
-    if keep is not None:
-        tokens = tokens[keep]
-    tokens = tokens.reshape(-1, x.shape[-1]).to(torch.float32)
+    tokens = _kept(x.detach(), keep).reshape(-1, x.shape[-1]).to(torch.float32)
     return (tokens * tokens).sum(dim=0)
 
 
 def input_gram(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Sum over tokens of ``x x^T`` (``X^T X``, features by features), in float32."""
-    tokens = x.detach()
-    if keep is not None:
-        tokens = tokens[keep]
-    tokens = tokens.reshape(-1, x.shape[-1]).to(torch.float32)
+    tokens = _kept(x.detach(), keep).reshape(-1, x.shape[-1]).to(torch.float32)
     return tokens.T @ tokens
+
+
+def _kept(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    # indexing copies every token: not when all of them count (an unpadded batch)
+    return tokens if keep is None or bool(keep.all()) else tokens[keep]
 
 
 _COMPUTE = {"input_sq_norms": input_sq_sums, "input_gram": input_gram}
@@ -204,30 +203,6 @@ class Accumulator:
         for arrival in stop.arrivals:
             self._last[arrival.batch] = (weakref.ref(arrival.x), stats)
         return stats
-
-
-ERROR_TOKENS = 256
-"""At most this many calibration tokens per module measure its reconstruction error (all when fewer)."""
-
-
-def token_sample(stop: Stop, limit: int = ERROR_TOKENS) -> torch.Tensor:
-    """``limit`` of the stop's kept tokens (all of them when fewer), float32 ``(n, features)``, evenly
-    spaced over all the batches' tokens in order, so the sample spreads over the data."""
-    kept = []
-    for arrival in stop.arrivals:
-        keep = tokens_kept(arrival.x, arrival.attention_mask, stop.module)
-        x = arrival.x.detach()
-        kept.append((x[keep] if keep is not None else x).reshape(-1, x.shape[-1]))
-    total = sum(t.shape[0] for t in kept)
-    if total <= limit:
-        return torch.cat(kept).to(torch.float32)
-    chosen = torch.arange(limit, dtype=torch.float64).mul_(total / limit).long()  # evenly over all tokens
-    parts, offset = [], 0
-    for tokens in kept:
-        inside = chosen[(chosen >= offset) & (chosen < offset + tokens.shape[0])] - offset
-        parts.append(tokens[inside.to(tokens.device)])
-        offset += tokens.shape[0]
-    return torch.cat(parts).to(torch.float32)
 
 
 def batches(data: Iterable[Any], rules: str, samples: int | None = None) -> list[Any]:
@@ -414,7 +389,7 @@ def forward_each(
     :class:`BadInput`) is a :class:`CalibrationError` naming it."""
     handles = [modules[name].register_forward_pre_hook(hook, with_kwargs=True) for name, hook in hooks.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), without_cache(model):
             for index, batch in enumerate(data):
                 start(index, batch)
                 try:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import budgets, calibration, distributed, groups, layout, selection, sharded_sequential
+from . import budgets, calibration, distributed, groups, layout, reconstruction, selection, sharded_sequential
 from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecError
 from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
 from .install import finalize as finalize_all
@@ -117,7 +117,8 @@ def execute(
         tokens = None
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
-            work = _Work(model, plan, modules, tensors, generators, counter, influences)
+            ends = final if finalize else None
+            work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo)
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
         if finalize:
@@ -146,6 +147,8 @@ class _Work:
     generators: Generators | None
     counter: _Counter
     influences: Mapping[tuple[str, str], torch.Tensor]
+    final: dict[str, int] | None = None  # with finalize: each tensor's last step (by id)
+    undo: Streamed | None = None  # with finalize and snapshot disk or none: tensors are written as they are done
 
     def parts(
         self,
@@ -263,8 +266,11 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     waiting: set[str] = set()  # tensors with a deferred unit: their later units wait too
     needs: dict[str, set[str]] = {}
     early = _weights(tensors.values()) if sequential else {}
+    finishing: set[int] = set()  # tensors whose last step runs at their stop
     for unit in units:
         staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        if work.final is not None:
+            finishing.update(id(t) for st, t in zip(unit, staged, strict=True) if work.final[st.tensor.name] == id(st))
         wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)
@@ -280,10 +286,14 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
         for tensor in staged:
             kept.setdefault(tensor.module_name, {})[id(tensor)] = tensor
     keep = {key for by_id in kept.values() for key in by_id}
+    finishing -= keep
+    later: list[Pruned] = []  # finished after the pass: without sequential, every module computes as it was
     watched = {name: modules[name] for name in needs}
     accumulator = calibration.Accumulator()
+    measured = reconstruction.Errors()
     with sequential_pass(model, batches, watched, early) as calibration_pass:
         for stop, stats in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
+            measured.settle()
             done: list[Pruned] = []
             for unit, staged in at_stop.pop(stop.module, []):
                 for tensor in staged:
@@ -293,19 +303,29 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
                 counter.done(unit)
             for tensor in kept.get(stop.module, {}).values():
                 tensor.statistics = stats
-            sample = calibration.token_sample(stop) if errors and done else None
+            if errors and done:
+                module = modules[stop.module]
+                tap = measured.at_stop(stop, module, done, pruned_output=sequential)
+                if tap is not None:
+                    calibration_pass.tap(stop.module, tap)
             for tensor in done:
-                if sample is not None:
-                    tensor.error = _error(tensor, sample)
                 if id(tensor) not in keep:
                     tensor.statistics = {}
                     tensor.mask = tensor.mask.bool() if tensor.mask is not None else None  # final: 1 byte an entry
+                if id(tensor) in finishing:
+                    if sequential:  # written in place now (disk, none): the module computes with it as it is
+                        finished(tensor, work.undo)
+                    else:
+                        later.append(tensor)
             calibration_pass.release(stop.module, _weights(done) if sequential else None)
         missing = calibration_pass.unreached()
+    measured.close()
     if missing:
         raise CalibrationError(
             rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
         )
+    for tensor in later:
+        finished(tensor, work.undo)
     for unit, staged in deferred:
         _compute(model, plan, unit, staged)
         counter.done(unit)
@@ -324,8 +344,11 @@ def _calibrated_across_ranks(work: _Work, units: list[list[Step]], batches: list
         return _sequential_across_ranks(work, units, batches)
     needs: dict[str, set[str]] = {}
     staged_units = []
+    finishing: set[int] = set()  # tensors whose last step runs at their stop
     for unit in units:
         staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        if work.final is not None:
+            finishing.update(id(t) for st, t in zip(unit, staged, strict=True) if work.final[st.tensor.name] == id(st))
         wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)
@@ -353,8 +376,11 @@ def _sequential_across_ranks(work: _Work, units: list[list[Step]], batches: list
     deferred: list[tuple[list[Step], list[Pruned]]] = []
     waiting: set[str] = set()
     needs: dict[str, set[str]] = {}
+    finishing: set[int] = set()  # tensors whose last step runs at their stop
     for unit in units:
         staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
+        if work.final is not None:
+            finishing.update(id(t) for st, t in zip(unit, staged, strict=True) if work.final[st.tensor.name] == id(st))
         wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)
@@ -405,23 +431,6 @@ def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, tuple[torch.Tenso
         for module, pname in tensor.owner_names:
             out.setdefault(module, {})[pname] = (tensor.current.detach(), tensor.mask)
     return out
-
-
-def _error(tensor: Pruned, tokens: torch.Tensor) -> float | None:
-    """``||W X - W' X||^2 / ||W X||^2`` over ``tokens`` (the module's inputs, a sample of the calibration
-    tokens): W as the model had it before this apply, W' after."""
-    module = tensor.owners[0][0]
-    if tensor.orig.dim() != 2 or tensor.mask is None:
-        return None
-    before = tensor.orig.detach() if tensor.start is None else tensor.orig.detach() * tensor.start
-    after = tensor.current.detach() * tensor.mask.to(tensor.current.dtype)
-    dense = calibration.out_in(module, before).to(torch.float32)
-    if dense.shape[1] != tokens.shape[1]:
-        return None
-    tokens = tokens.to(dense.device)
-    total = float((tokens @ dense.T).square().sum())
-    lost = float((tokens @ (dense - calibration.out_in(module, after).to(torch.float32)).T).square().sum())
-    return lost / total if total > 0 else (0.0 if lost == 0 else math.inf)
 
 
 _SEEDED = threading.Lock()  # torch's generators are process-wide: one seeded apply at a time

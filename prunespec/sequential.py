@@ -26,16 +26,17 @@ whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "attention_mask", "run_batch"]
+__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "attention_mask", "run_batch", "without_cache"]
 
 
 Weight = tuple[torch.Tensor, torch.Tensor]  # (values, mask): a module computes with values * mask
@@ -114,7 +115,9 @@ class Pass:
         self._handles: list[Any] = []
         self._saved: dict[int, list[tuple[nn.Module, str, Any]]] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._cache = without_cache(model)
         self._made: dict[tuple[str, str], torch.Tensor] = {}  # values * mask, while the batches pass a module
+        self._taps: dict[str, Callable[[int, Any], None]] = {}  # module -> given its outputs, until the next stop
         self.reached: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class Pass:
                 self._handles.append(module.register_forward_pre_hook(self._before(name), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after(name), always_call=True))
             self.model.eval()
+            self._cache.__enter__()
             for worker in self.workers:
                 worker.thread = threading.Thread(target=self._work, args=(worker,), daemon=True)
                 worker.thread.start()
@@ -154,6 +158,7 @@ class Pass:
                 _restore(module, pname, saved)
         for module, training in self._modes:
             module.training = training
+        self._cache.__exit__(None, None, None)
 
     # --- the coordinator's side --------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class Pass:
                     raise BatchFailed(worker.index, worker.error) from worker.error
                 raise worker.error
         self._made.clear()  # every batch went past the modules used since the last stop
+        self._taps.clear()
         waiting = [w for w in self.workers if w.state == "waiting"]
         if not waiting:
             return None
@@ -190,6 +196,11 @@ class Pass:
         for worker in self.workers:
             if worker.state == "waiting" and worker.at == module:
                 worker.state, worker.at, worker.x = "ready", None, None
+
+    def tap(self, module: str, fn: Callable[[int, Any], None]) -> None:
+        """Give ``fn`` (batch index, output) the output of each batch's next call of ``module`` (the
+        one each batch waiting there makes once released), until the next stop."""
+        self._taps[module] = fn
 
     def _run(self, worker: _Worker) -> None:
         worker.state = "running"
@@ -246,6 +257,10 @@ class Pass:
 
     def _after(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            tap = self._taps.get(name)
+            worker: _Worker | None = getattr(self._local, "worker", None)
+            if tap is not None and worker is not None:  # before the weights go back: it may read the bias
+                tap(worker.index, output)
             stack = self._saved.get(id(module), [])
             for _ in self.weights.get(name, {}):
                 if stack:
@@ -267,6 +282,24 @@ def _restore(module: nn.Module, pname: str, saved: Any) -> None:
         module.__dict__.pop(pname, None)
     else:
         module.__dict__[pname] = saved
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module) -> Iterator[None]:
+    """transformers models with ``config.use_cache`` off meanwhile (a batch may still ask for it).
+
+    A calibration forward throws its outputs away, but a decoder that caches keys and values keeps
+    every layer's for every batch until the forward ends: a sequential pass, whose batches all wait
+    at once, would hold them all (2 x layers x tokens x hidden floats per batch)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    saved = [(c, c.use_cache) for c in configs.values() if getattr(c, "use_cache", None) is True]
+    for config, _ in saved:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import prunespec
-from examples.tiny_transformers import tiny_gpt2
-from prunespec import calibration
+from examples.tiny_transformers import tiny_gpt2, tiny_llama
+from prunespec import calibration, reconstruction
 from prunespec.sequential import BatchFailed, Pass
 
 
@@ -272,10 +272,91 @@ def test_errors_are_measured_on_a_spread_sample_of_kept_tokens() -> None:
         mask[:, 60:] = 0
         x[:, 60:] = 1e6  # padding: never sampled
         arrivals.append(Arrival(i, x, mask))
-    sample = calibration.token_sample(Stop("m", arrivals), limit=100)
+    sample = reconstruction.sample(Stop("m", arrivals), limit=100).tokens
     assert sample.shape == (100, 8) and bool((sample.abs() < 1e5).all())
     firsts = {round(float(v), 5) for v in sample[:, 0]}
     for a in arrivals:  # every batch contributes
         assert firsts & {round(float(v), 5) for v in a.x[:, :60, 0].reshape(-1)}
-    few = calibration.token_sample(Stop("m", arrivals[:1]), limit=10_000)
+    few = reconstruction.sample(Stop("m", arrivals[:1]), limit=10_000).tokens
     assert few.shape == (240, 8)  # all kept tokens when fewer than the limit
+
+
+class Doubled(nn.Linear):
+    """A Linear whose output is not ``x W^T + b``: its error needs both products at the stop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def inputs_of(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().clone()))
+        for n in names
+    ]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def expected_error(w: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    return float((x @ w.T - x @ pruned.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    ("first", "sequential"), [(nn.Linear, False), (Doubled, True), (Doubled, False)], ids=["linear", "doubled", "both"]
+)
+def test_reconstruction_errors_with_and_without_sequential_calibration(first: type, sequential: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(first(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    data = [torch.randn(5, 8), torch.randn(4, 8)]
+    dense = {"0": model[0].weight.detach().clone(), "2": model[2].weight.detach().clone()}
+    spec = {
+        "version": 1,
+        "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}],
+        "calibration": {"sequential": sequential},
+    }
+    dense_inputs = inputs_of(model, ["0", "2"], data)
+    report = prunespec.apply(model, spec, data=data)
+    # sequentially each layer is calibrated on the pruned layers before it: the pruned model's inputs
+    inputs = inputs_of(model, ["0", "2"], data) if sequential else dense_inputs
+    for name in ("0", "2"):
+        pruned = model.get_submodule(name).weight.detach()
+        assert report.entries[f"{name}.weight"].error == pytest.approx(
+            expected_error(dense[name], pruned, inputs[name]), rel=1e-4
+        )
+
+
+def test_reconstruction_errors_of_conv1d_from_its_outputs() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 8), nn.ReLU(), Conv1D(3, 6))  # weights (in, out)
+    data = [torch.randn(2, 5, 8), torch.randn(3, 5, 8)]
+    dense = {"0": model[0].weight.detach().T.clone(), "2": model[2].weight.detach().T.clone()}
+    spec = {"version": 1, "rules": [{"select": {"types": ["Conv1D"]}, "method": "wanda", "sparsity": 0.5}]}
+    report = prunespec.apply(model, spec, data=data)
+    inputs = {k: v.reshape(-1, v.shape[-1]) for k, v in inputs_of(model, ["0", "2"], data).items()}
+    for name in ("0", "2"):
+        pruned = model.get_submodule(name).weight.detach().T
+        error = report.entries[f"{name}.weight"].error
+        assert error is not None and error > 0
+        assert error == pytest.approx(expected_error(dense[name], pruned, inputs[name]), rel=1e-4)
+
+
+def test_the_pass_keeps_no_key_value_cache_and_puts_use_cache_back() -> None:
+    """A decoder caching keys and values would hold every layer's for every waiting batch."""
+    model = tiny_llama()
+    assert model.config.use_cache is True
+    caches: list[object] = []
+    model.model.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    spec = {"version": 1, "rules": [{"select": {"names": ["re:.*mlp\\..*"]}, "method": "wanda", "sparsity": 0.5}]}
+    prunespec.apply(model, spec, data=[{"input_ids": ids}, {"input_ids": ids}])
+    assert caches == [None, None]
+    assert model.config.use_cache is True
+    model(ids)
+    assert caches[-1] is not None  # the model's own setting again

@@ -90,3 +90,66 @@ def test_a_data_aware_finalize_with_disk_gives_the_same() -> None:
     prunespec.apply(expected, spec, finalize=True, data=data)
     prunespec.apply(got, spec, finalize=True, data=data, snapshot="disk")
     assert all(torch.equal(a, b) for a, b in zip(values(got).values(), values(expected).values(), strict=True))
+
+
+class RaisesWithData(prunespec.PruningMethod):
+    name = "raises_with_data"
+    statistics = ("input_sq_norms",)
+
+    def score(self, ctx: object) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def data_aware_failure(snapshot: str) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+    registry = prunespec.load_methods(builtins_only=True)
+    registry.add(MethodInfo.from_class(RaisesWithData, name="raises_with_data"))
+    m = model()
+    before = values(m)
+    sparsegpt = {"select": {"names": ["0", "1", "2"]}, "method": "sparsegpt", "sparsity": 0.5}
+    spec = {
+        "version": 1,
+        "rules": [sparsegpt, {"select": {"names": ["3"]}, "method": "raises_with_data", "amount": 0.3}],
+    }
+    data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(prunespec.ApplyError) as caught:
+        prunespec.apply(m, spec, finalize=True, snapshot=snapshot, methods=registry, data=data)
+    return m, before, str(caught.value)
+
+
+@pytest.mark.parametrize("snapshot", ["memory", "disk"])
+def test_a_data_aware_failure_after_reconstructed_values_leaves_the_model_as_it_was(snapshot: str) -> None:
+    m, before, _ = data_aware_failure(snapshot)  # sparsegpt changed 0-2's values before 3 failed
+    assert values(m).keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in values(m).items())
+
+
+def test_a_data_aware_failure_with_none_says_what_stays_pruned() -> None:
+    m, before, message = data_aware_failure("none")
+    assert "3 tensors finalized before it stay pruned (snapshot: none), the first 0.weight" in message
+    assert not torch.equal(values(m)["0.weight"], before["0.weight"])
+    assert torch.equal(values(m)["3.weight"], before["3.weight"])
+
+
+@pytest.mark.parametrize(("snapshot", "sequential"), [("memory", True), ("disk", True), ("disk", False)])
+def test_a_data_aware_finalize_writes_each_tensor_at_its_stop_only_when_streamed(
+    snapshot: str, sequential: bool
+) -> None:
+    """With disk (or none) and sequential calibration, a tensor is written in place at its module's stop,
+    so its old values are never held beyond the file; with memory, or without sequential calibration
+    (every module must compute with the weights it had), only at the end."""
+    spec = {
+        "version": 1,
+        "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "sparsity": 0.5}],
+        "calibration": {"sequential": sequential},
+    }
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    m = model()
+    seen: list[float] = []
+
+    def progress(done: int, total: int, what: str) -> None:
+        seen.append(float((m[0].weight == 0).float().mean()))
+
+    prunespec.apply(m, spec, finalize=True, data=data, snapshot=snapshot, progress=progress)
+    streamed = snapshot != "memory" and sequential
+    assert seen[1] == (0.5 if streamed else 0.0)  # at the second stop: the first written already?
+    assert float((m[0].weight == 0).float().mean()) == 0.5

@@ -89,7 +89,7 @@ class Wanda(PruningMethod):
                 f"input_sq_norms has shape {list(sums.shape)}, expected [{weight.shape[1]}] (one per input)"
             )
         norms = sums.to(device=ctx.values.device, dtype=torch.float32).sqrt()
-        return out_in(ctx.module, weight.abs().to(torch.float32) * norms.unsqueeze(0))
+        return out_in(ctx.module, weight.abs().to(torch.float32).mul_(norms.unsqueeze(0)))  # one temporary
 
     def mask(self, ctx: MaskContext) -> torch.Tensor:
         """N:M (``n``/``m``) masks; with an amount, the mask prunespec's selection gives (for direct calls)."""
