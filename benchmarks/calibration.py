@@ -154,7 +154,9 @@ def prunespec_call(method: str, setting: str, model: Any, batches: list[lm.Batch
     if method not in methods:
         raise Skip(f"{method}: not available in this prunespec")
     spec = lm.prunespec_spec(method, setting)
-    return lambda: prunespec.apply(model, spec, methods=methods, data=batches, finalize=True)
+    return lambda: prunespec.apply(
+        model, spec, methods=methods, data=batches, finalize=True, snapshot=os.environ.get("SNAP", "memory")
+    )
 
 
 def llmc_call(method: str, setting: str, model: Any, batches: list[lm.Batch]) -> Callable[[], Any]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -193,7 +194,20 @@ def load_llama(path: str | os.PathLike[str]) -> Any:
     from transformers import LlamaForCausalLM
 
     transformers.logging.set_verbosity_error()
-    return LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return resident(model)
+
+
+def resident(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer in the process's own memory, as a model built or trained
+    in it is. ``from_pretrained`` maps safetensors files: a weight's pages are read in, and then counted
+    in the RSS, only when something first touches them, which a memory benchmark would then charge to
+    whatever ran first (up to the whole model)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    return model
 
 
 def byte_chars() -> dict[int, str]:
