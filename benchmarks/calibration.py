@@ -15,7 +15,10 @@ with ``--worker``:
   finalize=True)`` in this interpreter (the main venv), with one rule over the ``nn.Linear`` modules of
   the decoder blocks (``lm.prunespec_spec``: ``sparsity: 0.5``, or ``options: {n: 2, m: 4}`` for 2:4).
   ``finalize=True`` leaves plain weights with zeros, as llm-compressor does. A method this prunespec
-  lacks is skipped with a message.
+  lacks is skipped with a message. Twice: with the default ``snapshot="memory"`` (every mask, and
+  sparsegpt's new values, held until the end so that a failure leaves the model as it was) and as
+  ``prunespec (snapshot disk)`` (each tensor written at its stop, its old values in a temporary file
+  for the same promise: the least memory).
 * ``llm-compressor wanda`` / ``sparsegpt``: ``llmcompressor.oneshot(model=..., recipe=Modifier(sparsity=0.5,
   mask_structure="0:0" | "2:4", targets=["Linear"], ignore=["re:.*lm_head"]), dataset=DataLoader(batches,
   batch_size=None))`` in the peer venv's interpreter: ``$PRUNESPEC_LLMC_PYTHON``, by default
@@ -24,17 +27,19 @@ with ``--worker``:
   padding collators), so it sees exactly the batches prunespec sees, in the same order. Its default
   pipeline is the sequential one (calibrate a decoder layer, prune it, propagate the pruned outputs).
 
-Both load the model from the same ``save_pretrained`` directory (a temporary directory; it also holds
-the byte tokenizer, because ``oneshot`` refuses to start without a processor when given data) and the
-batches from the same ``torch.save`` file (``torch.load(weights_only=True)``). Each worker prints one JSON
-line: the wall and CPU time of the pruning call alone (``time.perf_counter``), the RSS after loading the
-model and the data, the peak RSS during the pruning call (the kernel's ``VmHWM`` after resetting it
-through ``/proc/self/clear_refs``, as ``engine.py`` does), so "peak beyond the model" is peak minus that
-RSS. ``getrusage``'s ``ru_maxrss`` is in the JSON too but not in the table: it cannot be reset, and a
-child starts with its parent's high-water mark at fork (every worker reported this script's own ~780 MiB
-in a test run), so it says nothing about the pruning. Then the held-out perplexity
-after pruning (``lm.perplexity``) and the achieved sparsity of the decoder Linears (and of ``lm_head``,
-which must stay 0).
+Both load the model from the same ``save_pretrained`` directory (a temporary directory; it also holds the
+byte tokenizer, because ``oneshot`` refuses to start without a processor when given data) with
+``lm.load_llama``, which copies the weights into the process's memory (``from_pretrained`` maps the
+safetensors file, and a weight's pages would otherwise count in the RSS only once the pruning touched them:
+up to the whole model charged as "beyond the model"), and the batches from the same ``torch.save`` file
+(``torch.load(weights_only=True)``). Each worker prints one JSON line: the wall and CPU time of the pruning
+call alone (``time.perf_counter``), the RSS after loading the model and the data, the peak RSS during the
+pruning call (the kernel's ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, as ``engine.py``
+does), so "peak beyond the model" is peak minus that RSS. ``getrusage``'s ``ru_maxrss`` is in the JSON too
+but not in the table: it cannot be reset, and a child starts with its parent's high-water mark at fork
+(every worker reported this script's own ~780 MiB in a test run), so it says nothing about the pruning. Then
+the held-out perplexity after pruning (``lm.perplexity``) and the achieved sparsity of the decoder Linears
+(and of ``lm_head``, which must stay 0).
 
 Settings:
 
@@ -88,9 +93,10 @@ LLMC_INSTALL = (
     "python3 -m venv ../peers/llmc && ../peers/llmc/bin/pip install torch==2.13.0 && "
     "../peers/llmc/bin/pip install llmcompressor torch==2.13.0"
 )
-TOOLS = ("prunespec", "llmc")
+TOOLS = ("prunespec", "prunespec-disk", "llmc")
+OURS = {"prunespec": "memory", "prunespec-disk": "disk"}  # our contenders: finalize with this snapshot
 METHODS = ("wanda", "sparsegpt")
-TOOL_NAMES = {"prunespec": "prunespec", "llmc": "llm-compressor"}
+TOOL_NAMES = {"prunespec": "prunespec", "prunespec-disk": "prunespec (snapshot disk)", "llmc": "llm-compressor"}
 TARGETS = {"wanda": 1.5, "sparsegpt": 3.0}
 
 
@@ -147,16 +153,16 @@ def measured(call: Callable[[], Any]) -> dict[str, Any]:
     }
 
 
-def prunespec_call(method: str, setting: str, model: Any, batches: list[lm.Batch]) -> Callable[[], Any]:
+def prunespec_call(
+    method: str, setting: str, model: Any, batches: list[lm.Batch], snapshot: str = "memory"
+) -> Callable[[], Any]:
     import prunespec
 
     methods = prunespec.load_methods()
     if method not in methods:
         raise Skip(f"{method}: not available in this prunespec")
     spec = lm.prunespec_spec(method, setting)
-    return lambda: prunespec.apply(
-        model, spec, methods=methods, data=batches, finalize=True, snapshot=os.environ.get("SNAP", "memory")
-    )
+    return lambda: prunespec.apply(model, spec, methods=methods, data=batches, finalize=True, snapshot=snapshot)
 
 
 def llmc_call(method: str, setting: str, model: Any, batches: list[lm.Batch]) -> Callable[[], Any]:
@@ -186,9 +192,11 @@ def run_worker(tool: str, method: str, setting: str, model_dir: str, data_path: 
         result.update(floors(lm.load_llama(model_dir), data["calibration"]))
         return result
     try:
-        prepare = prunespec_call if tool == "prunespec" else llmc_call
         model = lm.load_llama(model_dir)
-        call = prepare(method, setting, model, data["calibration"])
+        if tool in OURS:
+            call = prunespec_call(method, setting, model, data["calibration"], OURS[tool])
+        else:
+            call = llmc_call(method, setting, model, data["calibration"])
     except Skip as exc:
         return {**result, "skipped": str(exc)}
     result.update(measured(call))
@@ -385,7 +393,7 @@ def run_parent(args: argparse.Namespace) -> int:
             for setting in size["settings"]:
                 for method in METHODS:
                     for tool in TOOLS:
-                        if tool == "prunespec" and method not in available:
+                        if tool in OURS and method not in available:
                             continue
                         if tool == "llmc" and not have_llmc:
                             continue
@@ -491,9 +499,9 @@ def report(setups: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], 
 
         ratio_rows = []
         for setting in sizes(args.quick)[bench]["settings"]:
-            for method in METHODS:
+            for method, ours in ((m, t) for m in METHODS for t in OURS):
                 p, q = (
-                    _find(results, bench, "prunespec", method, setting),
+                    _find(results, bench, ours, method, setting),
                     _find(results, bench, "llmc", method, setting),
                 )
                 if not (_ok(p) and _ok(q)):
@@ -501,7 +509,7 @@ def report(setups: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], 
                 assert p is not None and q is not None
                 ratio_rows.append(
                     [
-                        method,
+                        f"{TOOL_NAMES[ours]} {method}",
                         setting,
                         _x(q["time_s"] / p["time_s"]),
                         _x(p["peak_beyond_model_mib"] / q["peak_beyond_model_mib"])
@@ -516,7 +524,7 @@ def report(setups: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], 
             out.append(
                 engine.markdown_table(
                     [
-                        "method",
+                        "contender",
                         "setting",
                         "speed-up (llmc time / prunespec time)",
                         "peak beyond model (prunespec / llmc)",
@@ -546,9 +554,7 @@ def report(setups: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], 
                 what = "forward" if r["method"] == "wanda" else "forward + X^T X + updates"
                 ratio = r["time_s"] / base
                 target = TARGETS[r["method"]]
-                verdict = (
-                    f"<= {target}x: {'met' if ratio <= target else 'NOT met'}" if r["tool"] == "prunespec" else "-"
-                )
+                verdict = f"<= {target}x: {'met' if ratio <= target else 'NOT met'}" if r["tool"] in OURS else "-"
                 floor_rows.append([f"{TOOL_NAMES[r['tool']]} {r['method']}", r["setting"], what, _x(ratio), verdict])
             out.append(engine.markdown_table(["contender", "setting", "floor", "time / floor", "target"], floor_rows))
         elif floor is not None:
