@@ -272,28 +272,31 @@ def _sweep(
     diag = factor.diagonal()
     for block, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)
-        w = weight[:, start:end].clone()
+        # the block's columns as contiguous rows: the sweep works one column at a time
+        wt = weight[:, start:end].T.contiguous()
         u = factor[start:end, start:end]
         done = pruned[:, start:end]  # a view: selections below land in `pruned`
-        errors = torch.zeros_like(w)
+        errors_t = torch.zeros_like(wt)
+        w, errors = wt.T, errors_t.T  # (rows, columns) views of the same memory
         if counts is not None and counts[block]:  # the same on every rank: counts are over all rows
             done |= select((w / diag[start:end]).square(), done, counts[block], block)
         width = end - start
         step = _sub_block(width, block_size, m)
         for low in range(0, width, step):
             high = min(low + step, width)
+            # a pruned entry's error is its value over U_jj, spread over the later columns of its row
+            scale = done[:, low:high].T / u.diagonal()[low:high].unsqueeze(1)
             for i in range(low, high):
-                column = start + i
-                if m is not None and n is not None and column % m == 0:
+                if m is not None and n is not None and (start + i) % m == 0:
                     _select_group(w, errors, weight, pruned, factor, start, end, i, n, m)
-                current = w[:, i]
-                kept = current.masked_fill(done[:, i], 0.0)
-                error = (current - kept) / u[i, i]
-                w[:, i:high].addr_(error, u[i, i:high], alpha=-1.0)
-                w[:, i] = kept  # exactly zero where pruned, not a rounding residue
-                errors[:, i] = error
+                    group = slice(i - low, min(i - low + m, high - low))
+                    scale[group] = done[:, i : i + m].T / u.diagonal()[i : i + m].unsqueeze(1)
+                torch.mul(wt[i], scale[i - low], out=errors_t[i])
+                if i + 1 < high:
+                    wt[i + 1 : high].addr_(u[i, i + 1 : high], errors_t[i], alpha=-1.0)
+            wt[low:high].masked_fill_(done[:, low:high].T, 0.0)  # exactly zero where pruned, no rounding residue
             if high < width:  # the sub-block's errors reach the rest of the block in one matmul
-                w[:, high:].addmm_(errors[:, low:high], u[low:high, high:], alpha=-1.0)
+                wt[high:].addmm_(u[low:high, high:].T, errors_t[low:high], alpha=-1.0)
         weight[:, start:end] = w
         weight[:, end:].addmm_(errors, factor[start:end, end:], alpha=-1.0)
 
