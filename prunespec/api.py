@@ -73,7 +73,7 @@ def apply(
     random token ids for a transformers model); its report is ``Report.shrink``.
 
     ``snapshot`` (with ``finalize``): how the all-or-nothing promise is kept for tensors finalized in
-    place: ``"memory"`` (default) holds every mask until the end, 1 byte an entry; ``"disk"`` writes
+    place: ``"memory"`` (default) holds every mask until the end, 1 bit an entry; ``"disk"`` writes
     each tensor as soon as its mask is ready, its old values first saved to a temporary file (restored
     on an error): beyond the model, one tensor's working set; ``"none"``: no undo at all.
 

@@ -41,6 +41,7 @@ from .planner import Plan, Step
 from .pruned import Pruned
 from .runtime import lean, one_thread
 from .sequential import Pass as sequential_pass
+from .sequential import Weight
 
 log = logging.getLogger("prunespec")
 
@@ -80,7 +81,7 @@ def execute(
     gets its pruned values in place, never torch's layout (no mask, no second copy of the weights).
 
     ``snapshot`` (with ``finalize``) is what keeps the all-or-nothing promise for such tensors:
-    ``"memory"`` holds every mask until all are computed (1 byte an entry), then writes them in;
+    ``"memory"`` holds every mask until all are computed (1 bit an entry), then writes them in;
     ``"disk"`` writes each tensor in place as soon as its mask is ready, its old values saved to a
     temporary file first (restored on any error, then deleted): beyond the model, memory is one
     tensor's working set; ``"none"`` does the same without the file: an error leaves the tensors
@@ -422,14 +423,15 @@ def _sequential_across_ranks(work: _Work, units: list[list[Step]], batches: list
     return tokens
 
 
-def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _weights(tensors: Iterable[Pruned]) -> dict[str, dict[str, Weight]]:
     """What each owner of these tensors computes with: (values, mask), new values and masks so far."""
-    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    out: dict[str, dict[str, Weight]] = {}
     for tensor in tensors:
-        if tensor.mask is None:
+        mask = tensor.mask if tensor.mask is not None else tensor.bits
+        if mask is None:
             continue
         for module, pname in tensor.owner_names:
-            out.setdefault(module, {})[pname] = (tensor.current.detach(), tensor.mask)
+            out.setdefault(module, {})[pname] = (tensor.current.detach(), mask)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 from . import distributed, layout, runtime
 from .errors import ApplyError
-from .masks import zeros
+from .masks import pack, zeros
 from .pruned import Pruned
 
 __all__ = ["SNAPSHOTS", "Streamed", "finalize", "finished", "install", "make_permanent", "undone_on_error"]
@@ -94,8 +94,10 @@ def finished(tensor: Pruned, undo: Streamed | None) -> None:
     if tensor.zeros is None and tensor.sharding is None:
         tensor.zeros = zeros(tensor.mask)
     if undo is None:
-        # 1 byte an entry until the install (a DTensor's zeros are counted over ranks with the others')
-        tensor.mask = tensor.mask.bool()
+        if tensor.sharding is None:  # 1 bit an entry until the install
+            tensor.bits, tensor.mask = pack(tensor.mask), None
+        else:  # 1 byte: a DTensor's zeros are counted over ranks with the others'
+            tensor.mask = tensor.mask.bool()
         return
     if tensor.sharding is not None:  # its mask goes now: count it over ranks before
         tensor.zeros = zeros(distributed.wrap(tensor.mask, tensor.sharding))
@@ -118,10 +120,12 @@ def finalize(tensors: list[Pruned], merge: bool) -> None:
         install(layered, merge)
         make_permanent(layered)
         for tensor in lean:
-            assert tensor.mask is not None
+            mask = tensor.final_mask()  # unpacked one at a time
+            assert mask is not None
             if tensor.zeros is None:  # the report counts the mask's zeros, not zeros the values had anyway
-                tensor.zeros = zeros(tensor.mask)
-            layout.finalized_in_place(tensor.owners, distributed.wrap(tensor.mask, tensor.sharding), _values(tensor))
+                tensor.zeros = zeros(mask)
+            layout.finalized_in_place(tensor.owners, distributed.wrap(mask, tensor.sharding), _values(tensor))
+            tensor.mask, tensor.bits = None, None
 
 
 def install(tensors: list[Pruned], merge: bool) -> None:

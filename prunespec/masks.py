@@ -195,3 +195,34 @@ def bounds_problem(low: int, target: int, high: int, unit: str = "entries") -> s
     if target < low:
         return f"min_sparsity needs at least {low} {unit} pruned, but the budget prunes {target}; lower min_sparsity"
     return f"max_sparsity allows at most {high} {unit} pruned, but the budget needs {target}; raise max_sparsity"
+
+
+_BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A final mask kept until the install at 1 bit an entry (a bool mask takes 8): what
+    ``finalize`` with ``snapshot="memory"`` holds for every pruned tensor while the others are computed."""
+
+    bits: torch.Tensor  # uint8, entry i of the flat mask in bit i % 8 of byte i // 8
+    shape: tuple[int, ...]
+
+    def unpack(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """The mask again, bit for bit (``dtype``: bool, or the values' dtype for a product)."""
+        weights = _BIT_VALUES.to(self.bits.device)
+        flat = (self.bits.unsqueeze(1) & weights).ne_(0).reshape(-1)
+        return flat[: math.prod(self.shape)].reshape(self.shape).to(dtype)
+
+
+def pack(mask: torch.Tensor) -> Packed:
+    """``mask`` (any dtype: nonzero keeps) at 1 bit an entry."""
+    flat = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(torch.uint8).view(-1, 8)
+    bits = groups[:, 0].clone()
+    for i in range(1, 8):  # eight strided passes over an eighth of the bytes: cheaper than a product and a sum
+        bits |= groups[:, i] << i
+    return Packed(bits, tuple(mask.shape))

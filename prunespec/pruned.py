@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .distributed import Sharding
+from .masks import Packed
 from .methods.base import Generators, MaskContext
 from .selection import Entry
 
@@ -42,6 +43,7 @@ class Pruned:
     error: float | None = None  # relative reconstruction error on the calibration data
     blockwise: Mapping[str, torch.Tensor] = field(default_factory=dict)  # statistics of its whole block
     streamed: bool = False  # finalized in place as soon as its mask was ready (snapshot "disk" or "none")
+    bits: Packed | None = None  # its final mask at 1 bit an entry, held for the install (then ``mask`` is None)
     # a DTensor's: ``orig``, ``mask`` and ``values`` are then this rank's parts (masks are wrapped at install)
     sharding: Sharding | None = None
 
@@ -53,6 +55,10 @@ class Pruned:
     def entry(self, values: torch.Tensor | None = None) -> Entry:
         """This tensor for :mod:`prunespec.selection` (``values``: scores instead of its values)."""
         return Entry(self.current.detach() if values is None else values, self.mask, self.sharding)
+
+    def final_mask(self) -> torch.Tensor | None:
+        """The mask to install: ``mask``, or the packed one unpacked (bool)."""
+        return self.bits.unpack() if self.mask is None and self.bits is not None else self.mask
 
     @property
     def current(self) -> torch.Tensor:

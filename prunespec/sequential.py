@@ -36,10 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "attention_mask", "run_batch", "without_cache"]
+from .masks import Packed
+
+__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "Weight", "attention_mask", "run_batch", "without_cache"]
 
 
-Weight = tuple[torch.Tensor, torch.Tensor]  # (values, mask): a module computes with values * mask
+Weight = tuple[torch.Tensor, "torch.Tensor | Packed"]  # (values, mask): a module computes with values * mask
 
 
 class BatchFailed(Exception):
@@ -249,7 +251,8 @@ class Pass:
                 stack.append((module, pname, module.__dict__.get(pname, _MISSING)))
                 made = self._made.get((name, pname))
                 if made is None:  # once for all the batches that pass the module one after the other
-                    made = self._made[name, pname] = values * mask
+                    keep = mask.unpack() if isinstance(mask, Packed) else mask
+                    made = self._made[name, pname] = values * keep
                 # found before the Parameter: nn.Module.__getattr__ is only the fallback
                 module.__dict__[pname] = made
 

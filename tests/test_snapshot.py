@@ -153,3 +153,15 @@ def test_a_data_aware_finalize_writes_each_tensor_at_its_stop_only_when_streamed
     streamed = snapshot != "memory" and sequential
     assert seen[1] == (0.5 if streamed else 0.0)  # at the second stop: the first written already?
     assert float((m[0].weight == 0).float().mean()) == 0.5
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (64, 9), (0,), (2, 0, 3)])
+def test_memory_holds_each_final_mask_at_one_bit_an_entry(shape: tuple[int, ...]) -> None:
+    from prunespec.masks import pack
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.5
+    packed = pack(mask)
+    assert packed.bits.dtype == torch.uint8 and packed.bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(packed.unpack(), mask)
+    assert torch.equal(pack(mask.to(torch.float16)).unpack(torch.float16), mask.to(torch.float16))
+    assert torch.equal(pack(mask.T if mask.dim() == 2 else mask).unpack(), mask.T if mask.dim() == 2 else mask)
