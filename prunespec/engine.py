@@ -372,16 +372,13 @@ def _sequential_across_ranks(work: _Work, units: list[list[Step]], batches: list
     same modules, each group of modules given its statistics by :func:`sharded_sequential.calibrate`."""
     model, plan, modules, tensors, generators, counter, influences = work.parts()
     rules = ", ".join(plan.needs_data)
-    early = [t for t in tensors.values() if t.mask is not None]  # earlier rules' masks: the passes use them
+    early = [t for t in tensors.values() if t.mask is not None or t.bits is not None]  # the passes use them
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
     deferred: list[tuple[list[Step], list[Pruned]]] = []
     waiting: set[str] = set()
     needs: dict[str, set[str]] = {}
-    finishing: set[int] = set()  # tensors whose last step runs at their stop
     for unit in units:
         staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
-        if work.final is not None:
-            finishing.update(id(t) for st, t in zip(unit, staged, strict=True) if work.final[st.tensor.name] == id(st))
         wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)

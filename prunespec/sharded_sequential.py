@@ -105,12 +105,13 @@ class _Parts:
     def press(self, tensors: Iterable[Pruned]) -> None:
         """Every tensor so far (and ``tensors``, with their new masks) multiplied by its mask, in place."""
         for tensor in tensors:
-            if tensor.mask is None:
+            mask = tensor.final_mask()  # (a plain tensor's packed, after an earlier rule with finalize)
+            if mask is None:
                 continue
             part = tensor.orig  # the parameter's own storage (a DTensor's local part, a view)
             if id(part) not in self.saved:
                 self.saved[id(part)] = (part, part.detach().clone())
-            self.masks[id(part)] = tensor.mask
+            self.masks[id(part)] = mask
         with torch.no_grad():
             for key, (part, original) in self.saved.items():
                 part.copy_(original).mul_(self.masks[key].to(part.dtype))
