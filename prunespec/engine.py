@@ -345,11 +345,8 @@ def _calibrated_across_ranks(work: _Work, units: list[list[Step]], batches: list
         return _sequential_across_ranks(work, units, batches)
     needs: dict[str, set[str]] = {}
     staged_units = []
-    finishing: set[int] = set()  # tensors whose last step runs at their stop
     for unit in units:
         staged = [_stage(modules, tensors, step, generators, influences) for step in unit]
-        if work.final is not None:
-            finishing.update(id(t) for st, t in zip(unit, staged, strict=True) if work.final[st.tensor.name] == id(st))
         wanted = set(plan.methods[unit[0].method].capabilities.statistics) - calibration.BLOCK_LEVEL
         for step in unit:
             needs.setdefault(step.tensor.module, set()).update(wanted)

@@ -41,7 +41,7 @@ from .masks import Packed
 __all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "Weight", "attention_mask", "run_batch", "without_cache"]
 
 
-Weight = tuple[torch.Tensor, "torch.Tensor | Packed"]  # (values, mask): a module computes with values * mask
+Weight = tuple[torch.Tensor, torch.Tensor | Packed]  # (values, mask): a module computes with values * mask
 
 
 class BatchFailed(Exception):
@@ -117,7 +117,7 @@ class Pass:
         self._handles: list[Any] = []
         self._saved: dict[int, list[tuple[nn.Module, str, Any]]] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
-        self._cache = without_cache(model)
+        self._exits = contextlib.ExitStack()  # what the pass turned off in the model meanwhile
         self._made: dict[tuple[str, str], torch.Tensor] = {}  # values * mask, while the batches pass a module
         self._taps: dict[str, Callable[[int, Any], None]] = {}  # module -> given its outputs, until the next stop
         self.reached: set[str] = set()
@@ -133,7 +133,7 @@ class Pass:
                 self._handles.append(module.register_forward_pre_hook(self._before(name), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after(name), always_call=True))
             self.model.eval()
-            self._cache.__enter__()
+            self._exits.enter_context(without_cache(self.model))
             for worker in self.workers:
                 worker.thread = threading.Thread(target=self._work, args=(worker,), daemon=True)
                 worker.thread.start()
@@ -160,7 +160,7 @@ class Pass:
                 _restore(module, pname, saved)
         for module, training in self._modes:
             module.training = training
-        self._cache.__exit__(None, None, None)
+        self._exits.close()
 
     # --- the coordinator's side --------------------------------------------------------------------
 
