@@ -549,7 +549,7 @@ def _scores(step: Step, method: PruningMethod, ctx: MaskContext, grid: tuple[int
 def _nan_last(scores: torch.Tensor) -> torch.Tensor:
     """A method's own scores with NaN ranked last (as +inf): what is selected from them needs no torch
     ranking to fall back on (a method that only scores has no ``compute_mask``)."""
-    if not scores.is_floating_point() or not bool(scores.isnan().any()):
+    if not scores.is_floating_point() or not selection.has_nan(scores):
         return scores
     return scores.masked_fill(scores.isnan(), math.inf)
 

@@ -66,8 +66,7 @@ class _Open:
     """An error waiting for its module's outputs."""
 
     tensor: Pruned
-    rows: dict[int, torch.Tensor]  # batch -> rows of its output, in sample order per batch
-    order: list[int]  # batches in sample order
+    rows: dict[int, torch.Tensor]  # batch -> rows of its output, batches in sample order
     known: torch.Tensor  # on the sample, (n, out): W X when the outputs will be W' X, else (W - W') X
     pruned_output: bool  # the outputs are W' X (+ b), else W X (+ b)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -99,8 +98,7 @@ class Errors:
             tokens = taken.tokens.to(before.device)
             if _plain(module) and tensor.owners[0][0] is module:
                 known = tokens @ (before if pruned_output else _difference(tensor, before)).to(torch.float32).T
-                order = [b for b, _ in taken.rows]
-                opened.append(_Open(tensor, dict(taken.rows), order, known, pruned_output))
+                opened.append(_Open(tensor, dict(taken.rows), known, pruned_output))
             else:  # a module whose output is not x W^T + b: both products here
                 dense = tokens @ before.to(torch.float32).T
                 tensor.error = _ratio(tokens @ _difference(tensor, before).T, dense)
@@ -126,10 +124,10 @@ class Errors:
         came, its module's output not being a tensor of the expected shape, has no error)."""
         waiting = []
         for entry in self._open:
-            if len(entry.outputs) < len(entry.order):
+            if len(entry.outputs) < len(entry.rows):
                 waiting.append(entry)
                 continue
-            computed = torch.cat([entry.outputs[b] for b in entry.order]).to(entry.known.device)
+            computed = torch.cat([entry.outputs[b] for b in entry.rows]).to(entry.known.device)
             if computed.shape != entry.known.shape:
                 continue
             if entry.pruned_output:  # W X known, W' X computed
