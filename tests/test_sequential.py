@@ -3,11 +3,12 @@ before it as pruned, with the arguments the model really passes it; failures lea
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
+import greenlet
 import pytest
 import torch
 from torch import nn
@@ -38,6 +39,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return x + self.down(torch.relu(self.up(x)) * scale)
+
+
+def _suspended() -> int:
+    """Batches' forwards started and not finished (greenlets other than this one)."""
+    here = greenlet.getcurrent()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet) and o and o is not here)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -140,13 +147,13 @@ class Failing(nn.Module):
 def test_a_batch_failing_mid_pass_is_named_and_nothing_changes() -> None:
     model = Failing(RuntimeError("boom"), at=2)
     before = _state(model)
-    threads = threading.active_count()
+    suspended = _suspended()
     spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
     with pytest.raises(prunespec.ApplyError, match="calibration batch 1: the forward pass failed: RuntimeError: boom"):
         prunespec.apply(model, spec, data=[torch.randn(2, 4) for _ in range(3)])
     assert _same(model, before)
     assert "weight" in model.first._parameters and "weight" not in model.first.__dict__
-    assert threading.active_count() == threads
+    assert _suspended() == suspended
 
 
 def test_an_interrupt_inside_the_model_propagates_and_nothing_changes() -> None:
@@ -161,7 +168,7 @@ def test_an_interrupt_inside_the_model_propagates_and_nothing_changes() -> None:
 def test_an_interrupt_in_the_coordinator_stops_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Blocks()
     before = _state(model)
-    threads = threading.active_count()
+    suspended = _suspended()
     real = calibration.Accumulator.at
     calls = []
 
@@ -176,7 +183,45 @@ def test_an_interrupt_in_the_coordinator_stops_every_batch(monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt):
         prunespec.apply(model, spec, data=[torch.randn(2, 6) for _ in range(4)])
     assert _same(model, before)
-    assert threading.active_count() == threads
+    assert _suspended() == suspended
+
+
+class Autocast(nn.Module):
+    """``first`` runs under bfloat16 autocast, ``second`` outside it: a batch waiting at ``first`` is
+    inside the ``with``, one waiting at ``second`` is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.first(x)
+        return self.second(y.float())
+
+
+def test_each_batch_keeps_its_own_torch_thread_state_where_it_waits() -> None:
+    # every batch runs in the caller's thread: one that left autocast must not take it from the next
+    torch.manual_seed(0)
+    model = Autocast()
+    batches = [torch.randn(3, 8) for _ in range(3)]
+    with torch.no_grad():
+        expected = [model.second(model.first(b).float()) for b in batches]  # `first` in float32 here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = [model.first(b).float() for b in batches]
+    watched = {"first": model.first, "second": model.second}
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    seen: dict[str, list[torch.Tensor]] = {}
+    with Pass(model, batches, watched) as p:
+        while (stop := p.next_stop()) is not None:
+            assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")  # the caller's own, still
+            seen[stop.module] = [a.x for a in stop.arrivals]
+            p.release(stop.module)
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    assert [x.dtype for x in seen["first"]] == [torch.float32] * 3
+    for got, want in zip(seen["second"], bf16, strict=True):  # each batch's `first` ran under autocast
+        assert torch.equal(got, want)
+    assert not any(torch.equal(got, want.float()) for got, want in zip(seen["second"], expected, strict=True))
 
 
 def test_pass_reports_a_failed_batch_by_index() -> None:
