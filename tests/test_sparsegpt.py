@@ -352,6 +352,29 @@ def test_the_cache_forgets_a_freed_hessian_and_stays_small() -> None:
     assert torch.allclose((values * mask).double(), expected, atol=1e-5)
 
 
+def test_the_factor_is_the_dampened_inverses_upper_factor_and_leaves_the_hessian_alone() -> None:
+    x = correlated(300, 12, seed=3)
+    gram = x.T @ x
+    gram[:, 5] = gram[5, :] = 0.0  # a dead input
+    before = gram.clone()
+    u = sparsegpt._factor(gram, 0.01, torch.device("cpu"), "layer.weight")
+    assert torch.equal(gram, before)  # shared by the modules with this input
+    h = before.double()
+    h[5, 5] = 1.0
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    assert torch.equal(u, u.triu())
+    assert torch.allclose((u.T @ u).double(), torch.linalg.inv(h), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+@pytest.mark.parametrize("chunk", [1, 4, 1 << 20])
+def test_reverse_is_flip_in_place(size: int, chunk: int) -> None:
+    t = torch.randn(size, size)
+    expected = t.flip(0, 1)
+    assert sparsegpt._reverse(t, chunk) is t
+    assert torch.equal(t, expected)
+
+
 def test_a_hessian_that_is_not_positive_definite_is_a_clear_error() -> None:
     w = weights(4, 6, seed=0)
     with pytest.raises(ValueError, match=r"Hessian of layer\.weight .* not positive definite.*raise dampening"):

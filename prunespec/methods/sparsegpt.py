@@ -381,20 +381,37 @@ def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, 
 
 
 def _factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
-    h = gram.detach().to(device=device, dtype=torch.float32, copy=True)
+    # One Cholesky instead of the paper's two (of H, then of H^-1): with P the order reversal and
+    # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1. Two matrices of the Hessian's size
+    # at most: everything after the flip's copy happens in place.
+    h = gram.detach().to(device=device, dtype=torch.float32).flip(0, 1)
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0  # a never-active input: its row and column are zero, any positive value will do
     diagonal += dampening * diagonal.mean()
-    # One Cholesky instead of the paper's two (of H, then of H^-1): with P the order reversal and
-    # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1.
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    del h, diagonal
+    # h is symmetric, so its column-major view is the same matrix, in the layout LAPACK factors in place
+    lower = h.mT
+    info = torch.empty((), dtype=torch.int32, device=device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))
     if int(info) != 0 or not bool(torch.isfinite(lower.diagonal()).all()):
         raise ValueError(
             f"sparsegpt: the Hessian of {where} (input_gram plus dampening={dampening} times its mean diagonal) "
             "is not positive definite; raise dampening (e.g. 0.1), or check the calibration data for inf/NaN"
         )
-    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    inverse: torch.Tensor = torch.linalg.solve_triangular(lower, eye, upper=False)
-    del lower, eye
-    return inverse.flip(0, 1)
+    inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del h, lower, diagonal
+    return _reverse(inverse)
+
+
+def _reverse(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``t.flip(0, 1)`` in place (a contiguous matrix: its elements in reverse order), with ``chunk``
+    elements of extra memory rather than a second matrix."""
+    flat = t.view(-1)
+    size = flat.numel()
+    for low in range(0, size // 2, chunk):
+        high = min(low + chunk, size // 2)
+        front, back = flat[low:high], flat[size - high : size - low]
+        saved = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(saved.flip(0))
+    return t
