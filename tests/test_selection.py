@@ -146,10 +146,19 @@ def test_accelerator_gather_path_gives_the_same_masks(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_select_rows_without_sorting_picks_what_a_stable_sort_picks(seed: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("signed", [False, True])
+def test_select_rows_without_sorting_picks_what_a_stable_sort_picks(
+    seed: int, dtype: torch.dtype, signed: bool
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     rows, size = 1 + seed % 7, 1 + seed * 3
-    scores = torch.randint(0, 4, (rows, size), generator=gen).to(torch.float32)  # many ties
+    scores = torch.randint(-3 if signed else 0, 4, (rows, size), generator=gen).to(dtype)  # many ties
+    if signed:  # negatives, -0.0 tied with 0.0, the smallest subnormal and +inf
+        flips = torch.rand(rows, size, generator=gen)
+        scores[(scores == 0) & (flips < 0.5)] = -0.0
+        scores[flips > 0.95] = torch.finfo(dtype).tiny / 2
+        scores[flips < 0.05] = math.inf
     scores[torch.rand(rows, size, generator=gen) < 0.2] = -math.inf  # pruned before
     choices = torch.tensor([0, size, size // 2, 1])
     targets = choices[torch.randint(0, 4, (rows,), generator=gen)]
