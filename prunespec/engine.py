@@ -35,7 +35,18 @@ from .errors import ApplyError, CalibrationError, Issue, PlanError, PrunespecErr
 from .install import SNAPSHOTS, Streamed, finished, install, make_permanent, undone_on_error
 from .install import finalize as finalize_all
 from .layout import GlobalMask
-from .masks import Channels, Entries, Unit, bounds_problem, budget_bounds, n_to_prune, row_targets, to_prune, zeros
+from .masks import (
+    Channels,
+    Entries,
+    Slab,
+    Unit,
+    bounds_problem,
+    budget_bounds,
+    n_to_prune,
+    row_targets,
+    to_prune,
+    zeros,
+)
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
 from .planner import Plan, Step
 from .pruned import Pruned
@@ -105,6 +116,7 @@ def execute(
     torch_random = any(not plan.methods[step.method].capabilities.own_random for step in plan.steps)
     final = {step.tensor.name: id(step) for step in plan.steps}  # each tensor's last step
     undo = Streamed(snapshot) if finalize and snapshot != "memory" else None
+    slab = Slab() if finalize and undo is None else None
     with torch.no_grad(), _seeded(plan.spec.seed if torch_random else None, model), lean(), undone_on_error(undo):
         influences = _influences(model, plan, whole_blocks, batches) if whole_blocks and batches else {}
         for unit in _batched(plan, [u for i, u in enumerate(units) if i not in later]):
@@ -113,13 +125,13 @@ def execute(
             if finalize:
                 for step, tensor in zip(unit, staged, strict=True):
                     if final[step.tensor.name] == id(step):
-                        finished(tensor, undo)
+                        finished(tensor, undo, slab)
             counter.done(unit)
         tokens = None
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             ends = final if finalize else None
-            work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo)
+            work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo, slab)
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
         if finalize:
@@ -150,6 +162,7 @@ class _Work:
     influences: Mapping[tuple[str, str], torch.Tensor]
     final: dict[str, int] | None = None  # with finalize: each tensor's last step (by id)
     undo: Streamed | None = None  # with finalize and snapshot disk or none: tensors are written as they are done
+    slab: Slab | None = None  # with finalize and snapshot memory: where the final masks are packed
 
     def parts(
         self,
@@ -315,7 +328,7 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
                     tensor.mask = tensor.mask.bool() if tensor.mask is not None else None  # final: 1 byte an entry
                 if id(tensor) in finishing:
                     if sequential:  # written in place now (disk, none): the module computes with it as it is
-                        finished(tensor, work.undo)
+                        finished(tensor, work.undo, work.slab)
                     else:
                         later.append(tensor)
             calibration_pass.release(stop.module, _weights(done) if sequential else None)
@@ -326,7 +339,7 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
             rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
         )
     for tensor in later:
-        finished(tensor, work.undo)
+        finished(tensor, work.undo, work.slab)
     for unit, staged in deferred:
         _compute(model, plan, unit, staged)
         counter.done(unit)

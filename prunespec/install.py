@@ -20,7 +20,7 @@ import torch
 
 from . import distributed, layout, runtime
 from .errors import ApplyError
-from .masks import pack, zeros
+from .masks import Slab, pack, zeros
 from .pruned import Pruned
 
 __all__ = ["SNAPSHOTS", "Streamed", "finalize", "finished", "install", "make_permanent", "undone_on_error"]
@@ -86,16 +86,17 @@ def undone_on_error(undo: Streamed | None) -> Iterator[None]:
         undo.close()
 
 
-def finished(tensor: Pruned, undo: Streamed | None) -> None:
-    """A tensor whose last step of the plan has run, with ``finalize``: its mask kept compact, or (with
-    ``undo``) its values written in place now, when no earlier pruning gave it torch's layout."""
+def finished(tensor: Pruned, undo: Streamed | None, slab: Slab | None = None) -> None:
+    """A tensor whose last step of the plan has run, with ``finalize``: its mask kept compact (cut from
+    ``slab``), or (with ``undo``) its values written in place now, when no earlier pruning gave it
+    torch's layout."""
     if tensor.mask is None or tensor.start is not None or any(layout.is_pruned(m, p) for m, p in tensor.owners):
         return
     if tensor.zeros is None and tensor.sharding is None:
         tensor.zeros = zeros(tensor.mask)
     if undo is None:
         if tensor.sharding is None:  # 1 bit an entry until the install
-            tensor.bits, tensor.mask = pack(tensor.mask), None
+            tensor.bits, tensor.mask = pack(tensor.mask, slab), None
         else:  # 1 byte: a DTensor's zeros are counted over ranks with the others'
             tensor.mask = tensor.mask.bool()
         return

@@ -215,14 +215,40 @@ class Packed:
         return flat[: math.prod(self.shape)].reshape(self.shape).to(dtype)
 
 
-def pack(mask: torch.Tensor) -> Packed:
-    """``mask`` (any dtype: nonzero keeps) at 1 bit an entry."""
+class Slab:
+    """Where the packed masks of one apply are cut from: a few large buffers. Thousands of small
+    allocations that live to the end, scattered among the calibration pass's large temporary ones,
+    would keep the allocator from handing the memory freed between them back (wanda on a 1024-wide,
+    8-block Llama: about 40 MiB more at the peak)."""
+
+    def __init__(self, chunk: int = 16 << 20) -> None:
+        self._chunk = chunk
+        self._buffer: torch.Tensor | None = None
+        self._used = 0
+
+    def take(self, size: int, device: torch.device) -> torch.Tensor:
+        """``size`` bytes (uint8) on ``device``, for as long as the caller holds them."""
+        buffer = self._buffer
+        if buffer is None or buffer.device != device or self._used + size > buffer.numel():
+            buffer = self._buffer = torch.empty(max(self._chunk, size), dtype=torch.uint8, device=device)
+            self._used = 0
+        out = buffer[self._used : self._used + size]
+        self._used += size
+        return out
+
+
+def pack(mask: torch.Tensor, slab: Slab | None = None) -> Packed:
+    """``mask`` (any dtype: nonzero keeps) at 1 bit an entry, cut from ``slab`` when given."""
     flat = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(torch.uint8).view(-1, 8)
-    bits = groups[:, 0].clone()
+    size = groups.shape[0]
+    bits = (
+        slab.take(size, flat.device) if slab is not None else torch.empty(size, dtype=torch.uint8, device=flat.device)
+    )
+    bits.copy_(groups[:, 0])
     for i in range(1, 8):  # eight strided passes over an eighth of the bytes: cheaper than a product and a sum
         bits |= groups[:, i] << i
     return Packed(bits, tuple(mask.shape))

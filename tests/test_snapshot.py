@@ -7,6 +7,7 @@ and says which tensors stay pruned.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -165,3 +166,17 @@ def test_memory_holds_each_final_mask_at_one_bit_an_entry(shape: tuple[int, ...]
     assert torch.equal(packed.unpack(), mask)
     assert torch.equal(pack(mask.to(torch.float16)).unpack(torch.float16), mask.to(torch.float16))
     assert torch.equal(pack(mask.T if mask.dim() == 2 else mask).unpack(), mask.T if mask.dim() == 2 else mask)
+
+
+def test_masks_packed_from_a_slab_are_the_same_and_never_overlap() -> None:
+    from prunespec.masks import Slab, pack
+
+    gen = torch.Generator().manual_seed(3)
+    masks = [torch.rand(shape, generator=gen) > 0.5 for shape in [(7, 5), (64,), (3, 300), (1,), (40, 40)]]
+    slab = Slab(chunk=64)  # a few masks a chunk; the 3 x 300 one is bigger than a chunk: its own buffer
+    packed = [pack(m, slab) for m in masks]
+    for m, p in zip(masks, packed, strict=True):
+        assert torch.equal(p.bits, pack(m).bits) and torch.equal(p.unpack(), m)
+    spans = sorted((p.bits.untyped_storage().data_ptr() + p.bits.storage_offset(), p.bits.numel()) for p in packed)
+    assert all(start + size <= after for (start, size), (after, _) in itertools.pairwise(spans))
+    assert len({p.bits.untyped_storage().data_ptr() for p in packed}) < len(packed)  # some share a chunk
