@@ -305,9 +305,14 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     watched = {name: modules[name] for name in needs}
     accumulator = calibration.Accumulator()
     measured = reconstruction.Errors()
+    packing: list[Pruned] = []  # packed at the next stop: the batches first compute with their bool masks
     with sequential_pass(model, batches, watched, early) as calibration_pass:
         for stop, stats in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             measured.settle()
+            for tensor in packing:
+                finished(tensor, None, work.slab)
+            calibration_pass.update(_weights(packing))
+            packing = []
             done: list[Pruned] = []
             for unit, staged in at_stop.pop(stop.module, []):
                 for tensor in staged:
@@ -327,8 +332,10 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
                     tensor.statistics = {}
                     tensor.mask = tensor.mask.bool() if tensor.mask is not None else None  # final: 1 byte an entry
                 if id(tensor) in finishing:
-                    if sequential:  # written in place now (disk, none): the module computes with it as it is
-                        finished(tensor, work.undo, work.slab)
+                    if sequential and work.undo is not None:  # written in place now: the module computes with it
+                        finished(tensor, work.undo)
+                    elif sequential:
+                        packing.append(tensor)
                     else:
                         later.append(tensor)
             calibration_pass.release(stop.module, _weights(done) if sequential else None)
@@ -338,7 +345,7 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
         raise CalibrationError(
             rules, f"the model's forward never ran {', '.join(missing)} on the calibration data: no statistics"
         )
-    for tensor in later:
+    for tensor in packing + later:
         finished(tensor, work.undo, work.slab)
     for unit, staged in deferred:
         _compute(model, plan, unit, staged)

@@ -195,13 +195,18 @@ class Pass:
         """Let the batches waiting at ``module`` go on; ``weights`` (module name -> {param: (values,
         mask)}) are what those modules compute with from now on."""
         self.released.add(module)
+        self.update(weights)
+        for worker in self.workers:
+            if worker.state == "waiting" and worker.at == module:
+                worker.state, worker.at, worker.x = "ready", None, None
+
+    def update(self, weights: Mapping[str, Mapping[str, Weight]] | None) -> None:
+        """``weights`` (as for :meth:`release`) are what those modules compute with from now on (the
+        same values and masks held another way, say)."""
         for name, tensors in (weights or {}).items():
             self.weights.setdefault(name, {}).update(tensors)
             for pname in tensors:
                 self._made.pop((name, pname), None)
-        for worker in self.workers:
-            if worker.state == "waiting" and worker.at == module:
-                worker.state, worker.at, worker.x = "ready", None, None
 
     def tap(self, module: str, fn: Callable[[int, Any], None]) -> None:
         """Give ``fn`` (batch index, output) the output of each batch's next call of ``module`` (the
