@@ -3,7 +3,7 @@ on the same model and the same calibration batches, each in its own process, plu
 
 Run it from the repository root with the main venv (llm-compressor runs in its own venv, see below)::
 
-    python benchmarks/calibration.py             # both settings, a few minutes on 2 cores
+    python benchmarks/calibration.py             # all three settings, about 20 minutes on 2 cores
     python benchmarks/calibration.py --quick     # small sizes: a smoke test
     python benchmarks/calibration.py --settings speed --json
     python benchmarks/calibration.py --wait-idle 120   # on a shared machine: wait for idle CPUs per worker
@@ -55,6 +55,12 @@ Settings:
   input, gate/up another; padded tokens left out); and one ``(rows x cols) @ (cols x cols)`` matmul per
   pruned Linear, about SparseGPT's update cost. Printed: wanda's time / the forward floor (target <= 1.5x)
   and sparsegpt's time / (forward + Hessian products + update matmuls) (target <= 3x), for both tools.
+* ``speed-64``: the same model and the same measurements with 64 calibration sequences of 128 tokens.
+  A forward's cost grows with the tokens, while choosing the masks (a ``topk`` per row), packing them
+  and the reconstruction errors (a fixed 256-token sample) cost the same per weight whatever the data:
+  so the ratios to the floors fall as the calibration set grows. 16 sequences is far below what these
+  methods are run with (the Wanda and SparseGPT papers: 128 sequences of 2048 tokens; llm-compressor's
+  ``oneshot`` default: 512 samples); 64 shows where between the two the ratios move. Both are printed.
 
 Every worker (contenders and floors) first runs one untimed forward of the first batch
 (``warmed_up``), so that no one pays the first call's one-off costs inside the measurement
@@ -122,10 +128,17 @@ def sizes(quick: bool) -> dict[str, dict[str, Any]]:
                 "heldout": (4, 128),
                 "settings": ["50%"],
             },
+            "speed-64": {
+                "model": lm.LMConfig(hidden=512, layers=2, heads=8, kv_heads=8, intermediate=1408, max_positions=256),
+                "calib": (16, 128),
+                "heldout": (4, 128),
+                "settings": ["50%"],
+            },
         }
     return {
         "quality": {"train": lm.TrainConfig(), "calib": (32, 128), "heldout": (256, 128), "settings": ["50%", "2:4"]},
         "speed": {"model": lm.LARGE, "calib": (16, 128), "heldout": (8, 128), "settings": ["50%"]},
+        "speed-64": {"model": lm.LARGE, "calib": (64, 128), "heldout": (8, 128), "settings": ["50%"]},
     }
 
 
@@ -420,7 +433,7 @@ def run_parent(args: argparse.Namespace) -> int:
                             args.wait_idle,
                         )
                         results.append({**r, "bench": name})
-            if name == "speed":
+            if "model" in size:  # the speed settings: their floors too
                 r = run_one(
                     sys.executable, "floors", "-", "-", setup["model_dir"], setup["data"], args.timeout, args.wait_idle
                 )
@@ -583,7 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="prunespec's data-aware methods vs llm-compressor's, same model, same data."
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--settings", default="quality,speed", help="comma-separated: quality, speed (default both)")
+    parser.add_argument(
+        "--settings",
+        default="quality,speed,speed-64",
+        help="comma-separated: quality, speed, speed-64 (default all three)",
+    )
     parser.add_argument("--json", action="store_true", help="print setups and results as JSON")
     engine.add_wait_idle(parser)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")
@@ -604,9 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         print(json.dumps(result), flush=True)
         return 0
-    unknown = set(s.strip() for s in args.settings.split(",") if s.strip()) - {"quality", "speed"}
+    unknown = set(s.strip() for s in args.settings.split(",") if s.strip()) - set(sizes(args.quick))
     if unknown:
-        parser.error(f"unknown settings: {', '.join(sorted(unknown))} (choose from quality, speed)")
+        parser.error(f"unknown settings: {', '.join(sorted(unknown))} (choose from {', '.join(sizes(args.quick))})")
     return run_parent(args)
 
 
