@@ -216,8 +216,8 @@ class Packed:
 
 
 class Slab:
-    """Where the packed masks of one apply are cut from: a few large buffers. Thousands of small
-    allocations that live to the end, scattered among the calibration pass's large temporary ones,
+    """Where the packed masks of one apply are cut from: a few large buffers. Small allocations (one
+    per tensor) that live to the end, scattered among the calibration pass's large temporary ones,
     would keep the allocator from handing the memory freed between them back (wanda on a 1024-wide,
     8-block Llama: about 40 MiB more at the peak)."""
 

@@ -15,13 +15,14 @@ first watched module they reach:
 
 One batch runs at a time, in batch order, so a pass is deterministic. The batches share the caller's
 thread, and with it torch's thread pool and the allocator's heap: one OS thread per batch would give
-each its own malloc arena and OpenMP team, memory that is not handed back when a batch moves on (about
-1.5x the pass's own peak on a 1024-wide Llama). What torch keeps per thread and a forward may change
-(grad mode, autocast) is kept per batch and put back at each switch. Memory beyond the model: what each
-batch's forward holds where it waits (about one block's activations for every batch), and the current
-stop's inputs (the same tensors). Modules a batch never reaches (a mixture-of-experts expert with no
-tokens) are released when every other batch has gone past or finished; a module run twice in one
-forward is calibrated on its first call (later calls compute with the released weights).
+each its own malloc arena and OpenMP team, memory that is not handed back when a batch moves on (wanda
+on a 1024-wide, 8-block Llama: 346 MiB peak beyond the model with them, 197 without). What torch keeps
+per thread and a forward may change (grad mode, autocast) is kept per batch and put back at each
+switch. Memory beyond the model: what each batch's forward holds where it waits (about one block's
+activations for every batch), and the current stop's inputs (the same tensors). Modules a batch never
+reaches (a mixture-of-experts expert with no tokens) are released when every other batch has gone past
+or finished; a module run twice in one forward is calibrated on its first call (later calls compute
+with the released weights).
 
 The caller only coordinates: an interrupt, wherever it lands, stops every batch (they unwind with an
 exception no model code catches) before it propagates, and the hooks, modes and weights are restored

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import greenlet
@@ -163,6 +164,30 @@ def test_an_interrupt_inside_the_model_propagates_and_nothing_changes() -> None:
     with pytest.raises(KeyboardInterrupt):
         prunespec.apply(model, spec, data=[torch.randn(2, 4) for _ in range(3)])
     assert _same(model, before)
+
+
+def test_a_pass_started_from_another_thread_gives_the_same_masks() -> None:
+    # the batches' greenlets belong to the thread that runs the pass, whichever it is
+    torch.manual_seed(0)
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    data = [torch.randn(3, 6) for _ in range(3)]
+    here, there = Blocks(), Blocks()
+    there.load_state_dict(here.state_dict())
+    prunespec.apply(here, spec, data=data)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            prunespec.apply(there, spec, data=data)
+        except BaseException as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert not failed
+    masks = {k: v for k, v in here.state_dict().items() if k.endswith("_mask")}
+    assert masks and all(torch.equal(v, there.state_dict()[k]) for k, v in masks.items())
 
 
 def test_an_interrupt_in_the_coordinator_stops_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
