@@ -90,7 +90,6 @@ class _Worker:
         self.order = 0
         self.error: BaseException | None = None
         self.glet: greenlet.greenlet | None = None
-        self.torch_state: _TorchState | None = None  # what torch's thread state was where it last switched out
 
 
 class Pass:
@@ -221,8 +220,6 @@ class Pass:
         mine = _TorchState.now()
         self._current = worker
         try:
-            if worker.torch_state is not None:
-                worker.torch_state.restore()
             worker.glet.switch(worker)
         finally:
             self._current = None
@@ -245,8 +242,9 @@ class Pass:
     def _wait(self, worker: _Worker, module: str, x: torch.Tensor) -> None:
         worker.state, worker.at, worker.x, worker.order = "waiting", module, x, next(self._arrivals)
         assert self._coordinator is not None
-        worker.torch_state = _TorchState.now()
+        mine = _TorchState.now()
         self._coordinator.switch()
+        mine.restore()
         if self._aborting:
             raise _Abort
 
