@@ -18,7 +18,9 @@ with ``--worker``:
   lacks is skipped with a message. Twice: with the default ``snapshot="memory"`` (every mask, and
   sparsegpt's new values, held until the end so that a failure leaves the model as it was) and as
   ``prunespec (snapshot disk)`` (each tensor written at its stop, its old values in a temporary file
-  for the same promise: the least memory).
+  for the same promise), and both again with ``replay_blocks=True`` (``prunespec (replay blocks)``,
+  ``prunespec (replay, disk)``: the batches wait at each block's entry holding only its input, and the
+  block runs again for each stop inside it; the same masks, the least memory).
 * ``llm-compressor wanda`` / ``sparsegpt``: ``llmcompressor.oneshot(model=..., recipe=Modifier(sparsity=0.5,
   mask_structure="0:0" | "2:4", targets=["Linear"], ignore=["re:.*lm_head"]), dataset=DataLoader(batches,
   batch_size=None))`` in the peer venv's interpreter: ``$PRUNESPEC_LLMC_PYTHON``, by default
@@ -102,10 +104,21 @@ LLMC_INSTALL = (
     "python3 -m venv ../peers/llmc && ../peers/llmc/bin/pip install torch==2.13.0 && "
     "../peers/llmc/bin/pip install llmcompressor torch==2.13.0"
 )
-TOOLS = ("prunespec", "prunespec-disk", "llmc")
-OURS = {"prunespec": "memory", "prunespec-disk": "disk"}  # our contenders: finalize with this snapshot
+TOOLS = ("prunespec", "prunespec-disk", "prunespec-replay", "prunespec-replay-disk", "llmc")
+OURS = {  # our contenders: finalize with this snapshot, blocks replayed or not
+    "prunespec": ("memory", False),
+    "prunespec-disk": ("disk", False),
+    "prunespec-replay": ("memory", True),
+    "prunespec-replay-disk": ("disk", True),
+}
 METHODS = ("wanda", "sparsegpt")
-TOOL_NAMES = {"prunespec": "prunespec", "prunespec-disk": "prunespec (snapshot disk)", "llmc": "llm-compressor"}
+TOOL_NAMES = {
+    "prunespec": "prunespec",
+    "prunespec-disk": "prunespec (snapshot disk)",
+    "prunespec-replay": "prunespec (replay blocks)",
+    "prunespec-replay-disk": "prunespec (replay, disk)",
+    "llmc": "llm-compressor",
+}
 TARGETS = {"wanda": 1.5, "sparsegpt": 3.0}
 
 
@@ -170,7 +183,7 @@ def measured(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 def prunespec_call(
-    method: str, setting: str, model: Any, batches: list[lm.Batch], snapshot: str = "memory"
+    method: str, setting: str, model: Any, batches: list[lm.Batch], snapshot: str = "memory", replay: bool = False
 ) -> Callable[[], Any]:
     import prunespec
 
@@ -178,7 +191,9 @@ def prunespec_call(
     if method not in methods:
         raise Skip(f"{method}: not available in this prunespec")
     spec = lm.prunespec_spec(method, setting)
-    return lambda: prunespec.apply(model, spec, methods=methods, data=batches, finalize=True, snapshot=snapshot)
+    return lambda: prunespec.apply(
+        model, spec, methods=methods, data=batches, finalize=True, snapshot=snapshot, replay_blocks=replay
+    )
 
 
 def llmc_call(method: str, setting: str, model: Any, batches: list[lm.Batch]) -> Callable[[], Any]:
@@ -210,7 +225,7 @@ def run_worker(tool: str, method: str, setting: str, model_dir: str, data_path: 
     try:
         model = warmed_up(lm.load_llama(model_dir), data["calibration"])
         if tool in OURS:
-            call = prunespec_call(method, setting, model, data["calibration"], OURS[tool])
+            call = prunespec_call(method, setting, model, data["calibration"], *OURS[tool])
         else:
             call = llmc_call(method, setting, model, data["calibration"])
     except Skip as exc:

@@ -65,6 +65,7 @@ def apply(
     progress: Progress | None = None,
     data: Iterable[Any] | None = None,
     snapshot: str = "memory",
+    replay_blocks: bool = False,
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
@@ -76,6 +77,12 @@ def apply(
     place: ``"memory"`` (default) holds every mask until the end, 1 bit an entry; ``"disk"`` writes
     each tensor as soon as its mask is ready, its old values first saved to a temporary file (restored
     on an error): beyond the model, one tensor's working set; ``"none"``: no undo at all.
+
+    ``replay_blocks``: while calibrating, each batch waits at the entry of the model's blocks holding
+    only its input, and the block is run again from there, one batch at a time, for each stop inside
+    it: activation memory for the blocks' inputs and one batch's work, for about 1.3 more forwards
+    (Llama-like blocks); the masks are the same. Off by default: every batch then waits inside the
+    block, holding what its forward holds there. See docs/data-aware-pruning.md.
 
     ``progress(done, total, what)`` is called as steps finish (off by default; the ``prunespec`` logger
     also logs each step at DEBUG level). On any error the model is left exactly as it was.
@@ -90,10 +97,18 @@ def apply(
     the_plan = spec if isinstance(spec, Plan) else plan(model, spec, methods=methods, data=data)
     chosen = the_plan.spec.finalize if finalize is None else finalize
     if not (the_plan.spec.shrink if shrink is None else shrink):
-        return run(model, the_plan, finalize=chosen, progress=progress, data=data, snapshot=snapshot)
+        return run(
+            model,
+            the_plan,
+            finalize=chosen,
+            progress=progress,
+            data=data,
+            snapshot=snapshot,
+            replay_blocks=replay_blocks,
+        )
     undo = transaction.BindingsSnapshot(model)  # shrink runs after install: a failure undoes both
     try:
-        report = run(model, the_plan, finalize=False, progress=progress, data=data)
+        report = run(model, the_plan, finalize=False, progress=progress, data=data, replay_blocks=replay_blocks)
         example = data[0] if data else None
         report.shrink = shrink_model(model, example)
         if chosen:
@@ -113,10 +128,11 @@ def run(
     merge: bool = False,
     data: Iterable[Any] | None = None,
     snapshot: str = "memory",
+    replay_blocks: bool = False,
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
     with distributed.collective(distributed.sharded(model)):
-        return _run(model, the_plan, finalize, progress, merge, data, snapshot)
+        return _run(model, the_plan, finalize, progress, merge, data, snapshot, replay_blocks)
 
 
 def _run(
@@ -127,13 +143,23 @@ def _run(
     merge: bool,
     data: Iterable[Any] | None,
     snapshot: str,
+    replay_blocks: bool,
 ) -> Report:
     batches = None
     if the_plan.needs_data or (the_plan.uses_data and data is not None):  # OWL may be allocated already
         batches = engine.calibration_batches(the_plan, data)
         if any(o.allocated is None for o in the_plan.owl):
             the_plan = _allocated(model, the_plan, batches)
-    outcome = engine.execute(model, the_plan, progress, merge=merge, data=batches, finalize=finalize, snapshot=snapshot)
+    outcome = engine.execute(
+        model,
+        the_plan,
+        progress,
+        merge=merge,
+        data=batches,
+        finalize=finalize,
+        snapshot=snapshot,
+        replay_blocks=replay_blocks,
+    )
     pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}
     counted = {p.name: p.zeros for p in pruned if p.zeros is not None}

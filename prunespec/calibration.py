@@ -36,8 +36,8 @@ whatever happens.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,18 +45,31 @@ from torch import nn
 
 from . import distributed
 from .errors import CalibrationError
-from .sequential import Arrival, BatchFailed, Pass, Stop, attention_mask, first_tensor, run_batch, without_cache
+from .sequential import (
+    Arrival,
+    BatchFailed,
+    Pass,
+    Stop,
+    attention_mask,
+    first_tensor,
+    run_batch,
+    transposed,
+    without_cache,
+)
 
 __all__ = [
     "STATISTICS",
     "Accumulator",
     "BadInput",
+    "Sample",
+    "Sampler",
     "Statistics",
     "batches",
     "collect",
     "input_gram",
     "input_sq_sums",
     "out_in",
+    "transposed",
 ]
 
 STATISTICS: Mapping[str, str] = {
@@ -73,12 +86,6 @@ not at a module's stop."""
 
 Statistics = dict[str, dict[str, torch.Tensor]]
 """Module name -> statistic name -> tensor."""
-
-
-def transposed(module: nn.Module) -> bool:
-    """Whether ``module`` keeps its weight as ``(in, out)``: transformers' ``Conv1D`` (GPT-2), which
-    computes ``x @ weight``, unlike ``nn.Linear``'s ``x @ weight.T``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not isinstance(module, nn.Linear)
 
 
 def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -149,13 +156,18 @@ class BadInput(ValueError):
 
 class Accumulator:
     """Statistics at the stops of a :class:`~prunespec.sequential.Pass`, summed over the batches in
-    batch order. A stop whose every batch brings the very input tensor it brought to the previous stop
-    (``k_proj`` after ``q_proj``) gets the previous stop's statistics: the same tensor objects, not
-    computed again."""
+    batch order, each stop's arrivals read once (a replayed stop makes them as it is read). A stop
+    whose batches bring the very inputs of the stop before it (``k_proj`` after ``q_proj``: its
+    ``same_as``) gets that stop's statistics, the same tensor objects, not computed again.
 
-    def __init__(self) -> None:
-        self._last: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, torch.Tensor]]] = {}
+    ``sample``: with a limit, :attr:`sample` is each stop's :class:`Sample` of at most that many of its
+    tokens (for reconstruction errors), taken in the same read."""
+
+    def __init__(self, sample: int | None = None) -> None:
+        self._limit = sample
+        self._last: tuple[str, dict[str, torch.Tensor], Sample | None] | None = None
         self.tokens: int | None = None  # tokens counted at the first stop
+        self.sample: Sample | None = None  # the last stop's
 
     def at(self, stop: Stop, names: Collection[str], features: int | None = None) -> dict[str, torch.Tensor]:
         """The statistics ``names`` of the stop's module, whose inputs have ``features`` features when
@@ -163,21 +175,15 @@ class Accumulator:
         unknown = sorted(set(names) - set(STATISTICS))
         if unknown:
             raise ValueError(f"no such statistics: {', '.join(unknown)} (prunespec collects {', '.join(STATISTICS)})")
-        stats: dict[str, torch.Tensor] | None = None
-        for arrival in stop.arrivals:
-            last = self._last.get(arrival.batch)
-            same = last is not None and last[0]() is arrival.x
-            if not same or (stats is not None and last is not None and last[1] is not stats):
-                stats = None
-                break
-            assert last is not None
-            stats = last[1]
-        if stats is None or not stop.arrivals:
-            stats = {}
+        last = self._last
+        shared = last is not None and stop.same_as is not None and stop.same_as == last[0]
+        stats: dict[str, torch.Tensor] = last[1] if shared and last is not None else {}
+        self.sample = last[2] if shared and last is not None else None
         missing = [name for name in names if name not in stats]
-        if missing:
-            keeps = []
-            for a in stop.arrivals:
+        if missing or (self._limit is not None and self.sample is None):
+            sampler = Sampler(self._limit) if self._limit is not None and self.sample is None else None
+            counted = 0
+            for a in stop.arrivals:  # once: each batch's input may be gone after its turn
                 if features is not None and (a.x.dim() == 0 or a.x.shape[-1] != features):
                     raise BadInput(
                         a.batch,
@@ -185,24 +191,82 @@ class Accumulator:
                         f"{features} features (the last dim)",
                     )
                 try:
-                    keeps.append(tokens_kept(a.x, a.attention_mask, stop.module))
+                    keep = tokens_kept(a.x, a.attention_mask, stop.module)
                 except ValueError as exc:
                     raise BadInput(a.batch, str(exc)) from exc
+                counted += a.x.reshape(-1, a.x.shape[-1]).shape[0] if keep is None else int(keep.sum())
+                for name in missing:
+                    part = _COMPUTE[name](a.x, keep)
+                    stats[name] = part if name not in stats else stats[name].add_(part)
+                if sampler is not None:
+                    sampler.add(a.batch, a.x, keep)
             if self.tokens is None:
-                self.tokens = sum(
-                    a.x.reshape(-1, a.x.shape[-1]).shape[0] if k is None else int(k.sum())
-                    for a, k in zip(stop.arrivals, keeps, strict=True)
-                )
-            for name in missing:
-                total: torch.Tensor | None = None
-                for arrival, keep in zip(stop.arrivals, keeps, strict=True):
-                    part = _COMPUTE[name](arrival.x, keep)
-                    total = part if total is None else total.add_(part)
-                assert total is not None
-                stats[name] = total
-        for arrival in stop.arrivals:
-            self._last[arrival.batch] = (weakref.ref(arrival.x), stats)
+                self.tokens = counted
+            if sampler is not None:
+                self.sample = sampler.result()
+        self._last = (stop.module, stats, self.sample)
         return stats
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Tokens of a stop, float32 ``(n, features)``, and where each came from: per batch, its rows in
+    that batch's input flattened to ``(tokens, features)``, in the order of ``tokens``."""
+
+    tokens: torch.Tensor
+    rows: list[tuple[int, torch.Tensor]]
+
+
+class Sampler:
+    """At most ``limit`` of a stop's kept tokens, spread over all of them in order, chosen as the
+    batches come (their number unknown): every ``stride``-th token is a candidate, the stride doubling
+    whenever there would be more than ``2 * limit`` candidates; the sample is ``limit`` of them evenly
+    spaced (all of them when fewer). With at most ``2 * limit`` tokens in all that is exactly
+    ``limit`` evenly spaced tokens. Only candidates are copied."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.stride = 1
+        self.seen = 0
+        self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # batch, positions, rows, tokens
+
+    def add(self, batch: int, x: torch.Tensor, keep: torch.Tensor | None) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        rows = None if keep is None else keep.reshape(-1).nonzero().reshape(-1).to(flat.device)
+        count = flat.shape[0] if rows is None else rows.numel()
+        held = sum(p[1].numel() for p in self.parts)
+        while held + _multiples(self.seen, count, self.stride) > 2 * self.limit:
+            self.stride *= 2
+            self.parts = [
+                (b, pos[pos % self.stride == 0], r[pos % self.stride == 0], t[pos % self.stride == 0])
+                for b, pos, r, t in self.parts
+            ]
+            held = sum(p[1].numel() for p in self.parts)
+        first = -self.seen % self.stride
+        at = torch.arange(first, max(first, count), self.stride, device=flat.device)
+        picked = at if rows is None else rows[at]
+        self.parts.append((batch, at.cpu() + self.seen, picked, flat[picked].to(torch.float32)))
+        self.seen += count
+
+    def result(self) -> Sample:
+        held = sum(p[1].numel() for p in self.parts)
+        n = min(self.limit, held)
+        chosen = torch.arange(n, dtype=torch.float64).mul_(held / n if n else 0).long()  # evenly, in order
+        tokens, rows, offset = [], [], 0
+        for batch, pos, picked, part in self.parts:
+            inside = chosen[(chosen >= offset) & (chosen < offset + pos.numel())] - offset
+            offset += pos.numel()
+            if inside.numel():
+                tokens.append(part[inside.to(part.device)])
+                rows.append((batch, picked[inside.to(picked.device)]))
+        if not tokens:
+            return Sample(torch.zeros(0, 0), [])
+        return Sample(torch.cat(tokens), rows)
+
+
+def _multiples(start: int, count: int, stride: int) -> int:
+    """How many of ``start, ..., start + count - 1`` are multiples of ``stride``."""
+    return (start + count + stride - 1) // stride - (start + stride - 1) // stride
 
 
 def batches(data: Iterable[Any], rules: str, samples: int | None = None) -> list[Any]:
@@ -243,13 +307,12 @@ def stops(
     while True:
         try:
             stop = calibration_pass.next_stop()
-        except BatchFailed as failed:
+            if stop is None:
+                return
+            stats = accumulator.at(stop, names(stop.module), features(calibration_pass.watched[stop.module]))
+        except BatchFailed as failed:  # a replayed block fails as its stop's inputs are read
             message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
             raise CalibrationError(rules, message, failed.index) from failed.error
-        if stop is None:
-            return
-        try:
-            stats = accumulator.at(stop, names(stop.module), features(calibration_pass.watched[stop.module]))
         except BadInput as exc:
             raise CalibrationError(rules, str(exc), exc.batch) from exc
         yield stop, stats

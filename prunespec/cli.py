@@ -302,6 +302,7 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
         progress=_progress_bar(args),
         data=data,
         snapshot=args.snapshot,
+        replay_blocks=args.replay_blocks,
     )
     if args.out:
         changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
@@ -460,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="memory",
         help="with finalize: how a failure is undone: masks held in memory until the end (default), old values "
         "saved to a temporary file while each tensor is written at once (least memory), or no undo",
+    )
+    p.add_argument(
+        "--replay-blocks",
+        action="store_true",
+        help="with --data: calibrate holding only each block's inputs, running the block again for each stop "
+        "inside it (less memory, about 1.3 more forwards; the same masks)",
     )
     p.add_argument(
         "--shrink",

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +80,7 @@ def execute(
     data: Iterable[Any] | None = None,
     finalize: bool = False,
     snapshot: str = "memory",
+    replay_blocks: bool = False,
 ) -> Outcome:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
@@ -97,6 +98,10 @@ def execute(
     temporary file first (restored on any error, then deleted): beyond the model, memory is one
     tensor's working set; ``"none"`` does the same without the file: an error leaves the tensors
     finalized before it pruned (the error says so).
+
+    ``replay_blocks``: the calibration pass runs the plan's blocks again from their inputs for each
+    stop inside them (:class:`prunespec.sequential.Pass`), rather than keeping every batch waiting
+    inside them. A model split across ranks is calibrated group by group already, holding no batch.
     """
     if snapshot not in SNAPSHOTS:
         raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, not {snapshot!r}")
@@ -131,7 +136,8 @@ def execute(
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             ends = final if finalize else None
-            work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo, slab)
+            replayed = {name: modules[name] for name in plan.blocks} if replay_blocks else {}
+            work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo, slab, replayed)
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
         if finalize:
@@ -163,6 +169,7 @@ class _Work:
     final: dict[str, int] | None = None  # with finalize: each tensor's last step (by id)
     undo: Streamed | None = None  # with finalize and snapshot disk or none: tensors are written as they are done
     slab: Slab | None = None  # with finalize and snapshot memory: where the final masks are packed
+    replayed: Mapping[str, nn.Module] = field(default_factory=dict)  # blocks the calibration pass runs again
 
     def parts(
         self,
@@ -303,10 +310,10 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     finishing -= keep
     later: list[Pruned] = []  # finished after the pass: without sequential, every module computes as it was
     watched = {name: modules[name] for name in needs}
-    accumulator = calibration.Accumulator()
+    accumulator = calibration.Accumulator(reconstruction.ERROR_TOKENS if errors else None)
     measured = reconstruction.Errors()
     packing: list[Pruned] = []  # packed at the next stop: the batches first compute with their bool masks
-    with sequential_pass(model, batches, watched, early) as calibration_pass:
+    with sequential_pass(model, batches, watched, early, work.replayed) as calibration_pass:
         for stop, stats in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             measured.settle()
             for tensor in packing:
@@ -322,11 +329,11 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
                 counter.done(unit)
             for tensor in kept.get(stop.module, {}).values():
                 tensor.statistics = stats
-            if errors and done:
-                module = modules[stop.module]
-                tap = measured.at_stop(stop, module, done, pruned_output=sequential)
+            if accumulator.sample is not None and done:
+                module, taken = modules[stop.module], accumulator.sample
+                tap = measured.at_stop(taken, module, done, pruned_output=sequential)
                 if tap is not None:
-                    calibration_pass.tap(stop.module, tap)
+                    calibration_pass.tap(stop.module, tap, [batch for batch, _ in taken.rows])
             for tensor in done:
                 if id(tensor) not in keep:
                     tensor.statistics = {}

@@ -1,6 +1,6 @@
 """Each calibrated tensor's relative reconstruction error, ``||W X - W' X||^2 / ||W X||^2``, on a sample of
-the tokens its module saw at its stop (at most :data:`ERROR_TOKENS`, evenly spread over the batches,
-padding left out): W as the model had it before the apply, W' after.
+the tokens its module saw at its stop (at most :data:`ERROR_TOKENS`, spread over the batches in order,
+padding left out: :class:`prunespec.calibration.Sampler`): W as the model had it before the apply, W' after.
 
 One matmul per tensor, with no copy of the weights: ``W X`` at the stop, before anything is written
 into the model; ``W' X`` is the module's own output, minus its bias, taken as the batches go through
@@ -19,46 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import out_in, tokens_kept, transposed
+from .calibration import Sample, out_in, transposed
 from .pruned import Pruned
-from .sequential import Stop
 
-__all__ = ["ERROR_TOKENS", "Errors", "Sample", "sample"]
+__all__ = ["ERROR_TOKENS", "Errors"]
 
 ERROR_TOKENS = 256
 """At most this many calibration tokens per module measure its reconstruction error (all when fewer)."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """Tokens of a stop, float32 ``(n, features)``, and where each came from: per batch, its rows in
-    that batch's input flattened to ``(tokens, features)``, in the order of ``tokens``."""
-
-    tokens: torch.Tensor
-    rows: list[tuple[int, torch.Tensor]]
-
-
-def sample(stop: Stop, limit: int = ERROR_TOKENS) -> Sample:
-    """``limit`` of the stop's kept tokens (all of them when fewer), evenly spaced over all the
-    batches' tokens in order, so the sample spreads over the data. Only those tokens are copied."""
-    kept = []  # per arrival: its tokens (batch * seq, features), and the positions of those that count
-    for arrival in stop.arrivals:
-        keep = tokens_kept(arrival.x, arrival.attention_mask, stop.module)
-        x = arrival.x.detach()
-        where = None if keep is None else keep.reshape(-1).nonzero().reshape(-1)
-        kept.append((arrival.batch, x.reshape(-1, x.shape[-1]), where))
-    total = sum(t.shape[0] if w is None else w.numel() for _, t, w in kept)
-    n = min(limit, total)
-    chosen = torch.arange(n, dtype=torch.float64).mul_(total / n if n else 0).long()  # evenly, in order
-    parts, rows, offset = [], [], 0
-    for batch, tokens, where in kept:
-        count = tokens.shape[0] if where is None else where.numel()
-        inside = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
-        picked = (inside if where is None else where[inside]).to(tokens.device)
-        parts.append(tokens[picked])
-        rows.append((batch, picked))
-        offset += count
-    return Sample(torch.cat(parts).to(torch.float32), rows)
 
 
 @dataclass
@@ -81,15 +48,15 @@ class Errors:
         self._open: list[_Open] = []
 
     def at_stop(
-        self, stop: Stop, module: nn.Module, tensors: list[Pruned], *, pruned_output: bool
+        self, taken: Sample, module: nn.Module, tensors: list[Pruned], *, pruned_output: bool
     ) -> Callable[[int, Any], None] | None:
-        """Measure ``tensors`` (``module``'s, just calibrated at ``stop``); a tap to give the module's
-        outputs to (batch index, output), or None when every error is known already.
+        """Measure ``tensors`` (``module``'s, just calibrated at a stop whose sample of tokens is
+        ``taken``); a tap to give the module's outputs to (batch index, output), or None when every
+        error is known already.
         ``pruned_output``: the module computes with W' after the stop (sequential), else with W."""
         measured = [t for t in tensors if t.orig.dim() == 2 and t.mask is not None]
         if not measured:
             return None
-        taken = sample(stop)
         opened = []
         for tensor in measured:
             before = _before(tensor)

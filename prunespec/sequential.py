@@ -19,7 +19,15 @@ each its own malloc arena and OpenMP team, memory that is not handed back when a
 on a 1024-wide, 8-block Llama: 346 MiB peak beyond the model with them, 197 without). What torch keeps
 per thread and a forward may change (grad mode, autocast) is kept per batch and put back at each
 switch. Memory beyond the model: what each batch's forward holds where it waits (about one block's
-activations for every batch), and the current stop's inputs (the same tensors). Modules a batch never
+activations for every batch), and the current stop's inputs (the same tensors).
+
+With ``blocks``, each batch waits at the entry of each block instead, holding only its arguments, and
+each stop inside the block runs the block again from those (a replay: a greenlet of its own), one batch
+at a time: the stop's inputs are made as its arrivals are read and dropped after each, so memory holds
+every batch's input to the block and one batch's work inside it, for a forward of the block's part
+before each stop. Modules that get the very same input (q/k/v) share one replay: after its arrival a
+replay goes on, finding the next modules given that input, until it reaches any other. While a replay
+runs, the block's modules still to be released compute zeros (their outputs go nowhere). Modules a batch never
 reaches (a mixture-of-experts expert with no tokens) are released when every other batch has gone past
 or finished; a module run twice in one forward is calibrated on its first call (later calls compute
 with the released weights).
@@ -32,8 +40,10 @@ whatever happens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +53,17 @@ from torch import nn
 
 from .masks import Packed
 
-__all__ = ["Arrival", "BatchFailed", "Pass", "Stop", "Weight", "attention_mask", "run_batch", "without_cache"]
+__all__ = [
+    "Arrival",
+    "BatchFailed",
+    "Pass",
+    "Stop",
+    "Weight",
+    "attention_mask",
+    "run_batch",
+    "transposed",
+    "without_cache",
+]
 
 
 Weight = tuple[torch.Tensor, torch.Tensor | Packed]  # (values, mask): a module computes with values * mask
@@ -73,23 +93,36 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Stop:
-    """Every batch that reached ``module`` waits there: ``arrivals`` in batch order."""
+    """Every batch that reached ``module`` waits there: ``arrivals`` in batch order, to be read once
+    (when blocks are replayed, each batch's arrival is made as they are read, and gone at the next).
+    ``same_as``: the stop before, when each of these batches brought it the very same input."""
 
     module: str
-    arrivals: list[Arrival]
+    arrivals: Iterable[Arrival]
+    same_as: str | None = None
 
 
 class _Worker:
-    def __init__(self, index: int, batch: Any) -> None:
+    """One batch's forward (or, with ``replay``, one run of a block from that batch's arguments)."""
+
+    def __init__(self, index: int, batch: Any, *, replay: bool = False) -> None:
         self.index = index
         self.batch = batch
         self.mask = attention_mask(batch)
+        self.replay = replay
         self.state = "ready"  # ready | running | waiting | done
-        self.at: str | None = None
+        self.at: str | None = None  # the module it waits at
+        self.block: str | None = None  # the block whose entry it waits at (its arguments in ``call``)
+        self.call: tuple[tuple[Any, ...], dict[str, Any], _TorchState] | None = None
+        self.versions: list[int] = []  # of the tensors in ``call``: a block that changes them cannot be replayed
         self.x: torch.Tensor | None = None
         self.order = 0
         self.error: BaseException | None = None
         self.glet: greenlet.greenlet | None = None
+        self.swapped: list[tuple[nn.Module, list[tuple[str, Any]]]] = []  # what its calls put in modules
+        self.killed = False
+        self.peeking = False  # a replay past its arrival: finding the modules given the same input
+        self.same: list[str] = []  # those modules, in order
 
 
 class Pass:
@@ -99,6 +132,14 @@ class Pass:
     mask`` from the start (masks computed before the pass); :meth:`release` adds more. The product is
     made when the first batch calls the module and dropped at the next stop, so a pass holds the
     pruned weights of only the modules the batches just went through, never a copy of all of them.
+
+    ``blocks`` (name -> module, the model's repeated blocks): replay them. Each batch then waits at a
+    block's entry, holding only its arguments, and each stop inside the block runs the block again
+    from those, one batch at a time, up to the stop: memory for one batch's activations inside a block
+    rather than every batch's, for a forward of the block's part before each stop. The masks are the
+    same either way. A block is run again only while its forward is a function of its arguments (a
+    batch that passes it a key/value cache is an error).
+
     Use as a context manager; iterate with :meth:`next_stop` until it returns None.
     """
 
@@ -108,22 +149,30 @@ class Pass:
         batches: Sequence[Any],
         watched: Mapping[str, nn.Module],
         weights: Mapping[str, Mapping[str, Weight]] | None = None,
+        blocks: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.model = model
         self.watched = dict(watched)
         self.weights: dict[str, dict[str, Weight]] = {k: dict(v) for k, v in (weights or {}).items()}
         self.released: set[str] = set()
         self.workers = [_Worker(i, b) for i, b in enumerate(batches)]
+        inside = {b: [n for n in self.watched if n == b or n.startswith(b + ".")] for b in blocks or {}}
+        self.blocks = {b: m for b, m in (blocks or {}).items() if inside[b]}
+        self._inside = {b: inside[b] for b in self.blocks}
+        self._finished: set[str] = set()  # blocks every batch has gone into for good
         self._coordinator: greenlet.greenlet | None = None
         self._current: _Worker | None = None  # the batch running now (None: the coordinator)
         self._aborting = False
         self._arrivals = itertools.count()
         self._handles: list[Any] = []
-        self._saved: dict[int, list[tuple[nn.Module, str, Any]]] = {}
         self._modes: list[tuple[nn.Module, bool]] = []
         self._exits = contextlib.ExitStack()  # what the pass turned off in the model meanwhile
         self._made: dict[tuple[str, str], torch.Tensor] = {}  # values * mask, while the batches pass a module
-        self._taps: dict[str, Callable[[int, Any], None]] = {}  # module -> given its outputs, until the next stop
+        self._taps: dict[str, tuple[Callable[[int, Any], None], set[int]]] = {}  # module -> (fn, batches due)
+        self._previous: tuple[str, dict[int, weakref.ref[torch.Tensor]]] | None = None  # the last stop's inputs
+        self._sweep: Generator[Arrival, None, None] | None = None  # the replayed stop being read
+        self._live: _Worker | None = None  # the one replay under way
+        self._shared: tuple[str, str, list[str]] | None = None  # block, last stop, the next ones given its input
         self.reached: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -132,6 +181,8 @@ class Pass:
         self._modes = [(m, m.training) for m in self.model.modules()]
         by_module = dict(self.model.named_modules())
         try:
+            for name, block in self.blocks.items():
+                self._handles.append(block.register_forward_pre_hook(self._entering(name), with_kwargs=True))
             for name in sorted(set(self.watched) | set(self.weights)):
                 module = self.watched.get(name) or by_module[name]
                 self._handles.append(module.register_forward_pre_hook(self._before(name), with_kwargs=True))
@@ -151,17 +202,15 @@ class Pass:
 
     def _close(self) -> None:
         self._aborting = True
+        self._end_sweep()
         for worker in self.workers:  # a batch waiting at a stop unwinds from there; one not started, never starts
             if worker.glet is not None and worker.glet:
                 self._run(worker)
             worker.glet = None
+            _put_back(worker)
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for stack in self._saved.values():  # a forward hook that never ran (it always does; to be sure)
-            while stack:
-                module, pname, saved = stack.pop()
-                _restore(module, pname, saved)
         for module, training in self._modes:
             module.training = training
         self._exits.close()
@@ -174,30 +223,40 @@ class Pass:
 
         Raises :class:`BatchFailed` for a batch whose forward raised an Exception, and re-raises
         anything else (an interrupt inside the model) as it is."""
-        for worker in self.workers:
-            if worker.state == "ready":
-                self._run(worker)
-            if worker.error is not None:
-                if isinstance(worker.error, Exception):
-                    raise BatchFailed(worker.index, worker.error) from worker.error
-                raise worker.error
-        self._made.clear()  # every batch went past the modules used since the last stop
-        self._taps.clear()
-        waiting = [w for w in self.workers if w.state == "waiting"]
-        if not waiting:
-            return None
-        module = min(waiting, key=lambda w: w.order).at
-        assert module is not None
-        arrivals = [Arrival(w.index, w.x, w.mask) for w in waiting if w.at == module and w.x is not None]
-        return Stop(module, arrivals)
+        self._end_sweep()
+        while True:
+            for worker in self.workers:
+                if worker.state == "ready":
+                    self._run(worker)
+                _raise(worker)
+            self._made.clear()  # every batch went past the modules used since the last stop
+            waiting = [w for w in self.workers if w.state == "waiting"]
+            if not waiting:
+                return None
+            first = min(waiting, key=lambda w: w.order)
+            if first.block is None:
+                assert first.at is not None
+                arrivals = [Arrival(w.index, w.x, w.mask) for w in waiting if w.at == first.at and w.x is not None]
+                same = self._same_inputs(arrivals)
+                self._previous = (first.at, {a.batch: weakref.ref(a.x) for a in arrivals})
+                return Stop(first.at, arrivals, same)
+            self._previous = None
+            stop = self._replayed(first.block, [w for w in waiting if w.block == first.block])
+            if stop is not None:
+                return stop
+            self._finished.add(first.block)  # nothing left to calibrate in it: the batches run it through
+            for worker in waiting:
+                if worker.block == first.block:
+                    worker.state = "ready"
 
     def release(self, module: str, weights: Mapping[str, Mapping[str, Weight]] | None = None) -> None:
         """Let the batches waiting at ``module`` go on; ``weights`` (module name -> {param: (values,
         mask)}) are what those modules compute with from now on."""
+        self._end_sweep()
         self.released.add(module)
         self.update(weights)
         for worker in self.workers:
-            if worker.state == "waiting" and worker.at == module:
+            if worker.state == "waiting" and worker.at == module and worker.block is None:
                 worker.state, worker.at, worker.x = "ready", None, None
 
     def update(self, weights: Mapping[str, Mapping[str, Weight]] | None) -> None:
@@ -208,10 +267,17 @@ class Pass:
             for pname in tensors:
                 self._made.pop((name, pname), None)
 
-    def tap(self, module: str, fn: Callable[[int, Any], None]) -> None:
-        """Give ``fn`` (batch index, output) the output of each batch's next call of ``module`` (the
-        one each batch waiting there makes once released), until the next stop."""
-        self._taps[module] = fn
+    def tap(self, module: str, fn: Callable[[int, Any], None], batches: Collection[int]) -> None:
+        """Give ``fn`` (batch index, output) the output of the next call of ``module`` by each of
+        ``batches`` (once released, or as a replay of its block passes it)."""
+        if batches:
+            self._taps[module] = (fn, set(batches))
+
+    def _same_inputs(self, arrivals: list[Arrival]) -> str | None:
+        previous = self._previous
+        if previous is None or not arrivals or set(previous[1]) != {a.batch for a in arrivals}:
+            return None
+        return previous[0] if all(previous[1][a.batch]() is a.x for a in arrivals) else None
 
     def _run(self, worker: _Worker) -> None:
         """Run ``worker`` until it waits at a stop or is done."""
@@ -219,74 +285,257 @@ class Pass:
         worker.state = "running"
         mine = _TorchState.now()
         self._current = worker
+        stand_ins = self._stand_ins(worker.block) if worker.replay and worker.block is not None else []
         try:
             worker.glet.switch(worker)
         finally:
+            for module, saved in stand_ins:
+                _restore(module, saved)
             self._current = None
             mine.restore()
+
+    def _stand_ins(self, block: str) -> list[tuple[nn.Module, list[tuple[str, Any]]]]:
+        """While a replay of ``block`` runs, its modules not yet released give zeros without computing:
+        a replay waits at such a module (its stop) or passes it only to find the next stop, so their
+        outputs go nowhere. (Set before the calls: a pre-hook is too late, torch has the forward then.)"""
+        swapped = []
+        for name in self._inside[block]:
+            if name not in self.released:
+                module = self.watched[name]
+                out = module.out_features if type(module) is nn.Linear else module.nf if transposed(module) else None
+                if isinstance(out, int):
+                    swapped.append((module, [("forward", module.__dict__.get("forward", _MISSING))]))
+                    module.__dict__["forward"] = functools.partial(_zeros, features=out)
+        return swapped
+
+    # --- replayed blocks ---------------------------------------------------------------------------
+
+    def _replayed(self, block: str, entered: list[_Worker]) -> Stop | None:
+        """The next stop inside ``block``, whose batches (``entered``) wait at its entry; None when no
+        replay reaches a module not yet released."""
+        shared = self._shared
+        self._shared = None
+        if shared is not None and shared[0] == block and shared[2] and shared[2][0] not in self.released:
+            module = shared[2][0]  # given the very input of the stop before, by every batch
+            self._shared = (block, module, shared[2][1:])
+            self._sweep = self._sweeping(block, entered, module)
+            return Stop(module, self._sweep, shared[1])
+        if all(name in self.released for name in self._inside[block]):
+            return None
+        for i, worker in enumerate(entered):
+            replay = self._replay(worker)
+            if replay.state == "waiting":
+                assert replay.at is not None  # the batches before went through without a stop: not again
+                self._sweep = self._sweeping(block, entered[i:], replay.at)
+                return Stop(replay.at, self._sweep)
+            self._kill(replay)
+        return None
+
+    def _sweeping(self, block: str, entered: list[_Worker], module: str) -> Generator[Arrival, None, None]:
+        """Each batch's arrival at ``module``, its block replayed up to there (the first replay may be
+        under way already); after each, that replay goes on to find the next modules given the same
+        input (their forwards not computed: their outputs go nowhere), then it is dropped."""
+        same: list[list[str]] | None = []
+        for worker in entered:
+            replay = self._live if self._live is not None and self._live.index == worker.index else self._replay(worker)
+            if replay.state != "waiting" or replay.at != module:
+                same = None  # this batch goes elsewhere first: the stops after this one are each found anew
+                self._kill(replay)
+                continue
+            assert replay.x is not None
+            yield Arrival(worker.index, replay.x, worker.mask)
+            replay.peeking = True
+            self._run(replay)
+            if same is not None:
+                same.append(replay.same)
+            self._kill(replay)
+        if same:
+            common = same[0]
+            for found in same[1:]:
+                n = 0
+                while n < min(len(common), len(found)) and common[n] == found[n]:
+                    n += 1
+                common = common[:n]
+            self._shared = (block, module, common)
+
+    def _replay(self, worker: _Worker) -> _Worker:
+        """A run of ``worker``'s block from its arguments, until it waits at a module or is done."""
+        if self._live is not None:
+            self._kill(self._live)
+        assert worker.call is not None
+        if _versions(*worker.call[:2]) != worker.versions:
+            changed = ValueError(
+                f"{worker.block} changed its own input in place, so it cannot be run again from it: "
+                "leave replay_blocks off for this model"
+            )
+            raise BatchFailed(worker.index, changed)
+        replay = _Worker(worker.index, None, replay=True)
+        replay.mask, replay.block, replay.call = worker.mask, worker.block, worker.call
+        replay.glet = greenlet.greenlet(self._work, parent=self._coordinator)
+        self._live = replay
+        self._run(replay)
+        _raise(replay)
+        return replay
+
+    def _kill(self, replay: _Worker) -> None:
+        if replay.glet is not None and replay.glet:
+            replay.killed = True
+            self._run(replay)
+        replay.glet = None
+        _put_back(replay)
+        if self._live is replay:
+            self._live = None
+
+    def _end_sweep(self) -> None:
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
+        if self._live is not None:
+            self._kill(self._live)
 
     # --- the batches' side -------------------------------------------------------------------------
 
     def _work(self, worker: _Worker) -> None:
         try:
-            if not self._aborting:
+            if self._aborting or worker.killed:
+                pass
+            elif worker.replay:
+                assert worker.call is not None and worker.block is not None
+                args, kwargs, state = worker.call
+                state.restore()
+                with torch.no_grad():
+                    self.blocks[worker.block](*args, **kwargs)
+            else:
                 with torch.no_grad():
                     run_batch(self.model, worker.batch)
         except _Abort:
             pass
         except BaseException as exc:  # handed to the coordinator, which raises it where it can clean up
-            worker.error = exc
+            if not worker.peeking:  # a replay past its arrival computes on placeholders: not the batch's fault
+                worker.error = exc
         finally:
             worker.state, worker.x, worker.batch = "done", None, None
+            _put_back(worker)
 
-    def _wait(self, worker: _Worker, module: str, x: torch.Tensor) -> None:
-        worker.state, worker.at, worker.x, worker.order = "waiting", module, x, next(self._arrivals)
+    def _wait(self, worker: _Worker) -> None:
+        worker.state, worker.order = "waiting", next(self._arrivals)
         assert self._coordinator is not None
         mine = _TorchState.now()
         self._coordinator.switch()
         mine.restore()
-        if self._aborting:
+        if self._aborting or worker.killed:
             raise _Abort
+
+    def _entering(self, block: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            worker = self._current
+            if worker is None or worker.replay or block in self._finished:
+                return
+            if all(name in self.released for name in self._inside[block]):
+                return
+            cache = next((k for k in _CACHES if kwargs.get(k) is not None), None)
+            if cache is not None:
+                raise ValueError(
+                    f"the model passes a key/value cache ({cache}) to {block}, which cannot be run again from "
+                    "its arguments: leave replay off, or calibrate without a cache (use_cache=False)"
+                )
+            worker.block, worker.call = block, (args, kwargs, _TorchState.now())
+            worker.versions = _versions(args, kwargs)
+            self._wait(worker)
+            worker.block, worker.call, worker.versions = None, None, []
+
+        return hook
 
     def _before(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             worker = self._current
             if worker is None:
                 return
+            if worker.peeking:
+                self._peek(worker, name, module, first_tensor(args, kwargs))
+                return
             if name in self.watched and name not in self.released:
                 x = first_tensor(args, kwargs)
                 if x is not None:
                     self.reached.add(name)
-                    self._wait(worker, name, x)
-            stack = self._saved.setdefault(id(module), [])
+                    worker.at, worker.x = name, x
+                    self._wait(worker)
+            if worker.replay and name in self.watched and name not in self.released:
+                return  # its output goes nowhere (see _stand_ins): not worth its pruned weights
+
+            swapped = []
             for pname, (values, mask) in self.weights.get(name, {}).items():
-                stack.append((module, pname, module.__dict__.get(pname, _MISSING)))
+                swapped.append((pname, module.__dict__.get(pname, _MISSING)))
                 made = self._made.get((name, pname))
                 if made is None:  # once for all the batches that pass the module one after the other
                     keep = mask.unpack() if isinstance(mask, Packed) else mask
                     made = self._made[name, pname] = values * keep
                 # found before the Parameter: nn.Module.__getattr__ is only the fallback
                 module.__dict__[pname] = made
+            worker.swapped.append((module, swapped))
 
         return hook
 
+    def _peek(self, worker: _Worker, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
+        """A replay past its arrival at a module: the next watched module not released, given the same
+        input, is found (and skipped); anything else ends the replay."""
+        if name in self.watched and name not in self.released and x is worker.x and name not in worker.same:
+            self.reached.add(name)
+            worker.same.append(name)
+            return
+        worker.at = name
+        self._wait(worker)  # never resumed: the coordinator drops it
+
     def _after(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            tap = self._taps.get(name)
             worker = self._current
-            if tap is not None and worker is not None:  # before the weights go back: it may read the bias
-                tap(worker.index, output)
-            stack = self._saved.get(id(module), [])
-            for _ in self.weights.get(name, {}):
-                if stack:
-                    owner, pname, saved = stack.pop()
-                    _restore(owner, pname, saved)
+            if worker is None:
+                return
+            tap = self._taps.get(name)
+            if tap is not None and not worker.peeking and worker.index in tap[1]:
+                tap[1].discard(worker.index)  # before the weights go back: it may read the bias
+                if not tap[1]:
+                    del self._taps[name]
+                tap[0](worker.index, output)
+            if worker.swapped and worker.swapped[-1][0] is module:
+                _restore(*worker.swapped.pop())
 
         return hook
 
     def unreached(self) -> list[str]:
         """Watched modules no batch ever ran."""
         return [name for name in self.watched if name not in self.reached]
+
+
+_CACHES = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _raise(worker: _Worker) -> None:
+    if worker.error is not None:
+        if isinstance(worker.error, Exception):
+            raise BatchFailed(worker.index, worker.error) from worker.error
+        raise worker.error
+
+
+def _versions(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[int]:
+    return [v._version for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+
+def _zeros(x: torch.Tensor, *_: Any, features: int, **__: Any) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], features)
+
+
+def _put_back(worker: _Worker) -> None:
+    """What ``worker``'s unfinished calls put into modules, put back (an unwinding forward skips the
+    forward hooks that would have)."""
+    while worker.swapped:
+        _restore(*worker.swapped.pop())
+
+
+def transposed(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its weight as ``(in, out)``: transformers' ``Conv1D`` (GPT-2), which
+    computes ``x @ weight``, unlike ``nn.Linear``'s ``x @ weight.T``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not isinstance(module, nn.Linear)
 
 
 _MISSING = object()
@@ -317,11 +566,12 @@ class _TorchState:
             torch.set_autocast_dtype(device, dtype)
 
 
-def _restore(module: nn.Module, pname: str, saved: Any) -> None:
-    if saved is _MISSING:
-        module.__dict__.pop(pname, None)
-    else:
-        module.__dict__[pname] = saved
+def _restore(module: nn.Module, swapped: list[tuple[str, Any]]) -> None:
+    for pname, saved in reversed(swapped):
+        if saved is _MISSING:
+            module.__dict__.pop(pname, None)
+        else:
+            module.__dict__[pname] = saved
 
 
 @contextlib.contextmanager

@@ -166,8 +166,9 @@ def _one_pass(
             if x is None or (current.x is not None and x is not current.x):
                 return  # not this pass's group: a later pass calibrates it
             current.x = x
+            same = current.members[-1] if current.members else None  # the group's members share one input
             current.members.append(name)
-            stop = Stop(name, [Arrival(current.index, x.detach(), current.mask)])
+            stop = Stop(name, [Arrival(current.index, x.detach(), current.mask)], same)
             current.stats = current.accumulator.at(stop, names(name), features(module))
 
         return record

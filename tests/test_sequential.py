@@ -16,8 +16,8 @@ from torch import nn
 
 import prunespec
 from examples.tiny_transformers import tiny_gpt2, tiny_llama
-from prunespec import calibration, reconstruction
-from prunespec.sequential import BatchFailed, Pass
+from prunespec import calibration
+from prunespec.sequential import Arrival, BatchFailed, Pass
 
 
 class Blocks(nn.Module):
@@ -331,9 +331,14 @@ def test_the_report_gives_each_tensors_reconstruction_error_on_the_calibration_d
     assert "recon. error" in str(report) and report.to_dict()["tensors"]["0.weight"]["reconstruction_error"] > 0
 
 
-def test_errors_are_measured_on_a_spread_sample_of_kept_tokens() -> None:
-    from prunespec.sequential import Arrival, Stop
+def _sample(arrivals: list[Arrival], limit: int) -> calibration.Sample:
+    sampler = calibration.Sampler(limit)
+    for a in arrivals:
+        sampler.add(a.batch, a.x, calibration.tokens_kept(a.x, a.attention_mask, "m"))
+    return sampler.result()
 
+
+def test_errors_are_measured_on_a_spread_sample_of_kept_tokens() -> None:
     gen = torch.Generator().manual_seed(0)
     arrivals = []
     for i in range(3):
@@ -342,13 +347,36 @@ def test_errors_are_measured_on_a_spread_sample_of_kept_tokens() -> None:
         mask[:, 60:] = 0
         x[:, 60:] = 1e6  # padding: never sampled
         arrivals.append(Arrival(i, x, mask))
-    sample = reconstruction.sample(Stop("m", arrivals), limit=100).tokens
+    sample = _sample(arrivals, 100).tokens
     assert sample.shape == (100, 8) and bool((sample.abs() < 1e5).all())
     firsts = {round(float(v), 5) for v in sample[:, 0]}
     for a in arrivals:  # every batch contributes
         assert firsts & {round(float(v), 5) for v in a.x[:, :60, 0].reshape(-1)}
-    few = reconstruction.sample(Stop("m", arrivals[:1]), limit=10_000).tokens
+    few = _sample(arrivals[:1], 10_000).tokens
     assert few.shape == (240, 8)  # all kept tokens when fewer than the limit
+
+
+@pytest.mark.parametrize("sizes", [[5], [3, 4, 2], [40, 1, 33], [7] * 30, [100, 300, 2]])
+@pytest.mark.parametrize("limit", [1, 4, 16])
+def test_the_streamed_sample_is_spread_like_an_evenly_spaced_one(sizes: list[int], limit: int) -> None:
+    # token t of the whole stream carries its position t: which ones were chosen, and from where
+    arrivals, start = [], 0
+    for i, n in enumerate(sizes):
+        arrivals.append(Arrival(i, torch.arange(start, start + n, dtype=torch.float32).reshape(n, 1), None))
+        start += n
+    sample = _sample(arrivals, limit)
+    chosen = sample.tokens.reshape(-1).long()
+    total = sum(sizes)
+    assert chosen.numel() == min(limit, total) and bool((chosen.diff() > 0).all())
+    if total <= 2 * limit:  # exactly evenly spaced, as if the total had been known
+        assert chosen.tolist() == [int(k * total / min(limit, total)) for k in range(min(limit, total))]
+    else:  # no gap much wider than an even spacing's
+        gaps = torch.cat([chosen[:1], chosen.diff(), torch.tensor([total - int(chosen[-1])])])
+        assert int(gaps.max()) <= 4 * -(-total // limit)
+    for batch, rows in sample.rows:  # the rows are the chosen tokens' rows in their batch's input
+        offset = sum(sizes[:batch])
+        assert bool(rows.lt(sizes[batch]).all()) and set((rows + offset).tolist()) <= set(chosen.tolist())
+    assert sum(rows.numel() for _, rows in sample.rows) == chosen.numel()
 
 
 class Doubled(nn.Linear):

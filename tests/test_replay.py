@@ -1,0 +1,239 @@
+"""Calibrating with ``replay_blocks``: each batch waits at a block's entry holding its arguments, and the
+block runs again from them, one batch at a time, for each stop inside it."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import greenlet
+import pytest
+import torch
+from torch import nn
+
+import prunespec
+from examples.tiny_transformers import tiny_gpt2, tiny_llama
+
+LINEARS = {"names": ["re:.*(layers|\\.h)\\.\\d+\\..*(proj|attn|fc)$"]}  # a Llama's or a GPT-2's blocks
+
+
+def _batches(n: int = 5, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if i % 2:
+            mask[1, 7:] = 0  # padded on the right
+        out.append({"input_ids": torch.randint(0, 128, (2, 12), generator=gen), "attention_mask": mask})
+    return out
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    hooks = any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    swapped = any({"forward", "weight"} & set(m.__dict__) for m in model.modules())
+    return (
+        after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before) and not hooks | swapped
+    )
+
+
+def _suspended() -> int:
+    here = greenlet.getcurrent()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet) and o and o is not here)
+
+
+def _rule(method: str, how: dict[str, Any]) -> dict[str, Any]:
+    return {"version": 1, "rules": [{"select": LINEARS, "method": method, **how}]}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize(
+    ("method", "how"), [("wanda", {"sparsity": 0.5}), ("sparsegpt", {"options": {"n": 2, "m": 4}})]
+)
+def test_replayed_blocks_give_the_same_masks_values_and_errors(
+    make: Callable[[], nn.Module], method: str, how: dict[str, Any]
+) -> None:
+    results = []
+    for replay in (False, True):
+        model = make()
+        report = prunespec.apply(model, _rule(method, how), data=_batches(), replay_blocks=replay)
+        results.append((_state(model), {name: entry.error for name, entry in report.entries.items()}))
+    (held, held_errors), (replayed, replayed_errors) = results
+    assert held.keys() == replayed.keys() and any(k.endswith("weight_mask") for k in held)
+    assert all(torch.equal(held[k], replayed[k]) for k in held)
+    assert held_errors == replayed_errors and all(e is not None and e > 0 for e in held_errors.values())
+
+
+def test_a_llama_block_runs_again_once_per_distinct_input_inside_it() -> None:
+    # q/k/v share one input, gate/up another, o_proj and down_proj one each: 4 replays per batch
+    for replay, runs in ((False, 1), (True, 1 + 4)):
+        model = tiny_llama()
+        calls: Counter[int] = Counter()
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i, calls=calls: calls.update([i]))
+        prunespec.apply(model, _rule("sparsegpt", {"sparsity": 0.5}), data=_batches(3), replay_blocks=replay)
+        assert calls == {0: 3 * runs, 1: 3 * runs}
+
+
+class Wide(nn.Module):
+    """A block whose inner activation is recorded, to count how many are alive while batches wait."""
+
+    def __init__(self, alive: list[weakref.ref[torch.Tensor]]) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 32), nn.Linear(32, 6)
+        self.alive = alive
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        self.alive.append(weakref.ref(h))
+        return x + self.down(h)
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: list[weakref.ref[torch.Tensor]] = []
+        self.layers = nn.ModuleList(Wide(self.alive) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_waiting_batches_hold_no_activation_from_inside_a_replayed_block() -> None:
+    data = [torch.randn(3, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    most, masks = {}, {}
+    for replay in (False, True):
+        torch.manual_seed(0)
+        model = Stack()
+        seen: list[int] = []
+
+        def progress(done: int, total: int, what: str, model: Stack = model, seen: list[int] = seen) -> None:
+            seen.append(sum(ref() is not None for ref in model.alive))  # at each stop, as its masks are done
+
+        prunespec.apply(model, spec, data=data, replay_blocks=replay, progress=progress)
+        most[replay] = max(seen)
+        masks[replay] = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
+    assert most == {False: len(data), True: 0}  # holding: every batch's, at the stop of `down`
+    assert masks[False].keys() == masks[True].keys() and all(
+        torch.equal(masks[False][k], masks[True][k]) for k in masks[False]
+    )
+
+
+class Faulty(nn.Module):
+    """A block that raises ``error`` on a batch whose first value is 99, or that changes its input in
+    place, or that the model hands a cache."""
+
+    def __init__(self, error: BaseException | None = None, in_place: bool = False) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.error, self.in_place = error, in_place
+
+    def forward(self, x: torch.Tensor, past_key_values: object = None) -> torch.Tensor:
+        if self.error is not None and float(x[0, 0]) == 99.0:
+            raise self.error
+        h = self.up(x)
+        if self.in_place:
+            x.mul_(1.0)
+        return x + self.down(torch.relu(h))
+
+
+class Faulties(nn.Module):
+    def __init__(self, cache: object = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Faulty(**kwargs) for _ in range(2))
+        self.cache = cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, past_key_values=self.cache)
+        return x
+
+
+def _faulty_data() -> list[torch.Tensor]:
+    data = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    data[2][0, 0] = 99.0
+    return data
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (
+            lambda: Faulties(error=RuntimeError("boom")),
+            prunespec.ApplyError,
+            "batch 2: the forward pass failed: RuntimeError: boom",
+        ),
+        (lambda: Faulties(error=KeyboardInterrupt()), KeyboardInterrupt, None),
+        (lambda: Faulties(in_place=True), prunespec.ApplyError, "layers.0 changed its own input in place"),
+        (lambda: Faulties(cache=object()), prunespec.ApplyError, r"key/value cache \(past_key_values\) to layers.0"),
+    ],
+)
+def test_a_replay_that_fails_is_named_and_nothing_changes(
+    model: Callable[[], nn.Module], error: type[BaseException], match: str | None
+) -> None:
+    torch.manual_seed(0)
+    built = model()
+    before, suspended = _state(built), _suspended()
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "sparsegpt", "amount": 0.5}]}
+    with pytest.raises(error, match=match):
+        prunespec.apply(built, spec, data=_faulty_data(), replay_blocks=True)
+    assert _untouched(built, before)
+    assert _suspended() == suspended
+
+
+def test_without_blocks_replay_changes_nothing() -> None:
+    data = [torch.randn(3, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "sparsegpt", "amount": 0.5}]}
+    states = []
+    for replay in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+        prunespec.apply(model, spec, data=data, replay_blocks=replay)
+        states.append(_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_replay_blocks_through_the_cli(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    factory = tmp_path / "calib.py"
+    factory.write_text(
+        "import torch\n\n\ndef batches():\n"
+        "    gen = torch.Generator().manual_seed(0)\n"
+        "    return [{'input_ids': torch.randint(0, 128, (2, 12), generator=gen)} for _ in range(3)]\n"
+    )
+    spec = tmp_path / "wanda.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - select: {types: [Conv1D], names: ['re:transformer\\.h\\..*']}\n"
+        "    method: wanda\n    sparsity: 0.5\n"
+    )
+    out = tmp_path / "pruned.pt"
+    cmd = [sys.executable, "-m", "prunespec", "apply", str(spec), "--model", "examples/tiny_transformers.py:tiny_gpt2"]
+    done = subprocess.run(
+        [*cmd, "--data", f"{factory}:batches", "--replay-blocks", "--out", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    replayed = tiny_gpt2()
+    prunespec.load(replayed, out)
+    held = tiny_gpt2()
+    gen = torch.Generator().manual_seed(0)
+    prunespec.apply(
+        held, str(spec), data=[{"input_ids": torch.randint(0, 128, (2, 12), generator=gen)} for _ in range(3)]
+    )
+    masks = {k: v for k, v in held.state_dict().items() if k.endswith("_mask")}
+    assert len(masks) == 8 and all(torch.equal(replayed.state_dict()[k], v) for k, v in masks.items())
