@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
 import signal
 import threading
@@ -83,3 +85,23 @@ def deferred_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+
+
+def free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    For a pass that replays blocks, as each block is done: the batches' inputs to the next block live
+    on among the freed work of the replays, and glibc keeps such fragmented free memory (wanda on the
+    benchmark's 1024-wide Llama with 64 sequences: 281 MiB peak beyond the model without it, 188 with
+    it, in the same time)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -51,6 +51,7 @@ import greenlet
 import torch
 from torch import nn
 
+from . import runtime
 from .masks import Packed
 
 __all__ = [
@@ -245,6 +246,7 @@ class Pass:
             if stop is not None:
                 return stop
             self._finished.add(first.block)  # nothing left to calibrate in it: the batches run it through
+            runtime.free_heap()
             for worker in waiting:
                 if worker.block == first.block:
                     worker.state = "ready"
@@ -346,17 +348,15 @@ class Pass:
             yield Arrival(worker.index, replay.x, worker.mask)
             replay.peeking = True
             self._run(replay)
+            _raise(replay)  # an interrupt: a failure past the arrival is not the batch's (see _work)
             if same is not None:
                 same.append(replay.same)
             self._kill(replay)
         if same:
-            common = same[0]
-            for found in same[1:]:
-                n = 0
-                while n < min(len(common), len(found)) and common[n] == found[n]:
-                    n += 1
-                common = common[:n]
-            self._shared = (block, module, common)
+            first, agreed = same[0], 0
+            while agreed < len(first) and all(agreed < len(f) and f[agreed] == first[agreed] for f in same):
+                agreed += 1
+            self._shared = (block, module, first[:agreed])  # the modules every batch then gave that same input
 
     def _replay(self, worker: _Worker) -> _Worker:
         """A run of ``worker``'s block from its arguments, until it waits at a module or is done."""
@@ -411,8 +411,8 @@ class Pass:
         except _Abort:
             pass
         except BaseException as exc:  # handed to the coordinator, which raises it where it can clean up
-            if not worker.peeking:  # a replay past its arrival computes on placeholders: not the batch's fault
-                worker.error = exc
+            if not worker.peeking or not isinstance(exc, Exception):  # past its arrival a replay computes on
+                worker.error = exc  # zeros: an Exception there is not the batch's fault, and only ends the replay
         finally:
             worker.state, worker.x, worker.batch = "done", None, None
             _put_back(worker)

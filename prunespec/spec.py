@@ -290,8 +290,8 @@ class Calibration(_Model):
     blocks: NamePattern | None = Field(
         default=None,
         description="The model's repeated blocks, a name pattern as in `names` (`model.layers.*`, "
-        "`re:...`): used for OWL's per-block sparsities and per-block progress. Default: detected (the "
-        "children of the ModuleList of repeated blocks holding the most parameters).",
+        "`re:...`): used for OWL's per-block sparsities, per-block progress and `replay_blocks`. Default: "
+        "detected (the children of the ModuleList of repeated blocks holding the most parameters).",
     )
     samples: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None,

@@ -194,6 +194,41 @@ def test_a_replay_that_fails_is_named_and_nothing_changes(
     assert _suspended() == suspended
 
 
+class Trap(nn.Module):
+    """A block that raises ``error`` where ``up`` gave all zeros: what a replay past its stop at ``up``
+    sees (the modules still to be pruned compute zeros then), never a real forward here."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if not bool(h.any()):
+            raise self.error
+        return x + self.down(torch.relu(h))
+
+
+def test_past_its_stop_a_replay_that_fails_only_ends_but_an_interrupt_propagates() -> None:
+    data = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "wanda", "amount": 0.5}]}
+    torch.manual_seed(0)
+    model = nn.Sequential(Trap(RuntimeError("zeros")), Trap(RuntimeError("zeros")))
+    held = nn.Sequential(Trap(RuntimeError("zeros")), Trap(RuntimeError("zeros")))
+    held.load_state_dict(model.state_dict())
+    prunespec.apply(model, {**spec, "calibration": {"blocks": "*"}}, data=data, replay_blocks=True)
+    prunespec.apply(held, spec, data=data)
+    masks = {k: v for k, v in held.state_dict().items() if k.endswith("_mask")}
+    assert len(masks) == 4 and all(torch.equal(model.state_dict()[k], v) for k, v in masks.items())
+    torch.manual_seed(0)
+    trapped = nn.Sequential(Trap(KeyboardInterrupt()), Trap(KeyboardInterrupt()))
+    before, suspended = _state(trapped), _suspended()
+    with pytest.raises(KeyboardInterrupt):
+        prunespec.apply(trapped, {**spec, "calibration": {"blocks": "*"}}, data=data, replay_blocks=True)
+    assert _untouched(trapped, before) and _suspended() == suspended
+
+
 def test_without_blocks_replay_changes_nothing() -> None:
     data = [torch.randn(3, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     spec = {"version": 1, "rules": [{"select": {"types": ["Linear"]}, "method": "sparsegpt", "amount": 0.5}]}
