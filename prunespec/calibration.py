@@ -175,10 +175,9 @@ class Accumulator:
         unknown = sorted(set(names) - set(STATISTICS))
         if unknown:
             raise ValueError(f"no such statistics: {', '.join(unknown)} (prunespec collects {', '.join(STATISTICS)})")
-        last = self._last
-        shared = last is not None and stop.same_as is not None and stop.same_as == last[0]
-        stats: dict[str, torch.Tensor] = last[1] if shared and last is not None else {}
-        self.sample = last[2] if shared and last is not None else None
+        shared = self._last if self._last is not None and stop.same_as == self._last[0] else None
+        stats: dict[str, torch.Tensor] = shared[1] if shared is not None else {}
+        self.sample = shared[2] if shared is not None else None
         missing = [name for name in names if name not in stats]
         if missing or (self._limit is not None and self.sample is None):
             sampler = Sampler(self._limit) if self._limit is not None and self.sample is None else None
