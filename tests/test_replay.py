@@ -4,12 +4,9 @@ block runs again from them, one batch at a time, for each stop inside it."""
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import greenlet
@@ -239,36 +236,3 @@ def test_without_blocks_replay_changes_nothing() -> None:
         prunespec.apply(model, spec, data=data, replay_blocks=replay)
         states.append(_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
-
-def test_replay_blocks_through_the_cli(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
-    factory = tmp_path / "calib.py"
-    factory.write_text(
-        "import torch\n\n\ndef batches():\n"
-        "    gen = torch.Generator().manual_seed(0)\n"
-        "    return [{'input_ids': torch.randint(0, 128, (2, 12), generator=gen)} for _ in range(3)]\n"
-    )
-    spec = tmp_path / "wanda.yaml"
-    spec.write_text(
-        "version: 1\nrules:\n  - select: {types: [Conv1D], names: ['re:transformer\\.h\\..*']}\n"
-        "    method: wanda\n    sparsity: 0.5\n"
-    )
-    out = tmp_path / "pruned.pt"
-    cmd = [sys.executable, "-m", "prunespec", "apply", str(spec), "--model", "examples/tiny_transformers.py:tiny_gpt2"]
-    done = subprocess.run(
-        [*cmd, "--data", f"{factory}:batches", "--replay-blocks", "--out", str(out)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    replayed = tiny_gpt2()
-    prunespec.load(replayed, out)
-    held = tiny_gpt2()
-    gen = torch.Generator().manual_seed(0)
-    prunespec.apply(
-        held, str(spec), data=[{"input_ids": torch.randint(0, 128, (2, 12), generator=gen)} for _ in range(3)]
-    )
-    masks = {k: v for k, v in held.state_dict().items() if k.endswith("_mask")}
-    assert len(masks) == 8 and all(torch.equal(replayed.state_dict()[k], v) for k, v in masks.items())

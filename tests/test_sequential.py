@@ -286,7 +286,8 @@ def test_tiny_gpt2_conv1d_through_the_api_rows_are_outputs() -> None:
         model(**_gpt2_batches()[0])
 
 
-def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["--replay-blocks"]])
+def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path, flags: list[str]) -> None:
     root = Path(__file__).resolve().parents[1]
     factory = tmp_path / "calib.py"
     factory.write_text(
@@ -303,7 +304,7 @@ def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "pruned.pt"
     cmd = [sys.executable, "-m", "prunespec", "apply", str(spec), "--model", "examples/tiny_transformers.py:tiny_gpt2"]
     done = subprocess.run(
-        [*cmd, "--data", f"{factory}:batches", "--out", str(out)], cwd=root, capture_output=True, text=True
+        [*cmd, "--data", f"{factory}:batches", *flags, "--out", str(out)], cwd=root, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert "50.00%" in done.stdout
@@ -312,6 +313,13 @@ def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path) -> None:
     mask = model.transformer.h[0].mlp.c_fc.weight_mask  # (in, out): groups of 4 run along the inputs, dim 0
     groups = mask.T.reshape(mask.shape[1], -1, 4)
     assert torch.all(groups.sum(dim=2) == 2)
+    held = tiny_gpt2()  # the same masks as an apply here, without replay
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones(2, 12, dtype=torch.long)
+    padded[1, 7:] = 0
+    prunespec.apply(held, str(spec), data=[{"input_ids": ids, "attention_mask": padded}])
+    masks = {k: v for k, v in held.state_dict().items() if k.endswith("_mask")}
+    assert len(masks) == 8 and all(torch.equal(model.state_dict()[k], v) for k, v in masks.items())
 
 
 def test_the_report_gives_each_tensors_reconstruction_error_on_the_calibration_data() -> None:
