@@ -233,22 +233,24 @@ class Sampler:
         flat = x.detach().reshape(-1, x.shape[-1])
         rows = None if keep is None else keep.reshape(-1).nonzero().reshape(-1).to(flat.device)
         count = flat.shape[0] if rows is None else rows.numel()
-        held = sum(p[1].numel() for p in self.parts)
-        while held + _multiples(self.seen, count, self.stride) > 2 * self.limit:
+        while self._held() + _multiples(self.seen, count, self.stride) > 2 * self.limit:
             self.stride *= 2
-            self.parts = [
-                (b, pos[pos % self.stride == 0], r[pos % self.stride == 0], t[pos % self.stride == 0])
-                for b, pos, r, t in self.parts
-            ]
-            held = sum(p[1].numel() for p in self.parts)
+            thinned = []
+            for b, pos, r, t in self.parts:
+                on = pos % self.stride == 0
+                thinned.append((b, pos[on], r[on], t[on]))
+            self.parts = thinned
         first = -self.seen % self.stride
         at = torch.arange(first, max(first, count), self.stride, device=flat.device)
         picked = at if rows is None else rows[at]
         self.parts.append((batch, at.cpu() + self.seen, picked, flat[picked].to(torch.float32)))
         self.seen += count
 
+    def _held(self) -> int:
+        return sum(pos.numel() for _, pos, _, _ in self.parts)
+
     def result(self) -> Sample:
-        held = sum(p[1].numel() for p in self.parts)
+        held = self._held()
         n = min(self.limit, held)
         chosen = torch.arange(n, dtype=torch.float64).mul_(held / n if n else 0).long()  # evenly, in order
         tokens, rows, offset = [], [], 0

@@ -322,7 +322,7 @@ class Pass:
             self._shared = (block, module, shared[2][1:])
             self._sweep = self._sweeping(block, entered, module)
             return Stop(module, self._sweep, shared[1])
-        if all(name in self.released for name in self._inside[block]):
+        if self._done(block):
             return None
         for i, worker in enumerate(entered):
             replay = self._replay(worker)
@@ -332,6 +332,10 @@ class Pass:
                 return Stop(replay.at, self._sweep)
             self._kill(replay)
         return None
+
+    def _done(self, block: str) -> bool:
+        """Nothing left to calibrate in ``block``: the batches run it through."""
+        return block in self._finished or all(name in self.released for name in self._inside[block])
 
     def _sweeping(self, block: str, entered: list[_Worker], module: str) -> Generator[Arrival, None, None]:
         """Each batch's arrival at ``module``, its block replayed up to there (the first replay may be
@@ -429,9 +433,7 @@ class Pass:
     def _entering(self, block: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             worker = self._current
-            if worker is None or worker.replay or block in self._finished:
-                return
-            if all(name in self.released for name in self._inside[block]):
+            if worker is None or worker.replay or self._done(block):
                 return
             cache = next((k for k in _CACHES if kwargs.get(k) is not None), None)
             if cache is not None:
