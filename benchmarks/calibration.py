@@ -68,6 +68,17 @@ Every worker (contenders and floors) first runs one untimed forward of the first
 (``warmed_up``), so that no one pays the first call's one-off costs inside the measurement
 (transformers imports attention and masking code lazily; llm-compressor imports much of it up front).
 
+The allocator: by default every worker (each contender and the floors) runs with
+``MALLOC_MMAP_THRESHOLD_=131072``. glibc starts with that threshold but raises it each time a mapped block
+is freed (up to 32 MiB), after which tensors of that size come from the heap, where a freed one stays in
+the RSS until the heap is trimmed, and long-lived tensors among them keep the pages around them. A peak
+RSS then depends on the order of allocations more than on what the pruning keeps alive: the same
+prunespec worker peaked 218 and 440 MiB beyond the model in two runs, and llm-compressor's wanda 105 and
+180 MiB in runs a day apart. With the threshold fixed, tensors over 128 KiB are mapped and unmapped, the
+peak follows the live tensors and repeats to the MiB, for every contender alike; what it costs is page
+faults on each such tensor's first use (a quarter to a half more time here, for everyone). ``--malloc default``
+measures with glibc as it comes.
+
 Timings on a shared machine move several-fold with other processes' load (reported per worker as
 "others' CPU"); compare only ratios from one run.
 """
@@ -120,6 +131,11 @@ TOOL_NAMES = {
     "llmc": "llm-compressor",
 }
 TARGETS = {"wanda": 1.5, "sparsegpt": 3.0}
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+MALLOC_NAMES = {
+    "fixed": f"glibc, {MMAP_THRESHOLD}=131072 (tensors over 128 KiB mapped and unmapped: RSS follows live memory)",
+    "default": "glibc as it comes (dynamic mmap threshold: peaks depend on the heap's history)",
+}
 
 
 # --- sizes -----------------------------------------------------------------------------------------------
@@ -334,11 +350,28 @@ def llmc_python() -> Path:
     return Path(os.environ.get(LLMC_ENV) or REPO_ROOT.parent / "peers" / "llmc" / "bin" / "python")
 
 
+def worker_env(malloc: str) -> dict[str, str]:
+    """The environment every worker runs in: with ``malloc="fixed"``, glibc's mmap threshold fixed at its
+    starting value (see the module docstring), so that a peak RSS is what the pruning kept alive."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if malloc == "fixed":
+        env[MMAP_THRESHOLD] = str(128 * 1024)
+    return env
+
+
 def run_one(
-    python: str, tool: str, method: str, setting: str, model_dir: str, data: str, timeout: float, wait: float = 0
+    python: str,
+    tool: str,
+    method: str,
+    setting: str,
+    model_dir: str,
+    data: str,
+    timeout: float,
+    wait: float = 0,
+    malloc: str = "fixed",
 ) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--worker", tool, method, setting, model_dir, data]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env = worker_env(malloc)
     if tool != "llmc":
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     label = f"{TOOL_NAMES.get(tool, tool)} {method} {setting}".strip()
@@ -446,11 +479,20 @@ def run_parent(args: argparse.Namespace) -> int:
                             setup["data"],
                             args.timeout,
                             args.wait_idle,
+                            args.malloc,
                         )
                         results.append({**r, "bench": name})
             if "model" in size:  # the speed settings: their floors too
                 r = run_one(
-                    sys.executable, "floors", "-", "-", setup["model_dir"], setup["data"], args.timeout, args.wait_idle
+                    sys.executable,
+                    "floors",
+                    "-",
+                    "-",
+                    setup["model_dir"],
+                    setup["data"],
+                    args.timeout,
+                    args.wait_idle,
+                    args.malloc,
                 )
                 results.append({**r, "bench": name})
     if args.json:
@@ -488,6 +530,7 @@ def report(setups: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], 
         + (" (--quick)" if args.quick else ""),
         f"prunespec {engine.git_revision()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; peer: {llmc_python()}",
+        f"every worker's allocator: {MALLOC_NAMES[args.malloc]}",
     ]
     peer_versions = next((r["versions"] for r in results if r.get("tool") == "llmc" and "versions" in r), None)
     if peer_versions:
@@ -618,6 +661,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print setups and results as JSON")
     engine.add_wait_idle(parser)
+    parser.add_argument(
+        "--malloc",
+        choices=sorted(MALLOC_NAMES),
+        default="fixed",
+        help=f"fixed (default): every worker with {MMAP_THRESHOLD}=131072, so that peak RSS follows the live "
+        "tensors; default: glibc as it comes (peaks then depend on the heap's history, up to 2x between runs)",
+    )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")
     parser.add_argument(
         "--worker", nargs=5, metavar=("TOOL", "METHOD", "SETTING", "MODEL_DIR", "DATA"), help=argparse.SUPPRESS

@@ -372,6 +372,7 @@ def select_rows(
     return pruned, ok
 
 
+_TOPK_ENTRIES = 1 << 18  # per topk call: its values and indices take 3 MiB (float32), not 1.5x the scores
 _FEW_TARGETS = 8  # rows share a handful of targets (one when nothing was pruned before): one topk each
 
 
@@ -387,8 +388,11 @@ def _select_by_threshold(scores: torch.Tensor, targets: torch.Tensor, distinct: 
             threshold[rows] = -math.inf if scores.is_floating_point() else torch.iinfo(scores.dtype).min
             continue
         part = scores if rows.numel() == scores.shape[0] else scores[rows]
-        # the t lowest, unordered (topk beats kthvalue and sort on CPU): the highest of them is the t-th
-        threshold[rows] = torch.topk(part, int(t), dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+        # the t lowest, unordered (topk beats kthvalue and sort on CPU): the highest of them is the t-th;
+        # a few rows at a time, so that topk's values and int64 indices stay small beside the scores
+        chunks = part.split(max(1, _TOPK_ENTRIES // int(t)))
+        lowest = [torch.topk(c, int(t), dim=1, largest=False, sorted=False).values.amax(dim=1) for c in chunks]
+        threshold[rows] = torch.cat(lowest).reshape(-1, 1)
     pruned = scores <= threshold  # the t lowest, and any more entries equal to the t-th
     if 0 in distinct:
         pruned &= targets.reshape(-1, 1) > 0

@@ -148,9 +148,12 @@ def test_accelerator_gather_path_gives_the_same_masks(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("rows_per_topk", [None, 1])
 def test_select_rows_without_sorting_picks_what_a_stable_sort_picks(
-    seed: int, dtype: torch.dtype, signed: bool
+    seed: int, dtype: torch.dtype, signed: bool, rows_per_topk: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if rows_per_topk is not None:  # the rows' thresholds found a few rows at a time, as for a wide tensor
+        monkeypatch.setattr(selection, "_TOPK_ENTRIES", rows_per_topk)
     gen = torch.Generator().manual_seed(seed)
     rows, size = 1 + seed % 7, 1 + seed * 3
     scores = torch.randint(-3 if signed else 0, 4, (rows, size), generator=gen).to(dtype)  # many ties
