@@ -390,7 +390,7 @@ def _select_by_threshold(scores: torch.Tensor, targets: torch.Tensor, distinct: 
         part = scores if rows.numel() == scores.shape[0] else scores[rows]
         # the t lowest, unordered (topk beats kthvalue and sort on CPU): the highest of them is the t-th;
         # a few rows at a time, so that topk's values and int64 indices stay small beside the scores
-        chunks = part.split(max(1, _TOPK_ENTRIES // int(t)))
+        chunks = torch.split(part, max(1, _TOPK_ENTRIES // int(t)))
         lowest = [torch.topk(c, int(t), dim=1, largest=False, sorted=False).values.amax(dim=1) for c in chunks]
         threshold[rows] = torch.cat(lowest).reshape(-1, 1)
     pruned = scores <= threshold  # the t lowest, and any more entries equal to the t-th
