@@ -105,17 +105,19 @@ def features(module: nn.Module) -> int | None:
     return None
 
 
-def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def input_sq_sums(x: torch.Tensor, keep: torch.Tensor | None, into: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over tokens of each feature squared, in float32; ``keep``: bool mask of the tokens that count,
-    already matched to ``x``'s leading dims."""
+    already matched to ``x``'s leading dims; ``into``: a sum so far, added to in place."""
     tokens = _kept(x.detach(), keep).reshape(-1, x.shape[-1]).to(torch.float32)
-    return (tokens * tokens).sum(dim=0)
+    sums = (tokens * tokens).sum(dim=0)
+    return sums if into is None else into.add_(sums)
 
 
-def input_gram(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Sum over tokens of ``x x^T`` (``X^T X``, features by features), in float32."""
+def input_gram(x: torch.Tensor, keep: torch.Tensor | None, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over tokens of ``x x^T`` (``X^T X``, features by features), in float32; ``into``: a sum so
+    far, added to in place (by the matmul itself: no second features-by-features matrix)."""
     tokens = _kept(x.detach(), keep).reshape(-1, x.shape[-1]).to(torch.float32)
-    return tokens.T @ tokens
+    return tokens.T @ tokens if into is None else into.addmm_(tokens.T, tokens)
 
 
 def _kept(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -195,8 +197,7 @@ class Accumulator:
                     raise BadInput(a.batch, str(exc)) from exc
                 counted += a.x.reshape(-1, a.x.shape[-1]).shape[0] if keep is None else int(keep.sum())
                 for name in missing:
-                    part = _COMPUTE[name](a.x, keep)
-                    stats[name] = part if name not in stats else stats[name].add_(part)
+                    stats[name] = _COMPUTE[name](a.x, keep, stats.get(name))
                 if sampler is not None:
                     sampler.add(a.batch, a.x, keep)
             if self.tokens is None:
@@ -358,8 +359,8 @@ def collect_across_ranks(
 
     Vectors (``input_sq_norms``) are gathered batch by batch and summed in rank order: the sums one
     process makes of all the ranks' batches, in that order, to the bit. Matrices (``input_gram``,
-    :data:`PER_RANK`) are too big to send once per batch: each rank sums its own batches in batch order
-    (as :class:`Accumulator` does), and those per-rank sums are added over ranks in float64, then
+    :data:`PER_RANK`) are too big to send once per batch: each rank sums its own batches in batch order,
+    and those per-rank sums are added over ranks in float64, then
     rounded to float32 once. That order differs from one process's, so they equal one process's sums
     of the same batches up to float rounding, not to the bit.
 
@@ -387,7 +388,7 @@ def collect_across_ranks(
             for stat, value in stats.items():
                 if stat in PER_RANK:
                     total = sums[name].get(stat)
-                    sums[name][stat] = value if total is None else total.add_(value)  # batch order, as Accumulator
+                    sums[name][stat] = value if total is None else total.add_(value)  # in batch order
                 else:
                     parts[name].setdefault(stat, []).append(value)
             keep = tokens_kept(x, keep_mask, name)
