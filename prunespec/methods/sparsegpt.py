@@ -382,8 +382,8 @@ def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, 
 
 def _factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
     # One Cholesky instead of the paper's two (of H, then of H^-1): with P the order reversal and
-    # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1. Two matrices of the Hessian's size
-    # at most: everything after the flip's copy happens in place.
+    # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1. One matrix of the Hessian's size
+    # beside it: everything after the flip's copy happens in place.
     h = gram.detach().to(device=device, dtype=torch.float32).flip(0, 1)
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0  # a never-active input: its row and column are zero, any positive value will do
@@ -397,10 +397,27 @@ def _factor(gram: torch.Tensor, dampening: float, device: torch.device, where: s
             f"sparsegpt: the Hessian of {where} (input_gram plus dampening={dampening} times its mean diagonal) "
             "is not positive definite; raise dampening (e.g. 0.1), or check the calibration data for inf/NaN"
         )
-    inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-    del h, lower, diagonal
-    return _reverse(inverse)
+    _invert_lower(lower)
+    # lower holds L^-1, so h (its row-major transpose) holds L^-T; U = P L^-1 P is h reversed, transposed
+    return _reverse(h).mT
+
+
+def _invert_lower(t: torch.Tensor, leaf: int = 256) -> None:
+    """Invert the lower-triangular ``t`` in place (its upper part zeros, and left so): blockwise, with
+    ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, so that beside ``t`` only a quarter of
+    its size is held (an identity and a triangular solve would hold a whole second matrix)."""
+    n = t.shape[0]
+    if n <= leaf:
+        t.copy_(torch.linalg.solve_triangular(t, torch.eye(n, dtype=t.dtype, device=t.device), upper=False))
+        return
+    half = n // 2
+    a, b, c = t[:half, :half], t[half:, :half], t[half:, half:]
+    _invert_lower(a, leaf)
+    _invert_lower(c, leaf)
+    right = b @ a  # B A^-1
+    for rows in range(0, n - half, leaf):  # C^-1 (B A^-1), a few rows at a time: no second quarter
+        b[rows : rows + leaf] = c[rows : rows + leaf] @ right
+    b.neg_()
 
 
 def _reverse(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
