@@ -29,9 +29,9 @@ def test_siblings_share_one_statistic_computed_once(monkeypatch: object) -> None
     calls = []
     real = calibration.input_sq_sums
 
-    def counted(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def counted(x: torch.Tensor, keep: torch.Tensor | None, into: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(tuple(x.shape))
-        return real(x, keep)
+        return real(x, keep, into)
 
     monkeypatch.setitem(calibration._COMPUTE, "input_sq_norms", counted)  # type: ignore[attr-defined]
     batches = [torch.randn(2, 3, 8), torch.randn(1, 4, 8)]
