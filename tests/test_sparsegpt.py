@@ -366,6 +366,21 @@ def test_the_factor_is_the_dampened_inverses_upper_factor_and_leaves_the_hessian
     assert torch.allclose((u.T @ u).double(), torch.linalg.inv(h), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 8, 13, 40])
+@pytest.mark.parametrize("leaf", [1, 2, 3, 256])
+def test_a_lower_triangular_matrix_is_inverted_in_place_blockwise(size: int, leaf: int) -> None:
+    gen = torch.Generator().manual_seed(size)
+    lower = torch.randn(size, size, generator=gen, dtype=torch.float64).tril()
+    lower.diagonal().abs_().add_(1.0)  # well conditioned
+    expected = torch.linalg.inv(lower)
+    t = lower.clone()
+    sparsegpt._invert_lower(t, leaf)  # the upper part stays zero
+    assert torch.allclose(t, expected, rtol=1e-10, atol=1e-12) and torch.equal(t, t.tril())
+    column_major = lower.mT.contiguous().mT  # the layout LAPACK leaves the factor in
+    sparsegpt._invert_lower(column_major, leaf)
+    assert torch.allclose(column_major, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 6])
 @pytest.mark.parametrize("chunk", [1, 4, 1 << 20])
 def test_reverse_is_flip_in_place(size: int, chunk: int) -> None:
