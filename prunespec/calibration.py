@@ -207,6 +207,10 @@ class Accumulator:
         self._last = (stop.module, stats, self.sample)
         return stats
 
+    def forget(self) -> None:
+        """Keep nothing of the last stop for the next (its statistics are about to be overwritten)."""
+        self._last = None
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -321,7 +321,16 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
             calibration_pass.update(_weights(packing))
             packing = []
             done: list[Pruned] = []
-            for unit, staged in at_stop.pop(stop.module, []):
+            here = at_stop.pop(stop.module, [])
+            if (
+                len(here) == 1
+                and len(here[0][1]) == 1
+                and stop.module not in kept
+                and not calibration_pass.shared_later(stop.module)
+            ):  # its one tensor is the statistics' last reader: its method may overwrite them
+                accumulator.forget()
+                here[0][1][0].consumable = True
+            for unit, staged in here:
                 for tensor in staged:
                     tensor.statistics = stats
                 _compute(model, plan, unit, staged)

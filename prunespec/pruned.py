@@ -46,6 +46,7 @@ class Pruned:
     bits: Packed | None = None  # its final mask at 1 bit an entry, held for the install (then ``mask`` is None)
     # a DTensor's: ``orig``, ``mask`` and ``values`` are then this rank's parts (masks are wrapped at install)
     sharding: Sharding | None = None
+    consumable: bool = False  # its method may overwrite ``statistics`` (see MaskContext.statistics_consumable)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -83,4 +84,5 @@ class Pruned:
             statistics,
             self.generators,
             self.sharding,
+            self.consumable,
         )

@@ -174,6 +174,7 @@ class Pass:
         self._sweep: Generator[Arrival, None, None] | None = None  # the replayed stop being read
         self._live: _Worker | None = None  # the one replay under way
         self._shared: tuple[str, str, list[str]] | None = None  # block, last stop, the next ones given its input
+        self._replayed_stop = False  # the last stop's arrivals came from replays
         self.reached: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -240,10 +241,12 @@ class Pass:
                 arrivals = [Arrival(w.index, w.x, w.mask) for w in waiting if w.at == first.at and w.x is not None]
                 same = self._same_inputs(arrivals)
                 self._previous = (first.at, {a.batch: weakref.ref(a.x) for a in arrivals})
+                self._replayed_stop = False
                 return Stop(first.at, arrivals, same)
             self._previous = None
             stop = self._replayed(first.block, [w for w in waiting if w.block == first.block])
             if stop is not None:
+                self._replayed_stop = True
                 return stop
             self._finished.add(first.block)  # nothing left to calibrate in it: the batches run it through
             runtime.free_heap()
@@ -274,6 +277,15 @@ class Pass:
         ``batches`` (once released, or as a replay of its block passes it)."""
         if batches:
             self._taps[module] = (fn, set(batches))
+
+    def shared_later(self, module: str) -> bool:
+        """Whether a later stop may be given the very input of ``module``'s, the current stop (and so
+        share its statistics). Known once its arrivals are read when its block is replayed (the
+        modules given that input were found on the way); otherwise True: only that stop can tell."""
+        if not self._replayed_stop:
+            return True
+        shared = self._shared
+        return shared is None or shared[1] != module or bool(shared[2])
 
     def _same_inputs(self, arrivals: list[Arrival]) -> str | None:
         previous = self._previous

@@ -236,3 +236,28 @@ def test_without_blocks_replay_changes_nothing() -> None:
         prunespec.apply(model, spec, data=data, replay_blocks=replay)
         states.append(_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_replayed_stop_no_later_module_shares_lets_sparsegpt_factor_its_hessian_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prunespec.methods import sparsegpt
+
+    real = sparsegpt._factor
+    in_place: Counter[bool] = Counter()
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        in_place.update([bool(kwargs.get("in_place", False))])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsegpt, "_factor", counted)
+    states = []
+    for replay in (False, True):
+        in_place.clear()
+        model = tiny_llama()
+        prunespec.apply(model, _rule("sparsegpt", {"sparsity": 0.5}), data=_batches(3), replay_blocks=replay)
+        states.append(_state(model))
+        # holding, a stop cannot know whether the next shares its input; replayed, o_proj and down_proj
+        # (2 of each layer's 4 distinct inputs) are known to be the last to read theirs
+        assert in_place == ({False: 4, True: 4} if replay else {False: 8})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -85,6 +85,9 @@ class MaskContext:
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     generators: Generators | None = None  # the spec's seeded generators (None: no seed, torch's own)
     sharding: Sharding | None = None  # a DTensor's: values and mask are this rank's part (``shards``)
+    # nothing reads ``statistics`` after this method: it may overwrite them rather than copy them (sparsegpt
+    # factors its Hessian in place); False: they are shared (siblings, other rules), read-only
+    statistics_consumable: bool = False
 
     @property
     def masked(self) -> torch.Tensor:

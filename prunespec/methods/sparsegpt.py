@@ -153,7 +153,8 @@ class SparseGPT(PruningMethod):
                 return ctx.default_mask.clone(), ctx.values.detach().clone()
             if rows_of is not None:
                 select = _AcrossRanks(rows_of, left)
-        factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name)
+        consume = ctx.statistics_consumable and gram.dtype == torch.float32 and gram.is_contiguous()
+        factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name, consume=consume)
         _sweep(weight, pruned, factor, self.block_size, counts, self.n, self.m, select)
 
         values = torch.empty_like(ctx.values)
@@ -362,9 +363,13 @@ def _forget(key: tuple[int, int, float, torch.device]) -> None:
         _cache.pop(key, None)
 
 
-def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
+def _inverse_factor(
+    gram: torch.Tensor, dampening: float, device: torch.device, where: str, *, consume: bool = False
+) -> torch.Tensor:
     """``U``, the upper Cholesky factor of the dampened ``gram``'s inverse, on ``device``; computed once
-    per gram object (and version: an in-place change misses the cache) while that object lives."""
+    per gram object (and version: an in-place change misses the cache) while that object lives.
+    ``consume``: no one reads ``gram`` after this, so when it has no factor yet, it is factored in
+    place (on its own device, when that is ``device``) and nothing is cached."""
     # id() alone could be reused by a new tensor once this one is freed: the finalizer drops the entry first
     key = (id(gram), gram._version, float(dampening), device)
     with _lock:  # held while factoring: a second caller with the same Hessian waits rather than factors it too
@@ -372,6 +377,8 @@ def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, 
         if entry is not None:
             _cache.move_to_end(key)
             return entry.factor
+        if consume and gram.device == device:
+            return _factor(gram, dampening, device, where, in_place=True)
         factor = _factor(gram, dampening, device, where)
         _cache[key] = _Entry(factor, weakref.finalize(gram, _forget, key))
         while len(_cache) > _CACHE_SIZE:
@@ -380,11 +387,14 @@ def _inverse_factor(gram: torch.Tensor, dampening: float, device: torch.device, 
         return factor
 
 
-def _factor(gram: torch.Tensor, dampening: float, device: torch.device, where: str) -> torch.Tensor:
+def _factor(
+    gram: torch.Tensor, dampening: float, device: torch.device, where: str, *, in_place: bool = False
+) -> torch.Tensor:
     # One Cholesky instead of the paper's two (of H, then of H^-1): with P the order reversal and
     # P H P = L L^T, U = P L^-1 P is upper triangular and U^T U = H^-1. One matrix of the Hessian's size
-    # beside it: everything after the flip's copy happens in place.
-    h = gram.detach().to(device=device, dtype=torch.float32).flip(0, 1)
+    # beside it: everything after the flip's copy happens in place (``in_place``: in ``gram`` itself, a
+    # contiguous float32 matrix on ``device``; none beside it).
+    h = _reverse(gram.detach()) if in_place else gram.detach().to(device=device, dtype=torch.float32).flip(0, 1)
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0  # a never-active input: its row and column are zero, any positive value will do
     diagonal += dampening * diagonal.mean()
