@@ -73,8 +73,8 @@ The allocator: by default every worker (each contender and the floors) runs with
 is freed (up to 32 MiB), after which tensors of that size come from the heap, where a freed one stays in
 the RSS until the heap is trimmed, and long-lived tensors among them keep the pages around them. A peak
 RSS then depends on the order of allocations more than on what the pruning keeps alive: the same
-prunespec worker peaked 218 and 440 MiB beyond the model in two runs, and llm-compressor's wanda 105 and
-180 MiB in runs a day apart. With the threshold fixed, tensors over 128 KiB are mapped and unmapped, the
+prunespec worker peaked 107 and 136 MiB beyond the model in two back-to-back runs, and llm-compressor's
+wanda 105 and 180 MiB in two runs of the same version. With the threshold fixed, tensors over 128 KiB are mapped and unmapped, the
 peak follows the live tensors and repeats to the MiB, for every contender alike; what it costs is page
 faults on each such tensor's first use (a quarter to a half more time here, for everyone). ``--malloc default``
 measures with glibc as it comes.
