@@ -74,10 +74,10 @@ is freed (up to 32 MiB), after which tensors of that size come from the heap, wh
 the RSS until the heap is trimmed, and long-lived tensors among them keep the pages around them. A peak
 RSS then depends on the order of allocations more than on what the pruning keeps alive: the same
 prunespec worker peaked 107 and 136 MiB beyond the model in two back-to-back runs, and llm-compressor's
-wanda 105 and 180 MiB in two runs of the same version. With the threshold fixed, tensors over 128 KiB are mapped and unmapped, the
-peak follows the live tensors and repeats to the MiB, for every contender alike; what it costs is page
-faults on each such tensor's first use (a quarter to a half more time here, for everyone). ``--malloc default``
-measures with glibc as it comes.
+wanda 105 and 180 MiB in two runs of the same version. With the threshold fixed, tensors over 128 KiB
+are mapped and unmapped, the peak follows the live tensors and repeats to the MiB, for every contender
+alike; what it costs is page faults on each such tensor's first use (a quarter to a half more time here,
+for everyone). ``--malloc default`` measures with glibc as it comes.
 
 Timings on a shared machine move several-fold with other processes' load (reported per worker as
 "others' CPU"); compare only ratios from one run.
