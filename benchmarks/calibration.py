@@ -132,8 +132,9 @@ TOOL_NAMES = {
 }
 TARGETS = {"wanda": 1.5, "sparsegpt": 3.0}
 MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+MMAP_BYTES = 128 * 1024  # glibc's starting threshold, kept fixed
 MALLOC_NAMES = {
-    "fixed": f"glibc, {MMAP_THRESHOLD}=131072 (tensors over 128 KiB mapped and unmapped: RSS follows live memory)",
+    "fixed": f"glibc, {MMAP_THRESHOLD}={MMAP_BYTES} (larger tensors mapped and unmapped: RSS follows live memory)",
     "default": "glibc as it comes (dynamic mmap threshold: peaks depend on the heap's history)",
 }
 
@@ -355,7 +356,7 @@ def worker_env(malloc: str) -> dict[str, str]:
     starting value (see the module docstring), so that a peak RSS is what the pruning kept alive."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if malloc == "fixed":
-        env[MMAP_THRESHOLD] = str(128 * 1024)
+        env[MMAP_THRESHOLD] = str(MMAP_BYTES)
     return env
 
 
@@ -665,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--malloc",
         choices=sorted(MALLOC_NAMES),
         default="fixed",
-        help=f"fixed (default): every worker with {MMAP_THRESHOLD}=131072, so that peak RSS follows the live "
+        help=f"fixed (default): every worker with {MMAP_THRESHOLD}={MMAP_BYTES}, so that peak RSS follows the live "
         "tensors; default: glibc as it comes (peaks then depend on the heap's history, up to 2x between runs)",
     )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per worker (default 1200)")

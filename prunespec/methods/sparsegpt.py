@@ -153,8 +153,7 @@ class SparseGPT(PruningMethod):
                 return ctx.default_mask.clone(), ctx.values.detach().clone()
             if rows_of is not None:
                 select = _AcrossRanks(rows_of, left)
-        consume = ctx.statistics_consumable and gram.dtype == torch.float32 and gram.is_contiguous()
-        factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name, consume=consume)
+        factor = _inverse_factor(gram, self.dampening, weight.device, ctx.name, consume=ctx.statistics_consumable)
         _sweep(weight, pruned, factor, self.block_size, counts, self.n, self.m, select)
 
         values = torch.empty_like(ctx.values)
@@ -368,8 +367,8 @@ def _inverse_factor(
 ) -> torch.Tensor:
     """``U``, the upper Cholesky factor of the dampened ``gram``'s inverse, on ``device``; computed once
     per gram object (and version: an in-place change misses the cache) while that object lives.
-    ``consume``: no one reads ``gram`` after this, so when it has no factor yet, it is factored in
-    place (on its own device, when that is ``device``) and nothing is cached."""
+    ``consume``: no one reads ``gram`` after this, so when it has no factor yet and is a contiguous
+    float32 matrix on ``device``, it is factored in place and nothing is cached."""
     # id() alone could be reused by a new tensor once this one is freed: the finalizer drops the entry first
     key = (id(gram), gram._version, float(dampening), device)
     with _lock:  # held while factoring: a second caller with the same Hessian waits rather than factors it too
@@ -377,7 +376,7 @@ def _inverse_factor(
         if entry is not None:
             _cache.move_to_end(key)
             return entry.factor
-        if consume and gram.device == device:
+        if consume and gram.device == device and gram.dtype == torch.float32 and gram.is_contiguous():
             return _factor(gram, dampening, device, where, in_place=True)
         factor = _factor(gram, dampening, device, where)
         _cache[key] = _Entry(factor, weakref.finalize(gram, _forget, key))
