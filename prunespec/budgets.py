@@ -54,7 +54,7 @@ def owl_allocations(model: nn.Module, plan: Plan, batches: Sequence[Any]) -> All
 
     current: str | None = None
     with Pass(model, list(batches), {name: modules[name] for name in by_module}) as calibration_pass:
-        for stop, stats in calibration.stops(calibration_pass, lambda _: ("input_sq_norms",), labels):
+        for stop, stats, _ in calibration.stops(calibration_pass, lambda _: ("input_sq_norms",), labels):
             module = modules[stop.module]
             block = block_of(stop.module, plan.blocks)
             if block != current:

@@ -48,6 +48,7 @@ from .errors import CalibrationError
 from .sequential import (
     Arrival,
     BatchFailed,
+    BlockStop,
     Pass,
     Stop,
     attention_mask,
@@ -174,42 +175,129 @@ class Accumulator:
     def at(self, stop: Stop, names: Collection[str], features: int | None = None) -> dict[str, torch.Tensor]:
         """The statistics ``names`` of the stop's module, whose inputs have ``features`` features when
         known. Raises :class:`BadInput` naming the batch whose input does not fit."""
-        unknown = sorted(set(names) - set(STATISTICS))
-        if unknown:
-            raise ValueError(f"no such statistics: {', '.join(unknown)} (prunespec collects {', '.join(STATISTICS)})")
+        _known(names)
         shared = self._last if self._last is not None and stop.same_as == self._last[0] else None
         stats: dict[str, torch.Tensor] = shared[1] if shared is not None else {}
         self.sample = shared[2] if shared is not None else None
         missing = [name for name in names if name not in stats]
         if missing or (self._limit is not None and self.sample is None):
-            sampler = Sampler(self._limit) if self._limit is not None and self.sample is None else None
-            counted = 0
+            sum_up = _Sum(stop.module, missing, features, stats, self._limit if self.sample is None else None)
             for a in stop.arrivals:  # once: each batch's input may be gone after its turn
-                if features is not None and (a.x.dim() == 0 or a.x.shape[-1] != features):
-                    raise BadInput(
-                        a.batch,
-                        f"its input to {stop.module} has shape {list(a.x.shape)}, but {stop.module} takes "
-                        f"{features} features (the last dim)",
-                    )
-                try:
-                    keep = tokens_kept(a.x, a.attention_mask, stop.module)
-                except ValueError as exc:
-                    raise BadInput(a.batch, str(exc)) from exc
-                counted += a.x.reshape(-1, a.x.shape[-1]).shape[0] if keep is None else int(keep.sum())
-                for name in missing:
-                    stats[name] = _COMPUTE[name](a.x, keep, stats.get(name))
-                if sampler is not None:
-                    sampler.add(a.batch, a.x, keep)
+                sum_up.add(a)
             if self.tokens is None:
-                self.tokens = counted
-            if sampler is not None:
-                self.sample = sampler.result()
+                self.tokens = sum_up.counted
+            if sum_up.sampler is not None:
+                self.sample = sum_up.sampler.result()
         self._last = (stop.module, stats, self.sample)
         return stats
+
+    def at_block(
+        self, stop: BlockStop, names: Callable[[str], Collection[str]], features: Callable[[str], int | None]
+    ) -> list[Swept]:
+        """Every module a sweep of ``stop``'s block reached, in the order first reached, with its
+        statistics ``names(module)``, from that one sweep. A module given the very input of one before
+        it, in every batch that runs either, shares that one's statistics; when the batches disagree on
+        that, the block is swept again, each module summing its own. Raises :class:`BadInput`."""
+        self._last = None
+        found = self._swept(stop, names, features, share=True)
+        return found if found is not None else self._swept(stop, names, features, share=False) or []
+
+    def _swept(
+        self,
+        stop: BlockStop,
+        names: Callable[[str], Collection[str]],
+        features: Callable[[str], int | None],
+        *,
+        share: bool,
+    ) -> list[Swept] | None:
+        """:meth:`at_block`'s one sweep; None when ``share`` and the batches disagree on what is shared."""
+        leader: dict[str, str] = {}  # module -> the module whose statistics it shares (itself: its own)
+        sums: dict[str, _Sum] = {}  # by leader
+        runs: dict[str, int] = {}  # module -> batches that reached it
+        batch: int | None = None
+        for module, same_as, a in stop.sweep():
+            if a.batch != batch:
+                if any(runs[m] != runs[p] for m, p in leader.items()):
+                    return None  # a module sharing statistics missed a batch its leader ran, or the reverse
+                batch = a.batch
+            runs[module] = runs.get(module, 0) + 1
+            if module not in leader:
+                follows = share and same_as is not None and leader.get(same_as) == same_as and runs[same_as] == 1
+                leader[module] = same_as if follows and same_as is not None else module
+                if leader[module] == module:
+                    wanted = names(module)
+                    _known(wanted)
+                    sums[module] = _Sum(module, wanted, features(module), {}, self._limit)
+            if leader[module] != module:
+                if same_as != leader[module]:
+                    return None
+                continue
+            sums[module].add(a)
+        if any(runs[m] != runs[p] for m, p in leader.items()):
+            return None
+        if sums and self.tokens is None:
+            self.tokens = next(iter(sums.values())).counted
+        last = {p: m for m, p in leader.items()}  # each leader's last sharer
+        samples = {p: s.sampler.result() if s.sampler is not None else None for p, s in sums.items()}
+        return [Swept(m, None if p == m else p, sums[p].stats, samples[p], last[p] != m) for m, p in leader.items()]
 
     def forget(self) -> None:
         """Keep nothing of the last stop for the next (its statistics are about to be overwritten)."""
         self._last = None
+
+
+@dataclass(frozen=True)
+class Swept:
+    """A module a block's sweep reached (see :meth:`Accumulator.at_block`): its statistics and sample of
+    tokens, ``same_as`` the module whose statistics (the same objects) it shares, and whether a module
+    after it shares them too."""
+
+    module: str
+    same_as: str | None
+    stats: dict[str, torch.Tensor]
+    sample: Sample | None
+    shared_later: bool
+
+
+class _Sum:
+    """One module's statistics ``names`` summed over the arrivals :meth:`add` gives it, in order (into
+    ``stats``, which may hold some already), the tokens counted, and a :class:`Sampler` with ``limit``."""
+
+    def __init__(
+        self,
+        module: str,
+        names: Collection[str],
+        features: int | None,
+        stats: dict[str, torch.Tensor],
+        limit: int | None,
+    ) -> None:
+        self.module, self.names, self.features, self.stats = module, list(names), features, stats
+        self.sampler = Sampler(limit) if limit is not None else None
+        self.counted = 0
+
+    def add(self, a: Arrival) -> None:
+        """Raises :class:`BadInput` when the batch's input does not fit the module."""
+        if self.features is not None and (a.x.dim() == 0 or a.x.shape[-1] != self.features):
+            raise BadInput(
+                a.batch,
+                f"its input to {self.module} has shape {list(a.x.shape)}, but {self.module} takes "
+                f"{self.features} features (the last dim)",
+            )
+        try:
+            keep = tokens_kept(a.x, a.attention_mask, self.module)
+        except ValueError as exc:
+            raise BadInput(a.batch, str(exc)) from exc
+        self.counted += a.x.reshape(-1, a.x.shape[-1]).shape[0] if keep is None else int(keep.sum())
+        for name in self.names:
+            self.stats[name] = _COMPUTE[name](a.x, keep, self.stats.get(name))
+        if self.sampler is not None:
+            self.sampler.add(a.batch, a.x, keep)
+
+
+def _known(names: Collection[str]) -> None:
+    unknown = sorted(set(names) - set(STATISTICS))
+    if unknown:
+        raise ValueError(f"no such statistics: {', '.join(unknown)} (prunespec collects {', '.join(STATISTICS)})")
 
 
 @dataclass(frozen=True)
@@ -304,24 +392,40 @@ def stops(
     names: Callable[[str], Collection[str]],
     rules: str,
     accumulator: Accumulator | None = None,
-) -> Iterator[tuple[Stop, dict[str, torch.Tensor]]]:
+) -> Iterator[tuple[Stop, dict[str, torch.Tensor], bool]]:
     """Each stop of ``calibration_pass`` with the statistics ``names(module)`` of its module (summed by
-    ``accumulator``, a new one by default); the caller releases each stop before the next. A batch
+    ``accumulator``, a new one by default), and whether a later stop may share them; the caller
+    releases each stop before the next. A :class:`BlockStop` comes as a stop for each module its sweep
+    reached (the statistics of all of them made at once, ``accumulator.sample`` set for each). A batch
     whose forward fails, or whose input to a module does not fit it, is a :class:`CalibrationError`
     naming the batch (``rules``: who needed the data)."""
     accumulator = Accumulator() if accumulator is None else accumulator
+    watched = calibration_pass.watched
     while True:
+        swept: list[Swept] = []
         try:
             stop = calibration_pass.next_stop()
             if stop is None:
                 return
-            stats = accumulator.at(stop, names(stop.module), features(calibration_pass.watched[stop.module]))
+            if isinstance(stop, BlockStop):
+                swept = accumulator.at_block(stop, names, lambda module: features(watched[module]))
+            else:
+                stats = accumulator.at(stop, names(stop.module), features(watched[stop.module]))
         except BatchFailed as failed:  # a replayed block fails as its stop's inputs are read
             message = f"the forward pass failed: {type(failed.error).__name__}: {failed.error}"
             raise CalibrationError(rules, message, failed.index) from failed.error
         except BadInput as exc:
             raise CalibrationError(rules, str(exc), exc.batch) from exc
-        yield stop, stats
+        # not held here once yielded: the caller may drop (or overwrite) them before the next stop
+        if isinstance(stop, Stop):
+            yield stop, stats, calibration_pass.shared_later(stop.module)
+            del stats
+        swept.reverse()
+        while swept:
+            entry = swept.pop()
+            accumulator.sample = entry.sample
+            yield Stop(entry.module, (), entry.same_as), entry.stats, entry.shared_later
+            del entry
 
 
 def collect(
@@ -339,7 +443,7 @@ def collect(
         raise CalibrationError(rules, f"no such statistics: {', '.join(unknown)} (prunespec collects {known})")
     out: Statistics = {}
     with Pass(model, batches(data, rules), modules) as calibration_pass:
-        for stop, stats in stops(calibration_pass, lambda _: names, rules):
+        for stop, stats, _ in stops(calibration_pass, lambda _: names, rules):
             out[stop.module] = stats
             calibration_pass.release(stop.module)
         missing = calibration_pass.unreached()

@@ -280,7 +280,8 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     model, plan, modules, tensors, generators, counter, influences = work.parts()
     if distributed.sharded(model):
         return _calibrated_across_ranks(work, units, batches)
-    sequential, errors = plan.spec.calibration.sequential, plan.spec.calibration.errors
+    settings = plan.spec.calibration
+    sequential, whole, errors = settings.sequential is not False, settings.sequential == "blocks", settings.errors
     rules = ", ".join(plan.needs_data)
     at_stop: dict[str, list[tuple[list[Step], list[Pruned]]]] = {}
     deferred: list[tuple[list[Step], list[Pruned]]] = []
@@ -313,8 +314,9 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     accumulator = calibration.Accumulator(reconstruction.ERROR_TOKENS if errors else None)
     measured = reconstruction.Errors()
     packing: list[Pruned] = []  # packed at the next stop: the batches first compute with their bool masks
-    with sequential_pass(model, batches, watched, early, work.replayed) as calibration_pass:
-        for stop, stats in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
+    blocks = {name: modules[name] for name in plan.blocks} if whole else work.replayed
+    with sequential_pass(model, batches, watched, early, blocks, whole_blocks=whole) as calibration_pass:
+        for stop, stats, shared_later in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             measured.settle()
             for tensor in packing:
                 finished(tensor, None, work.slab)
@@ -323,10 +325,7 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
             done: list[Pruned] = []
             here = at_stop.pop(stop.module, [])
             if (
-                len(here) == 1
-                and len(here[0][1]) == 1
-                and stop.module not in kept
-                and not calibration_pass.shared_later(stop.module)
+                len(here) == 1 and len(here[0][1]) == 1 and stop.module not in kept and not shared_later
             ):  # its one tensor is the statistics' last reader: its method may overwrite them
                 accumulator.forget()
                 here[0][1][0].consumable = True
@@ -340,7 +339,8 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
                 tensor.statistics = stats
             if accumulator.sample is not None and done:
                 module, taken = modules[stop.module], accumulator.sample
-                tap = measured.at_stop(taken, module, done, pruned_output=sequential)
+                # a block's modules are next called with the pruned block's outputs, not these tokens
+                tap = measured.at_stop(taken, module, done, pruned_output=sequential, tap=not whole)
                 if tap is not None:
                     calibration_pass.tap(stop.module, tap, [batch for batch, _ in taken.rows])
             for tensor in done:

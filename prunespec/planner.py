@@ -313,6 +313,8 @@ def sharded_problem(
     caps = info.capabilities
     if rule.group is not None:
         return "group rules (structural pruning) do not work on DTensors yet"
+    if caps.statistics and spec.calibration.sequential == "blocks":
+        return "calibration.sequential: blocks does not work on DTensors yet (use true or false)"
     rows = info.per_row(rule.options) or any(rule.options.get(k) is not None for k in info.method.amount_replaced_by)
     if caps.statistics and rows and (not isinstance(module, nn.Linear) or sharding.sharded_dims - {0}):
         return (
@@ -467,6 +469,12 @@ class _Planner:
                 f"nearest: {', '.join(near)}" if near else "run `prunespec plan` with `names: ['**']` to list modules"
             )
             self.issue(("calibration", "blocks"), f"calibration.blocks {pattern!r} matches no module", hint)
+        elif not blocks and self.spec.calibration.sequential == "blocks":
+            self.issue(
+                ("calibration", "sequential"),
+                "`blocks` calibrates the model's repeated blocks, and none were found",
+                "name them with calibration.blocks (e.g. `model.layers.*`), or use sequential: true",
+            )
         return blocks
 
     def issue(self, path: tuple[str | int, ...], message: str, hint: str | None = None) -> None:

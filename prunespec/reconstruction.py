@@ -48,12 +48,13 @@ class Errors:
         self._open: list[_Open] = []
 
     def at_stop(
-        self, taken: Sample, module: nn.Module, tensors: list[Pruned], *, pruned_output: bool
+        self, taken: Sample, module: nn.Module, tensors: list[Pruned], *, pruned_output: bool, tap: bool = True
     ) -> Callable[[int, Any], None] | None:
         """Measure ``tensors`` (``module``'s, just calibrated at a stop whose sample of tokens is
         ``taken``); a tap to give the module's outputs to (batch index, output), or None when every
         error is known already.
-        ``pruned_output``: the module computes with W' after the stop (sequential), else with W."""
+        ``pruned_output``: the module computes with W' after the stop (sequential), else with W.
+        ``tap``: its next outputs are of those tokens (False: both products are computed here)."""
         measured = [t for t in tensors if t.orig.dim() == 2 and t.mask is not None]
         if not measured:
             return None
@@ -63,17 +64,17 @@ class Errors:
             if before.shape[1] != taken.tokens.shape[1]:
                 continue
             tokens = taken.tokens.to(before.device)
-            if _plain(module) and tensor.owners[0][0] is module:
+            if tap and _plain(module) and tensor.owners[0][0] is module:
                 known = tokens @ (before if pruned_output else _difference(tensor, before)).to(torch.float32).T
                 opened.append(_Open(tensor, dict(taken.rows), known, pruned_output))
-            else:  # a module whose output is not x W^T + b: both products here
+            else:  # no tap, or a module whose output is not x W^T + b: both products here
                 dense = tokens @ before.to(torch.float32).T
                 tensor.error = _ratio(tokens @ _difference(tensor, before).T, dense)
         if not opened:
             return None
         self._open.extend(opened)
 
-        def tap(batch: int, output: Any) -> None:
+        def receive(batch: int, output: Any) -> None:
             if not isinstance(output, torch.Tensor):
                 return
             bias = getattr(module, "bias", None)
@@ -84,7 +85,7 @@ class Errors:
                     got = flat[rows.to(flat.device)].to(torch.float32)
                     entry.outputs[batch] = got - bias.detach().to(torch.float32) if bias is not None else got
 
-        return tap
+        return receive
 
     def settle(self) -> None:
         """The errors whose module outputs are all in; the others wait (a tensor whose outputs never

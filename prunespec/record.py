@@ -11,7 +11,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -106,12 +106,13 @@ class _Key:
 @dataclass(frozen=True)
 class CalibrationRecord:
     """What one calibration used: ``samples`` batches, ``tokens`` counted (positions kept, padding left
-    out), ``sequential`` or not, the ``blocks`` (names, in order), the data's ``fingerprint``
-    (:class:`Fingerprint`'s hex digest), and per OWL rule (by index in the spec) each block's sparsity."""
+    out), ``sequential`` (true, false or ``"blocks"``, as in the spec), the ``blocks`` (names, in
+    order), the data's ``fingerprint`` (:class:`Fingerprint`'s hex digest), and per OWL rule (by index
+    in the spec) each block's sparsity."""
 
     samples: int
     tokens: int
-    sequential: bool
+    sequential: bool | Literal["blocks"]
     blocks: tuple[str, ...] = ()
     fingerprint: str = ""
     allocations: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
@@ -144,8 +145,11 @@ class CalibrationRecord:
         if missing:
             raise ValueError(f"missing key {missing[0]!r}")
         samples, tokens = _count(data["samples"], "samples"), _count(data["tokens"], "tokens")
-        if type(data["sequential"]) is not bool:
-            raise ValueError(f"sequential: is {_a(data['sequential'])}; expected true or false")
+        sequential = data["sequential"]
+        if type(sequential) is str and sequential == "blocks":
+            sequential = "blocks"
+        elif type(sequential) is not bool:
+            raise ValueError(f"sequential: is {_a(sequential)}; expected true, false or 'blocks'")
         blocks = data.get("blocks", [])
         if not isinstance(blocks, list):
             raise ValueError(f"blocks: is {_a(blocks)}; expected a list of module names")
@@ -157,7 +161,7 @@ class CalibrationRecord:
             fingerprint == "" or (len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint))
         ):
             raise ValueError(f"fingerprint: is {_a(fingerprint)}; expected 64 hex digits (a SHA-256)")
-        return cls(samples, tokens, data["sequential"], tuple(blocks), fingerprint, _allocations(data))
+        return cls(samples, tokens, sequential, tuple(blocks), fingerprint, _allocations(data))
 
 
 def _allocations(data: Mapping[str, Any]) -> dict[int, dict[str, float]]:

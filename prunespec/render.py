@@ -201,14 +201,18 @@ def format_shrink(report: ShrinkReport) -> str:
     return "\n".join(out)
 
 
+_HOW = {
+    True: "sequential (each module on the outputs of the modules before it, already pruned)",
+    "blocks": "block by block (each block's modules on the block's inputs, the blocks before it already pruned)",
+    False: "one pass over the unpruned model",
+}
+_HOW_SHORT = {True: "sequential", "blocks": "block by block", False: "one pass over the unpruned model"}
+
+
 def calibration(plan: Plan) -> str:
     """The calibration settings of a plan that needs data, on one line."""
     settings = plan.spec.calibration
-    how = (
-        "sequential (each module on the outputs of the modules before it, already pruned)"
-        if settings.sequential
-        else "one pass over the unpruned model"
-    )
+    how = _HOW[settings.sequential]
     if settings.samples is None:
         samples = "every batch"
     else:
@@ -280,7 +284,7 @@ def format_report(report: Report) -> str:
         )
     record = report.calibration
     if record is not None:
-        how = "sequential" if record.sequential else "one pass over the unpruned model"
+        how = _HOW_SHORT[record.sequential]
         text += (
             f"\nCalibration: {record.samples:,} batch{'' if record.samples == 1 else 'es'}, {record.tokens:,} tokens "
             f"counted, {how}; "

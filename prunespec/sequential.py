@@ -57,6 +57,7 @@ from .masks import Packed
 __all__ = [
     "Arrival",
     "BatchFailed",
+    "BlockStop",
     "Pass",
     "Stop",
     "Weight",
@@ -103,6 +104,18 @@ class Stop:
     same_as: str | None = None
 
 
+@dataclass(frozen=True)
+class BlockStop:
+    """Every batch waits at the entry of ``block`` (a pass with ``whole_blocks``): ``sweep()`` runs the
+    block as it is (its modules not pruned yet) from each batch's arguments, one batch after the other,
+    and gives each watched module's input on the way, ``(module, same_as, arrival)`` in the order the
+    module is first called in the batch's run, ``same_as`` naming the module before it in that run
+    given the very same tensor (q/k/v), if any. A sweep can be run again (each run replays the block)."""
+
+    block: str
+    sweep: Callable[[], Iterator[tuple[str, str | None, Arrival]]]
+
+
 class _Worker:
     """One batch's forward (or, with ``replay``, one run of a block from that batch's arguments)."""
 
@@ -124,6 +137,9 @@ class _Worker:
         self.killed = False
         self.peeking = False  # a replay past its arrival: finding the modules given the same input
         self.same: list[str] = []  # those modules, in order
+        self.sweeping = False  # a replay of a whole block, its modules computing (see BlockStop)
+        self.seen: list[tuple[str, weakref.ref[torch.Tensor]]] = []  # a sweep's arrivals so far
+        self.same_as: str | None = None  # the module before it in a sweep given this arrival's input
 
 
 class Pass:
@@ -141,6 +157,11 @@ class Pass:
     same either way. A block is run again only while its forward is a function of its arguments (a
     batch that passes it a key/value cache is an error).
 
+    ``whole_blocks`` (with ``blocks``): every module of a block is calibrated at once, on the block as it
+    is: :meth:`next_stop` gives a :class:`BlockStop` at each block's entry; once the caller has released
+    the modules it found, the batches run the block for real, with their weights, to the next. Two runs
+    of each block in all (``calibration.sequential: blocks``).
+
     Use as a context manager; iterate with :meth:`next_stop` until it returns None.
     """
 
@@ -151,8 +172,11 @@ class Pass:
         watched: Mapping[str, nn.Module],
         weights: Mapping[str, Mapping[str, Weight]] | None = None,
         blocks: Mapping[str, nn.Module] | None = None,
+        *,
+        whole_blocks: bool = False,
     ) -> None:
         self.model = model
+        self.whole_blocks = whole_blocks
         self.watched = dict(watched)
         self.weights: dict[str, dict[str, Weight]] = {k: dict(v) for k, v in (weights or {}).items()}
         self.released: set[str] = set()
@@ -161,6 +185,7 @@ class Pass:
         self.blocks = {b: m for b, m in (blocks or {}).items() if inside[b]}
         self._inside = {b: inside[b] for b in self.blocks}
         self._finished: set[str] = set()  # blocks every batch has gone into for good
+        self._swept: set[str] = set()  # with whole_blocks: blocks given as a BlockStop
         self._coordinator: greenlet.greenlet | None = None
         self._current: _Worker | None = None  # the batch running now (None: the coordinator)
         self._aborting = False
@@ -219,9 +244,10 @@ class Pass:
 
     # --- the coordinator's side --------------------------------------------------------------------
 
-    def next_stop(self) -> Stop | None:
+    def next_stop(self) -> Stop | BlockStop | None:
         """Run every batch that can go on until each waits at a watched module or is done; the module
-        where the earliest of them waits, with every batch waiting there (None: all done).
+        where the earliest of them waits, with every batch waiting there (None: all done); with
+        ``whole_blocks``, the block whose entry they wait at.
 
         Raises :class:`BatchFailed` for a batch whose forward raised an Exception, and re-raises
         anything else (an interrupt inside the model) as it is."""
@@ -244,7 +270,11 @@ class Pass:
                 self._replayed_stop = False
                 return Stop(first.at, arrivals, same)
             self._previous = None
-            stop = self._replayed(first.block, [w for w in waiting if w.block == first.block])
+            entered = [w for w in waiting if w.block == first.block]
+            if self.whole_blocks and first.block not in self._swept:
+                self._swept.add(first.block)
+                return BlockStop(first.block, functools.partial(self._sweeping_block, entered))
+            stop = None if self.whole_blocks else self._replayed(first.block, entered)
             if stop is not None:
                 self._replayed_stop = True
                 return stop
@@ -299,7 +329,7 @@ class Pass:
         worker.state = "running"
         mine = _TorchState.now()
         self._current = worker
-        stand_ins = self._stand_ins(worker.block) if worker.replay and worker.block is not None else []
+        stand_ins = self._stand_ins(worker.block) if worker.replay and not worker.sweeping and worker.block else []
         try:
             worker.glet.switch(worker)
         finally:
@@ -374,19 +404,38 @@ class Pass:
                 agreed += 1
             self._shared = (block, module, first[:agreed])  # the modules every batch then gave that same input
 
-    def _replay(self, worker: _Worker) -> _Worker:
+    def _sweeping_block(self, entered: list[_Worker]) -> Iterator[tuple[str, str | None, Arrival]]:
+        """A :class:`BlockStop`'s sweep: each batch's run of its block from its arguments, every module
+        computing, stopping at each watched module's first call to give its input."""
+        self._end_sweep()
+        for worker in entered:
+            replay = self._replay(worker, sweeping=True)
+            while replay.state == "waiting":
+                assert replay.at is not None and replay.x is not None
+                yield replay.at, replay.same_as, Arrival(worker.index, replay.x, worker.mask)
+                self._run(replay)
+                _raise(replay)
+            self._kill(replay)
+            self._unchanged(worker)  # the real run is next
+
+    def _unchanged(self, worker: _Worker) -> None:
+        """BatchFailed if a run of ``worker``'s block changed the block's arguments in place."""
+        assert worker.call is not None
+        if _versions(*worker.call[:2]) != worker.versions:
+            instead = "calibrate it with sequential: true" if self.whole_blocks else "leave replay_blocks off"
+            changed = ValueError(
+                f"{worker.block} changed its own input in place, so it cannot be run again from it: {instead}"
+            )
+            raise BatchFailed(worker.index, changed)
+
+    def _replay(self, worker: _Worker, *, sweeping: bool = False) -> _Worker:
         """A run of ``worker``'s block from its arguments, until it waits at a module or is done."""
         if self._live is not None:
             self._kill(self._live)
+        self._unchanged(worker)
         assert worker.call is not None
-        if _versions(*worker.call[:2]) != worker.versions:
-            changed = ValueError(
-                f"{worker.block} changed its own input in place, so it cannot be run again from it: "
-                "leave replay_blocks off for this model"
-            )
-            raise BatchFailed(worker.index, changed)
         replay = _Worker(worker.index, None, replay=True)
-        replay.mask, replay.block, replay.call = worker.mask, worker.block, worker.call
+        replay.mask, replay.block, replay.call, replay.sweeping = worker.mask, worker.block, worker.call, sweeping
         replay.glet = greenlet.greenlet(self._work, parent=self._coordinator)
         self._live = replay
         self._run(replay)
@@ -449,9 +498,10 @@ class Pass:
                 return
             cache = next((k for k in _CACHES if kwargs.get(k) is not None), None)
             if cache is not None:
+                instead = "use calibration.sequential: true" if self.whole_blocks else "leave replay_blocks off"
                 raise ValueError(
                     f"the model passes a key/value cache ({cache}) to {block}, which cannot be run again from "
-                    "its arguments: leave replay off, or calibrate without a cache (use_cache=False)"
+                    f"its arguments: {instead}, or calibrate without a cache (use_cache=False)"
                 )
             worker.block, worker.call = block, (args, kwargs, _TorchState.now())
             worker.versions = _versions(args, kwargs)
@@ -468,13 +518,15 @@ class Pass:
             if worker.peeking:
                 self._peek(worker, name, module, first_tensor(args, kwargs))
                 return
-            if name in self.watched and name not in self.released:
+            if worker.sweeping:
+                self._arrive(worker, name, first_tensor(args, kwargs))
+            elif name in self.watched and name not in self.released:
                 x = first_tensor(args, kwargs)
                 if x is not None:
                     self.reached.add(name)
                     worker.at, worker.x = name, x
                     self._wait(worker)
-            if worker.replay and name in self.watched and name not in self.released:
+            if worker.replay and not worker.sweeping and name in self.watched and name not in self.released:
                 return  # its output goes nowhere (see _stand_ins): not worth its pruned weights
 
             swapped = []
@@ -489,6 +541,18 @@ class Pass:
             worker.swapped.append((module, swapped))
 
         return hook
+
+    def _arrive(self, worker: _Worker, name: str, x: torch.Tensor | None) -> None:
+        """A sweep at a module: a watched one not released, called for the first time in this run, gets
+        its input read (the run waits while it is)."""
+        if x is None or name not in self.watched or name in self.released or any(n == name for n, _ in worker.seen):
+            return
+        self.reached.add(name)
+        worker.same_as = next((n for n, seen in worker.seen if seen() is x), None)
+        worker.seen.append((name, weakref.ref(x)))
+        worker.at, worker.x = name, x
+        self._wait(worker)
+        worker.at, worker.x = None, None
 
     def _peek(self, worker: _Worker, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """A replay past its arrival at a module: the next watched module not released, given the same
@@ -506,7 +570,7 @@ class Pass:
             if worker is None:
                 return
             tap = self._taps.get(name)
-            if tap is not None and not worker.peeking and worker.index in tap[1]:
+            if tap is not None and not (worker.peeking or worker.sweeping) and worker.index in tap[1]:
                 tap[1].discard(worker.index)  # before the weights go back: it may read the bias
                 if not tap[1]:
                     del self._taps[name]

@@ -282,15 +282,19 @@ class Calibration(_Model):
     """How data-aware rules are calibrated. Every field is optional; a spec without the block behaves as
     all defaults."""
 
-    sequential: StrictBool = Field(
+    sequential: StrictBool | Literal["blocks"] = Field(
         default=True,
         description="true: modules are calibrated in forward order, each on the outputs of the modules before "
-        "it, already pruned. false: every statistic comes from the unpruned model, in one pass.",
+        "it, already pruned. `blocks`: block by block, every module of a block on the block's inputs from the "
+        "blocks before it, already pruned, and the block itself not yet (the papers' and llm-compressor's way: "
+        "two forwards of each block, holding only the blocks' inputs). false: every statistic comes from the "
+        "unpruned model, in one pass.",
     )
     blocks: NamePattern | None = Field(
         default=None,
         description="The model's repeated blocks, a name pattern as in `names` (`model.layers.*`, "
-        "`re:...`): used for OWL's per-block sparsities, per-block progress and `replay_blocks`. Default: "
+        "`re:...`): used for OWL's per-block sparsities, per-block progress, `sequential: blocks` and "
+        "`replay_blocks`. Default: "
         "detected (the children of the ModuleList of repeated blocks holding the most parameters).",
     )
     samples: Annotated[StrictInt, Field(ge=1)] | None = Field(

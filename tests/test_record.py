@@ -117,7 +117,7 @@ BAD_RECORDS: dict[str, tuple[Any, str]] = {
     "samples negative": (_with(samples=-1), "samples: is -1"),
     "samples too large": (_with(samples=2**80), "expected an integer >= 0"),
     "tokens a float": (_with(tokens=2.0), "tokens: is 2.0"),
-    "sequential an int": (_with(sequential=1), "sequential: is 1; expected true or false"),
+    "sequential an int": (_with(sequential=1), "sequential: is 1; expected true, false or 'blocks'"),
     "blocks a str": (_with(blocks="layers.0"), "blocks: is 'layers.0'; expected a list of module names"),
     "a block an int": (_with(blocks=["layers.0", 3]), "blocks[1]: is 3; expected a module name"),
     "a huge block name": (

@@ -1,5 +1,6 @@
 """Calibrating with ``replay_blocks``: each batch waits at a block's entry holding its arguments, and the
-block runs again from them, one batch at a time, for each stop inside it."""
+block runs again from them, one batch at a time, for each stop inside it; and with ``calibration.sequential:
+blocks``, every module of a block calibrated in one such run of the block as it was."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 import prunespec
 from examples.tiny_transformers import tiny_gpt2, tiny_llama
+from prunespec import calibration
 
 LINEARS = {"names": ["re:.*(layers|\\.h)\\.\\d+\\..*(proj|attn|fc)$"]}  # a Llama's or a GPT-2's blocks
 
@@ -261,3 +263,175 @@ def test_a_replayed_stop_no_later_module_shares_lets_sparsegpt_factor_its_hessia
         # (2 of each layer's 4 distinct inputs) are known to be the last to read theirs
         assert in_place == ({False: 4, True: 4} if replay else {False: 8})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# --- calibration.sequential: blocks ---------------------------------------------------------------------
+
+
+def _spec(method: str, how: dict[str, Any], names: Any = LINEARS, **settings: Any) -> dict[str, Any]:
+    return {"version": 1, "calibration": settings, "rules": [{"select": names, "method": method, **how}]}
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers if hasattr(model, "model") else model.transformer.h  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize(
+    ("method", "how"), [("wanda", {"sparsity": 0.5}), ("sparsegpt", {"options": {"n": 2, "m": 4}})]
+)
+def test_each_block_is_calibrated_on_the_pruned_blocks_before_it_and_itself_as_it_was(
+    make: Callable[[], nn.Module], method: str, how: dict[str, Any]
+) -> None:
+    model = make()
+    report = prunespec.apply(model, _spec(method, how, sequential="blocks"), data=_batches())
+    got = _state(model)
+    # independently: block i pruned in one pass over the unpruned block i, blocks before it replaced by
+    # their pruned values (as plain weights)
+    prefixes = [name for name, _ in model.named_modules() if name.count(".") == 2 and name.split(".")[-1].isdigit()]
+    assert len(prefixes) == 2
+    for i, prefix in enumerate(prefixes):
+        ref = make()
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                if any(name.startswith(p + ".") for p in prefixes[:i]) and name + "_mask" in got:
+                    param.copy_(got[name + "_orig"] * got[name + "_mask"])
+        names = [n for n in report.entries if n.startswith(prefix + ".")]
+        modules = sorted({n.rsplit(".", 1)[0] for n in names})
+        prunespec.apply(ref, _spec(method, how, {"names": modules}, sequential=False), data=_batches())
+        want = _state(ref)
+        for name in names:
+            for part in ("_orig", "_mask"):
+                assert torch.equal(got[name + part], want[name + part]), name + part
+    # block 0 sees what the unpruned model gives it; block 1 does not
+    plain = make()
+    prunespec.apply(plain, _spec(method, how, sequential=False), data=_batches())
+    first = [k for k in got if k.startswith(prefixes[0] + ".") and k.endswith("_mask")]
+    second = [k for k in got if k.startswith(prefixes[1] + ".") and k.endswith("_mask")]
+    assert all(torch.equal(got[k], plain.state_dict()[k]) for k in first)
+    assert not all(torch.equal(got[k], plain.state_dict()[k]) for k in second)
+
+
+@pytest.mark.parametrize("sequential", [True, "blocks", False])
+def test_a_block_runs_twice_per_batch_and_each_distinct_input_is_summed_once(
+    sequential: bool | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grams: Counter[int] = Counter()
+    real = calibration._COMPUTE["input_gram"]
+
+    def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        grams.update([x.shape[-1]])
+        return real(x, *args)
+
+    monkeypatch.setitem(calibration._COMPUTE, "input_gram", counted)
+    model = tiny_llama()
+    calls: Counter[int] = Counter()
+    for i, layer in enumerate(_layers(model)):
+        layer.register_forward_pre_hook(lambda *_, i=i, calls=calls: calls.update([i]))
+    report = prunespec.apply(model, _spec("sparsegpt", {"sparsity": 0.5}, sequential=sequential), data=_batches(3))
+    runs = 2 if sequential == "blocks" else 1
+    assert calls == {0: 3 * runs, 1: 3 * runs}
+    # per layer: q/k/v share the 64-wide input, gate/up another 64-wide, o_proj 64 wide, down_proj 128
+    assert grams == {64: 3 * 2 * 3, 128: 3 * 2}
+    assert report.calibration is not None and report.calibration.sequential == sequential
+
+
+class Fork(nn.Module):
+    """``b`` is given ``a``'s very input for batches of two rows, and twice it otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.a(x) * self.b(x if x.shape[0] == 2 else 2 * x))[..., :4]
+
+
+class Forks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Fork() for _ in range(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("rows", [[2, 2, 3], [3, 2, 2], [2, 3, 2]])
+def test_modules_share_statistics_only_when_every_batch_gives_them_the_same_input(rows: list[int]) -> None:
+    data = [torch.randn(n, 4, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(rows)]
+    states = []
+    for sequential in ("blocks", False):  # one block: the same statistics either way
+        torch.manual_seed(0)
+        model = Forks()
+        spec = _spec("wanda", {"amount": 0.5}, {"types": ["Linear"]}, sequential=sequential, blocks="layers.*")
+        prunespec.apply(model, spec, data=data)
+        states.append(_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_reconstruction_errors_are_those_of_the_block_as_it_was() -> None:
+    errors = []
+    for sequential in ("blocks", False):
+        report = prunespec.apply(
+            tiny_llama(), _spec("wanda", {"sparsity": 0.5}, sequential=sequential), data=_batches()
+        )
+        errors.append({n: e.error for n, e in report.entries.items() if ".layers.0." in n})
+    assert errors[0].keys() == errors[1].keys() and len(errors[0]) == 7
+    for name, error in errors[0].items():
+        assert error is not None and error > 0 and error == pytest.approx(errors[1][name], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (
+            lambda: Faulties(error=RuntimeError("boom")),
+            prunespec.ApplyError,
+            "batch 2: the forward pass failed: RuntimeError: boom",
+        ),
+        (lambda: Faulties(error=KeyboardInterrupt()), KeyboardInterrupt, None),
+        (
+            lambda: Faulties(in_place=True),
+            prunespec.ApplyError,
+            "layers.0 changed its own input in place.*sequential: true",
+        ),
+        (
+            lambda: Faulties(cache=object()),
+            prunespec.ApplyError,
+            r"cache \(past_key_values\) to layers.0.*sequential: true",
+        ),
+    ],
+)
+def test_a_block_sweep_that_fails_is_named_and_nothing_changes(
+    model: Callable[[], nn.Module], error: type[BaseException], match: str | None
+) -> None:
+    torch.manual_seed(0)
+    built = model()
+    before, suspended = _state(built), _suspended()
+    with pytest.raises(error, match=match):
+        prunespec.apply(
+            built, _spec("sparsegpt", {"amount": 0.5}, {"types": ["Linear"]}, sequential="blocks"), data=_faulty_data()
+        )
+    assert _untouched(built, before)
+    assert _suspended() == suspended
+
+
+def test_without_repeated_blocks_it_is_a_plan_error_at_the_setting() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    rule = "  - select: {types: [Linear]}\n    method: wanda\n    amount: 0.5\n"
+    text = "version: 1\ncalibration:\n  sequential: blocks\nrules:\n" + rule
+    with pytest.raises(prunespec.PlanError) as caught:
+        prunespec.plan(model, prunespec.loads_spec(text))
+    message = str(caught.value)
+    assert "calibration.sequential" in message and ":3:" in message and "calibration.blocks" in message
+
+
+def test_a_typo_in_the_setting_is_a_spec_error_naming_the_choices() -> None:
+    rule = "  - select: {types: [Linear]}\n    method: wanda\n    amount: 0.5\n"
+    text = "version: 1\ncalibration:\n  sequential: block\nrules:\n" + rule
+    with pytest.raises(prunespec.SpecError) as caught:
+        prunespec.loads_spec(text)
+    message = str(caught.value)
+    assert ":3:" in message and "blocks" in message
