@@ -115,12 +115,22 @@ LLMC_INSTALL = (
     "python3 -m venv ../peers/llmc && ../peers/llmc/bin/pip install torch==2.13.0 && "
     "../peers/llmc/bin/pip install llmcompressor torch==2.13.0"
 )
-TOOLS = ("prunespec", "prunespec-disk", "prunespec-replay", "prunespec-replay-disk", "llmc")
-OURS = {  # our contenders: finalize with this snapshot, blocks replayed or not
-    "prunespec": ("memory", False),
-    "prunespec-disk": ("disk", False),
-    "prunespec-replay": ("memory", True),
-    "prunespec-replay-disk": ("disk", True),
+TOOLS = (
+    "prunespec",
+    "prunespec-disk",
+    "prunespec-replay",
+    "prunespec-replay-disk",
+    "prunespec-blocks",
+    "prunespec-blocks-disk",
+    "llmc",
+)
+OURS = {  # our contenders: finalize with this snapshot, blocks replayed or not, calibration.sequential
+    "prunespec": ("memory", False, True),
+    "prunespec-disk": ("disk", False, True),
+    "prunespec-replay": ("memory", True, True),
+    "prunespec-replay-disk": ("disk", True, True),
+    "prunespec-blocks": ("memory", False, "blocks"),
+    "prunespec-blocks-disk": ("disk", False, "blocks"),
 }
 METHODS = ("wanda", "sparsegpt")
 TOOL_NAMES = {
@@ -128,6 +138,8 @@ TOOL_NAMES = {
     "prunespec-disk": "prunespec (snapshot disk)",
     "prunespec-replay": "prunespec (replay blocks)",
     "prunespec-replay-disk": "prunespec (replay, disk)",
+    "prunespec-blocks": "prunespec (sequential: blocks)",
+    "prunespec-blocks-disk": "prunespec (blocks, disk)",
     "llmc": "llm-compressor",
 }
 TARGETS = {"wanda": 1.5, "sparsegpt": 3.0}
@@ -200,14 +212,20 @@ def measured(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 def prunespec_call(
-    method: str, setting: str, model: Any, batches: list[lm.Batch], snapshot: str = "memory", replay: bool = False
+    method: str,
+    setting: str,
+    model: Any,
+    batches: list[lm.Batch],
+    snapshot: str = "memory",
+    replay: bool = False,
+    sequential: bool | str = True,
 ) -> Callable[[], Any]:
     import prunespec
 
     methods = prunespec.load_methods()
     if method not in methods:
         raise Skip(f"{method}: not available in this prunespec")
-    spec = lm.prunespec_spec(method, setting)
+    spec = {**lm.prunespec_spec(method, setting), "calibration": {"sequential": sequential}}
     return lambda: prunespec.apply(
         model, spec, methods=methods, data=batches, finalize=True, snapshot=snapshot, replay_blocks=replay
     )

@@ -728,7 +728,7 @@ def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> No
     if any(masked):
         previous = torch.stack([t.mask.reshape(-1) if t.mask is not None else torch.ones(size) for t in tensors])
         scores = scores.masked_fill(previous != 1, -math.inf)
-        already = (previous == 0).sum(dim=1).tolist()
+        already = selection.row_counts(previous == 0).tolist()
     targets = []
     for step, amount, done, tensor in zip(steps, amounts, already, tensors, strict=True):
         k = n_to_prune(amount, size - done)
@@ -737,7 +737,7 @@ def _run_batch(steps: list[Step], tensors: list[Pruned], info: MethodInfo) -> No
         targets.append(done + k)
     pruned, ok = selection.select_rows(scores, torch.tensor(targets, device=values.device))
     new = (~pruned).to(values.dtype)
-    counts = pruned.sum(dim=1).tolist()
+    counts = selection.row_counts(pruned).tolist()
     for i, (step, tensor, fine) in enumerate(zip(steps, tensors, ok.tolist(), strict=True)):
         if not fine:  # NaNs to prune: torch's own ranking, as one by one
             _run_local(step, tensor, info)
@@ -765,7 +765,7 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
         scores = calibration.out_in(module, _scores(step, method, tensor.context(step.options), tensor.orig.shape))
         before = None if tensor.mask is None else calibration.out_in(module, tensor.mask)
         rows, row_len = scores.shape
-        done = [0] * rows if before is None else (before == 0).sum(dim=1).tolist()
+        done = [0] * rows if before is None else selection.row_counts(before == 0).tolist()
         try:
             targets = row_targets(step.amount, step.sparsity, done, row_len)
         except ValueError as exc:

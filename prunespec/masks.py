@@ -93,7 +93,7 @@ class Unit:
     def pruned(self, mask: torch.Tensor) -> int:
         """How many units ``mask`` prunes whole (of a DTensor mask whose units lie whole on one rank
         each, over every rank)."""
-        return distributed.whole_count(mask, lambda part: int(self.reduce(part).sum()))
+        return distributed.whole_count(mask, lambda part: int(torch.count_nonzero(self.reduce(part))))
 
 
 @dataclass(frozen=True)

@@ -943,7 +943,7 @@ class _Planner:
             done = (
                 [0] * rows
                 if part is None
-                else (calibration.out_in(self.by_name[ref.module], part) == 0).sum(dim=1).tolist()
+                else selection.row_counts(calibration.out_in(self.by_name[ref.module], part) == 0).tolist()
             )
             problem: ValueError | None = None
             try:

@@ -68,8 +68,7 @@ class Errors:
                 known = tokens @ (before if pruned_output else _difference(tensor, before)).to(torch.float32).T
                 opened.append(_Open(tensor, dict(taken.rows), known, pruned_output))
             else:  # no tap, or a module whose output is not x W^T + b: both products here
-                dense = tokens @ before.to(torch.float32).T
-                tensor.error = _ratio(tokens @ _difference(tensor, before).T, dense)
+                tensor.error = _direct(tokens, tensor, before)
         if not opened:
             return None
         self._open.extend(opened)
@@ -116,14 +115,28 @@ def _before(tensor: Pruned) -> torch.Tensor:
     return out_in(tensor.owners[0][0], before)
 
 
-def _difference(tensor: Pruned, before: torch.Tensor) -> torch.Tensor:
-    """``W - W'``, ``(out, in)``, float32."""
+def _difference(tensor: Pruned, before: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """``W - W'``, ``(out, in)``, float32 (of ``rows`` only: ``before`` is then those rows)."""
     module = tensor.owners[0][0]
     assert tensor.mask is not None
-    keep = out_in(module, tensor.mask if tensor.mask.dtype == torch.bool else tensor.mask != 0)
+    keep = out_in(module, tensor.mask if tensor.mask.dtype == torch.bool else tensor.mask != 0)[rows]
     if tensor.values is None and tensor.start is None:  # W where pruned (a product: masked_fill is ~3x slower)
         return (before * keep.logical_not()).to(torch.float32)
-    return (out_in(module, tensor.current.detach()) * keep).sub_(before).neg_().to(torch.float32)
+    return (out_in(module, tensor.current.detach())[rows] * keep).sub_(before).neg_().to(torch.float32)
+
+
+_ROWS = 256  # rows of W at a time in _direct: its temporaries stay small beside W
+
+
+def _direct(tokens: torch.Tensor, tensor: Pruned, before: torch.Tensor) -> float:
+    """``||(W - W') X||^2 / ||W X||^2`` on ``tokens`` (X, float32), both products made here, a few rows
+    of W at a time."""
+    total = missing = 0.0
+    for start in range(0, before.shape[0], _ROWS):
+        rows = slice(start, start + _ROWS)
+        total += float((tokens @ before[rows].to(torch.float32).T).square().sum())
+        missing += float((tokens @ _difference(tensor, before[rows], rows).T).square().sum())
+    return _quotient(missing, total)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -132,5 +145,8 @@ def _plain(module: nn.Module) -> bool:
 
 
 def _ratio(lost: torch.Tensor, dense: torch.Tensor) -> float:
-    total, missing = float(dense.square().sum()), float(lost.square().sum())
+    return _quotient(float(lost.square().sum()), float(dense.square().sum()))
+
+
+def _quotient(missing: float, total: float) -> float:
     return missing / total if total > 0 else (0.0 if missing == 0 else math.inf)

@@ -428,9 +428,19 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     return keys.masked_fill_(keys == -1, 0)
 
 
+_BYTE_COLUMNS = 255  # of 0/1 bytes, summed in a byte without overflow
+
+
 def row_counts(flags: torch.Tensor) -> torch.Tensor:
-    """The True entries in each row of a 2-D bool tensor (summed as bytes: several times faster)."""
-    return flags.view(torch.uint8).sum(dim=1, dtype=torch.int32)
+    """The True entries in each row of a 2-D bool tensor, int32. Summed as bytes, 255 columns at a
+    time: a sum to a wider dtype first widens every entry (an int32 copy of the whole tensor, 4x its
+    size), and is about ten times slower."""
+    rows, cols = flags.shape
+    as_bytes = flags.view(torch.uint8)
+    whole = cols - cols % _BYTE_COLUMNS
+    parts = as_bytes[:, :whole].reshape(rows, -1, _BYTE_COLUMNS).sum(dim=2, dtype=torch.uint8)
+    counts = parts.sum(dim=1, dtype=torch.int32)  # widened: 1/255 of the entries
+    return counts + as_bytes[:, whole:].sum(dim=1, dtype=torch.uint8)
 
 
 def has_nan(t: torch.Tensor) -> bool:

@@ -32,6 +32,11 @@ reaches (a mixture-of-experts expert with no tokens) are released when every oth
 or finished; a module run twice in one forward is calibrated on its first call (later calls compute
 with the released weights).
 
+With ``whole_blocks`` (``calibration.sequential: blocks``), each batch waits at a block's entry too,
+and the block is one :class:`BlockStop`: a sweep runs it as it is from each batch's arguments, one batch
+after the other, giving every watched module's input on the way; once the caller has released those
+modules, the batches run the block for real, with the pruned weights, to the next block.
+
 The caller only coordinates: an interrupt, wherever it lands, stops every batch (they unwind with an
 exception no model code catches) before it propagates, and the hooks, modes and weights are restored
 whatever happens.
@@ -304,7 +309,7 @@ class Pass:
 
     def tap(self, module: str, fn: Callable[[int, Any], None], batches: Collection[int]) -> None:
         """Give ``fn`` (batch index, output) the output of the next call of ``module`` by each of
-        ``batches`` (once released, or as a replay of its block passes it)."""
+        ``batches`` (once released, or as a replay of its block passes it; never a block's sweep)."""
         if batches:
             self._taps[module] = (fn, set(batches))
 

@@ -282,7 +282,7 @@ def _choose(name: str, values: torch.Tensor, mask: torch.Tensor | None) -> Entry
                 "(0 and 1): save this model with format='pt'"
             )
     kept = _kept(values, mask)
-    count = int(kept.sum())
+    count = int(torch.count_nonzero(kept))  # a bool's sum() widens every entry to int64 first
     mask_dtype = mask.dtype if mask is not None else None
     options = [Entry(name, "bitmask", mask is not None, dtype, shape, count, mask_dtype)]
     if mask is None:
@@ -615,7 +615,7 @@ def _decode(path: str | os.PathLike[str], file: Any, entry: Entry) -> tuple[torc
         kept, padding_clear = _unpack(_get(path, file, entry.name + ":bits"), entry.numel)
         if not padding_clear:
             raise CheckpointError(f"{where}: the padding after its {entry.numel} mask bits is not zero")
-        count = int(kept.sum())
+        count = int(torch.count_nonzero(kept))
         if count != entry.kept:
             raise CheckpointError(f"{where}: its bits mark {count} kept entries, but it stores {entry.kept} values")
     else:
