@@ -200,7 +200,10 @@ class Accumulator:
         that, the block is swept again, each module summing its own. Raises :class:`BadInput`."""
         self._last = None
         found = self._swept(stop, names, features, share=True)
-        return found if found is not None else self._swept(stop, names, features, share=False) or []
+        if found is None:
+            found = self._swept(stop, names, features, share=False)
+        assert found is not None  # sharing nothing, the batches cannot disagree
+        return found
 
     def _swept(
         self,

@@ -136,7 +136,8 @@ def execute(
         if batches is not None:
             later_units = [units[i] for i in sorted(later)]
             ends = final if finalize else None
-            replayed = {name: modules[name] for name in plan.blocks} if replay_blocks else {}
+            whole = plan.spec.calibration.sequential == "blocks"  # waits at each block's entry too
+            replayed = {name: modules[name] for name in plan.blocks} if replay_blocks or whole else {}
             work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo, slab, replayed)
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
@@ -314,8 +315,7 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     accumulator = calibration.Accumulator(reconstruction.ERROR_TOKENS if errors else None)
     measured = reconstruction.Errors()
     packing: list[Pruned] = []  # packed at the next stop: the batches first compute with their bool masks
-    blocks = {name: modules[name] for name in plan.blocks} if whole else work.replayed
-    with sequential_pass(model, batches, watched, early, blocks, whole_blocks=whole) as calibration_pass:
+    with sequential_pass(model, batches, watched, early, work.replayed, whole_blocks=whole) as calibration_pass:
         for stop, stats, shared_later in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             measured.settle()
             for tensor in packing:

@@ -427,11 +427,14 @@ class Pass:
         """BatchFailed if a run of ``worker``'s block changed the block's arguments in place."""
         assert worker.call is not None
         if _versions(*worker.call[:2]) != worker.versions:
-            instead = "calibrate it with sequential: true" if self.whole_blocks else "leave replay_blocks off"
             changed = ValueError(
-                f"{worker.block} changed its own input in place, so it cannot be run again from it: {instead}"
+                f"{worker.block} changed its own input in place, so it cannot be run again from it: {self._instead()}"
             )
             raise BatchFailed(worker.index, changed)
+
+    def _instead(self) -> str:
+        """What to do for a block that cannot be run again from its arguments."""
+        return "use calibration.sequential: true" if self.whole_blocks else "leave replay_blocks off"
 
     def _replay(self, worker: _Worker, *, sweeping: bool = False) -> _Worker:
         """A run of ``worker``'s block from its arguments, until it waits at a module or is done."""
@@ -503,10 +506,9 @@ class Pass:
                 return
             cache = next((k for k in _CACHES if kwargs.get(k) is not None), None)
             if cache is not None:
-                instead = "use calibration.sequential: true" if self.whole_blocks else "leave replay_blocks off"
                 raise ValueError(
                     f"the model passes a key/value cache ({cache}) to {block}, which cannot be run again from "
-                    f"its arguments: {instead}, or calibrate without a cache (use_cache=False)"
+                    f"its arguments: {self._instead()}, or calibrate without a cache (use_cache=False)"
                 )
             worker.block, worker.call = block, (args, kwargs, _TorchState.now())
             worker.versions = _versions(args, kwargs)
