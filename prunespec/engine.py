@@ -770,8 +770,9 @@ def _run_local(step: Step, tensor: Pruned, info: MethodInfo) -> None:
             targets = row_targets(step.amount, step.sparsity, done, row_len)
         except ValueError as exc:
             raise _fail(step, tensor.name, str(exc)) from exc
-        keep = ~selection.prune_rows(scores, before, targets)
-        tensor.mask = calibration.out_in(module, keep.to(tensor.orig.dtype)).contiguous()
+        keep = selection.prune_rows(scores, before, targets).logical_not_()
+        # bool: what the stop keeps anyway (a float mask would be made only to be turned back)
+        tensor.mask = calibration.out_in(module, keep).contiguous()
         tensor.zeros = sum(targets)
         tensor.new_hooks.append(hook)
         return

@@ -31,6 +31,7 @@ from torch.nn.utils import prune
 from torch.utils.hooks import RemovableHandle
 
 from . import distributed, fsdp
+from .masks import product
 
 ORIG = "_orig"
 MASK = "_mask"
@@ -368,7 +369,8 @@ def finalized_in_place(
     with torch.no_grad():
         if values is not None:
             fsdp.values(first).copy_(fsdp.values(values))
-        fsdp.values(first).mul_(fsdp.values(mask))
+        local = fsdp.values(first)
+        product(local, fsdp.values(mask), out=local)
     for module, pname in owners:
         param = module._parameters.pop(pname)
         module._parameters[pname] = param

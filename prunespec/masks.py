@@ -211,8 +211,41 @@ class Packed:
     def unpack(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """The mask again, bit for bit (``dtype``: bool, or the values' dtype for a product)."""
         weights = _BIT_VALUES.to(self.bits.device)
-        flat = (self.bits.unsqueeze(1) & weights).ne_(0).reshape(-1)
-        return flat[: math.prod(self.shape)].reshape(self.shape).to(dtype)
+        flat = (self.bits.unsqueeze(1) & weights).ne_(0).reshape(-1)[: math.prod(self.shape)]
+        if dtype == torch.bool:  # bytes of 0 and 1 are bools as they are: no copy
+            return flat.view(torch.bool).reshape(self.shape)
+        return flat.reshape(self.shape).to(dtype)
+
+
+_CHUNK = 1 << 18  # entries of a bool mask turned into the values' dtype at a time (1 MiB of float32)
+
+
+def product(values: torch.Tensor, keep: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values * keep`` (into ``out``, which may be ``values``: in place). A bool ``keep`` on the CPU is
+    turned into the values' dtype a chunk at a time: torch's mixed-dtype product converts the whole mask
+    into a temporary first, and its bool conversion is several times slower than a byte's."""
+    chunked = (
+        keep.dtype == torch.bool
+        and values.device.type == "cpu"
+        and keep.device == values.device
+        and values.is_floating_point()
+        and values.shape == keep.shape
+        and values.is_contiguous()
+        and keep.is_contiguous()
+        and (out is None or (out.shape == values.shape and out.is_contiguous() and out.dtype == values.dtype))
+    )
+    if not chunked:
+        return torch.mul(values, keep) if out is None else torch.mul(values, keep, out=out)
+    result = torch.empty_like(values) if out is None else out
+    flat, flags, into = values.reshape(-1), keep.reshape(-1).view(torch.uint8), result.reshape(-1)
+    size = flat.numel()
+    buffer = torch.empty(min(_CHUNK, size), dtype=values.dtype)
+    for start in range(0, size, _CHUNK):
+        stop = min(start + _CHUNK, size)
+        factor = buffer[: stop - start]
+        factor.copy_(flags[start:stop])
+        torch.mul(flat[start:stop], factor, out=into[start:stop])
+    return result
 
 
 class Slab:

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import runtime
-from .masks import Packed
+from .masks import Packed, product
 
 __all__ = [
     "Arrival",
@@ -542,7 +542,7 @@ class Pass:
                 made = self._made.get((name, pname))
                 if made is None:  # once for all the batches that pass the module one after the other
                     keep = mask.unpack() if isinstance(mask, Packed) else mask
-                    made = self._made[name, pname] = values * keep
+                    made = self._made[name, pname] = product(values, keep)
                 # found before the Parameter: nn.Module.__getattr__ is only the fallback
                 module.__dict__[pname] = made
             worker.swapped.append((module, swapped))

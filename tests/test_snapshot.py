@@ -180,3 +180,35 @@ def test_masks_packed_from_a_slab_are_the_same_and_never_overlap() -> None:
     spans = sorted((p.bits.untyped_storage().data_ptr() + p.bits.storage_offset(), p.bits.numel()) for p in packed)
     assert all(start + size <= after for (start, size), (after, _) in itertools.pairwise(spans))
     assert len({p.bits.untyped_storage().data_ptr() for p in packed}) < len(packed)  # some share a chunk
+
+
+@pytest.mark.parametrize(
+    "dtype, size",
+    [(torch.float32, 3 * (1 << 18) + 77), (torch.bfloat16, 1000), (torch.float64, 1 << 18)],
+    ids=["float32-chunks", "bfloat16-small", "float64-one-chunk"],
+)
+def test_a_product_with_a_bool_mask_equals_torchs_in_place_or_not(dtype: torch.dtype, size: int) -> None:
+    from prunespec.masks import product
+
+    gen = torch.Generator().manual_seed(size)
+    values = torch.randn(size, generator=gen).to(dtype).reshape(-1, 1 if size % 2 else 2)
+    keep = torch.rand(values.shape, generator=gen) < 0.5
+    expected = values * keep
+    made = product(values, keep)
+    assert made.dtype == dtype and torch.equal(made, expected) and made.data_ptr() != values.data_ptr()
+    before = values.data_ptr()
+    assert product(values, keep, out=values) is values and values.data_ptr() == before
+    assert torch.equal(values, expected)
+    # torch's own product where chunks do not apply: a float mask, a transposed (non-contiguous) one
+    assert torch.equal(product(values, keep.to(dtype)), expected)
+    if values.shape[1] > 1:
+        assert torch.equal(product(values.T, keep.T), expected.T)
+
+
+def test_an_unpacked_bool_mask_is_a_bool_view_of_its_bytes_and_equals_the_mask() -> None:
+    from prunespec.masks import pack
+
+    mask = torch.rand(37, 11, generator=torch.Generator().manual_seed(5)) < 0.3
+    unpacked = pack(mask).unpack()
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
+    assert torch.equal(unpacked.logical_not(), ~mask) and int(unpacked.sum()) == int(mask.sum())
