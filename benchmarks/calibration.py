@@ -475,8 +475,9 @@ def run_parent(args: argparse.Namespace) -> int:
         if method not in available:
             print(f"{method}: not available in this prunespec", flush=True)
     chosen = _listed(args.settings)
-    tools = [t for t in TOOLS if t in _listed(args.tools)]
-    methods = [m for m in METHODS if m in _listed(args.methods)]
+    wanted_tools, wanted_methods = set(_listed(args.tools)), set(_listed(args.methods))
+    tools = [t for t in TOOLS if t in wanted_tools]  # in the table's order, whatever the command line's
+    methods = [m for m in METHODS if m in wanted_methods]
     all_sizes = sizes(args.quick)
     results: list[dict[str, Any]] = []
     setups: list[dict[str, Any]] = []
