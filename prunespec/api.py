@@ -66,6 +66,7 @@ def apply(
     data: Iterable[Any] | None = None,
     snapshot: str = "memory",
     replay_blocks: bool = False,
+    offload_activations: bool = False,
 ) -> Report:
     """Prune ``model`` in place as ``spec`` says and report the result, all or nothing.
 
@@ -83,6 +84,10 @@ def apply(
     it: activation memory for the blocks' inputs and one batch's work, for about 1.3 more forwards
     (Llama-like blocks); the masks are the same. Off by default: every batch then waits inside the
     block, holding what its forward holds there. See docs/data-aware-pruning.md.
+
+    ``offload_activations`` (with ``replay_blocks`` or ``calibration.sequential: blocks``, for a model
+    on an accelerator): each batch's input to the block it waits at is kept on the CPU meanwhile, and
+    copied back when the block runs from it; the results are the same.
 
     ``progress(done, total, what)`` is called as steps finish (off by default; the ``prunespec`` logger
     also logs each step at DEBUG level). On any error the model is left exactly as it was.
@@ -105,10 +110,19 @@ def apply(
             data=data,
             snapshot=snapshot,
             replay_blocks=replay_blocks,
+            offload_activations=offload_activations,
         )
     undo = transaction.BindingsSnapshot(model)  # shrink runs after install: a failure undoes both
     try:
-        report = run(model, the_plan, finalize=False, progress=progress, data=data, replay_blocks=replay_blocks)
+        report = run(
+            model,
+            the_plan,
+            finalize=False,
+            progress=progress,
+            data=data,
+            replay_blocks=replay_blocks,
+            offload_activations=offload_activations,
+        )
         example = data[0] if data else None
         report.shrink = shrink_model(model, example)
         if chosen:
@@ -129,10 +143,11 @@ def run(
     data: Iterable[Any] | None = None,
     snapshot: str = "memory",
     replay_blocks: bool = False,
+    offload_activations: bool = False,
 ) -> Report:
     """Execute a plan and report on what it pruned (``merge``, ``data``: see :func:`prunespec.engine.execute`)."""
     with distributed.collective(distributed.sharded(model)):
-        return _run(model, the_plan, finalize, progress, merge, data, snapshot, replay_blocks)
+        return _run(model, the_plan, finalize, progress, merge, data, snapshot, replay_blocks, offload_activations)
 
 
 def _run(
@@ -144,6 +159,7 @@ def _run(
     data: Iterable[Any] | None,
     snapshot: str,
     replay_blocks: bool,
+    offload_activations: bool,
 ) -> Report:
     batches = None
     if the_plan.needs_data or (the_plan.uses_data and data is not None):  # OWL may be allocated already
@@ -159,6 +175,7 @@ def _run(
         finalize=finalize,
         snapshot=snapshot,
         replay_blocks=replay_blocks,
+        offload_activations=offload_activations,
     )
     pruned = outcome.pruned
     predicted = {name: after for name, (_, after, _) in the_plan.tensors.items()}

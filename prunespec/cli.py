@@ -303,6 +303,7 @@ def cmd_apply(args: argparse.Namespace, methods: MethodRegistry) -> int:
         data=data,
         snapshot=args.snapshot,
         replay_blocks=args.replay_blocks,
+        offload_activations=args.offload_activations,
     )
     if args.out:
         changed = {k: True for k in ("finalize", "shrink") if getattr(args, k)}
@@ -467,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --data: calibrate holding only each block's inputs, running the block again for each stop "
         "inside it (less memory, about 1.3 more forwards; the same masks)",
+    )
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="with --replay-blocks or calibration.sequential: blocks, on an accelerator: keep the waiting "
+        "batches' inputs to the block on the CPU (the same masks)",
     )
     p.add_argument(
         "--shrink",

@@ -48,6 +48,7 @@ from .masks import (
     zeros,
 )
 from .methods.base import Generators, MaskContext, MethodInfo, PruningMethod
+from .offload import Parking
 from .planner import Plan, Step
 from .pruned import Pruned
 from .runtime import lean, one_thread
@@ -81,6 +82,7 @@ def execute(
     finalize: bool = False,
     snapshot: str = "memory",
     replay_blocks: bool = False,
+    offload_activations: bool = False,
 ) -> Outcome:
     """Apply ``plan`` to ``model`` (never finalizing: see :func:`make_permanent`). Raises ApplyError.
 
@@ -102,9 +104,23 @@ def execute(
     ``replay_blocks``: the calibration pass runs the plan's blocks again from their inputs for each
     stop inside them (:class:`prunespec.sequential.Pass`), rather than keeping every batch waiting
     inside them. A model split across ranks is calibrated group by group already, holding no batch.
+
+    ``offload_activations`` (with ``replay_blocks`` or ``calibration.sequential: blocks``): each waiting
+    batch's input to the block is kept on the CPU until its block runs from it
+    (:mod:`prunespec.offload`); the results are the same.
     """
     if snapshot not in SNAPSHOTS:
         raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, not {snapshot!r}")
+    if offload_activations and not replay_blocks and plan.spec.calibration.sequential != "blocks":
+        raise PlanError(
+            Issue(
+                "offload_activations keeps the batches' inputs to the blocks on the CPU while they wait at a "
+                "block's entry, which they do only with replay_blocks or sequential: blocks",
+                path="calibration.sequential",
+                hint="pass replay_blocks=True (--replay-blocks) or set calibration.sequential: blocks, "
+                "or leave offload_activations off",
+            )
+        )
     stale = plan.stale(model)
     if stale:
         raise PlanError([Issue(f"the plan does not fit this model: {p}", hint="make the plan again") for p in stale])
@@ -139,6 +155,7 @@ def execute(
             whole = plan.spec.calibration.sequential == "blocks"  # waits at each block's entry too
             replayed = {name: modules[name] for name in plan.blocks} if replay_blocks or whole else {}
             work = _Work(model, plan, modules, tensors, generators, counter, influences, ends, undo, slab, replayed)
+            work.offload = offload_activations and bool(replayed)
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
         if finalize:
@@ -171,6 +188,7 @@ class _Work:
     undo: Streamed | None = None  # with finalize and snapshot disk or none: tensors are written as they are done
     slab: Slab | None = None  # with finalize and snapshot memory: where the final masks are packed
     replayed: Mapping[str, nn.Module] = field(default_factory=dict)  # blocks the calibration pass runs again
+    offload: bool = False  # the batches' inputs to the replayed blocks parked on the CPU while they wait
 
     def parts(
         self,
@@ -315,7 +333,10 @@ def _calibrated(work: _Work, units: list[list[Step]], batches: list[Any]) -> int
     accumulator = calibration.Accumulator(reconstruction.ERROR_TOKENS if errors else None)
     measured = reconstruction.Errors()
     packing: list[Pruned] = []  # packed at the next stop: the batches first compute with their bool masks
-    with sequential_pass(model, batches, watched, early, work.replayed, whole_blocks=whole) as calibration_pass:
+    parking = Parking() if work.offload else None
+    with sequential_pass(
+        model, batches, watched, early, work.replayed, whole_blocks=whole, parking=parking
+    ) as calibration_pass:
         for stop, stats, shared_later in calibration.stops(calibration_pass, needs.__getitem__, rules, accumulator):
             measured.settle()
             for tensor in packing:

@@ -58,6 +58,7 @@ from torch import nn
 
 from . import runtime
 from .masks import Packed, product
+from .offload import Parked, Parking
 
 __all__ = [
     "Arrival",
@@ -145,6 +146,7 @@ class _Worker:
         self.sweeping = False  # a replay of a whole block, its modules computing (see BlockStop)
         self.seen: list[tuple[str, weakref.ref[torch.Tensor]]] = []  # a sweep's arrivals so far
         self.same_as: str | None = None  # the module before it in a sweep given this arrival's input
+        self.parked: Parked | None = None  # its hidden state, parked while it waits at a block's entry
 
 
 class Pass:
@@ -179,9 +181,11 @@ class Pass:
         blocks: Mapping[str, nn.Module] | None = None,
         *,
         whole_blocks: bool = False,
+        parking: Parking | None = None,
     ) -> None:
         self.model = model
         self.whole_blocks = whole_blocks
+        self._parking = parking if blocks else None
         self.watched = dict(watched)
         self.weights: dict[str, dict[str, Weight]] = {k: dict(v) for k, v in (weights or {}).items()}
         self.released: set[str] = set()
@@ -221,6 +225,8 @@ class Pass:
                 self._handles.append(module.register_forward_hook(self._after(name), always_call=True))
             self.model.eval()
             self._exits.enter_context(without_cache(self.model))
+            if self._parking is not None:
+                self._parking.watch(self.model)
             self._coordinator = greenlet.getcurrent()
             for worker in self.workers:
                 worker.glet = greenlet.greenlet(self._work, parent=self._coordinator)
@@ -235,6 +241,8 @@ class Pass:
     def _close(self) -> None:
         self._aborting = True
         self._end_sweep()
+        if self._parking is not None:  # before the batches unwind through frames that hold them
+            self._parking.close()
         for worker in self.workers:  # a batch waiting at a stop unwinds from there; one not started, never starts
             if worker.glet is not None and worker.glet:
                 self._run(worker)
@@ -442,8 +450,11 @@ class Pass:
             self._kill(self._live)
         self._unchanged(worker)
         assert worker.call is not None
+        if worker.parked is not None:
+            worker.parked.restore()  # parked again when the replay is dropped
         replay = _Worker(worker.index, None, replay=True)
         replay.mask, replay.block, replay.call, replay.sweeping = worker.mask, worker.block, worker.call, sweeping
+        replay.parked = worker.parked
         replay.glet = greenlet.greenlet(self._work, parent=self._coordinator)
         self._live = replay
         self._run(replay)
@@ -456,6 +467,9 @@ class Pass:
             self._run(replay)
         replay.glet = None
         _put_back(replay)
+        if replay.parked is not None and not self._aborting:
+            replay.parked.park()
+        replay.parked = None
         if self._live is replay:
             self._live = None
 
@@ -512,8 +526,12 @@ class Pass:
                 )
             worker.block, worker.call = block, (args, kwargs, _TorchState.now())
             worker.versions = _versions(args, kwargs)
+            if self._parking is not None:
+                worker.parked = self._parking.park(first_tensor(args, kwargs))
             self._wait(worker)
-            worker.block, worker.call, worker.versions = None, None, []
+            if self._parking is not None:
+                self._parking.forget(worker.parked)
+            worker.block, worker.call, worker.versions, worker.parked = None, None, [], None
 
         return hook
 

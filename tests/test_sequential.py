@@ -286,7 +286,7 @@ def test_tiny_gpt2_conv1d_through_the_api_rows_are_outputs() -> None:
         model(**_gpt2_batches()[0])
 
 
-@pytest.mark.parametrize("flags", [[], ["--replay-blocks"]])
+@pytest.mark.parametrize("flags", [[], ["--replay-blocks"], ["--replay-blocks", "--offload-activations"]])
 def test_tiny_gpt2_two_four_through_the_cli(tmp_path: Path, flags: list[str]) -> None:
     root = Path(__file__).resolve().parents[1]
     factory = tmp_path / "calib.py"
