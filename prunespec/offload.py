@@ -44,7 +44,8 @@ class Parked:
         """The bytes moved to the parking device, the storage left empty (its memory freed)."""
         if self.copy is not None or self.stays:
             return
-        self.copy = torch.UntypedStorage(self.nbytes, device=self.device)  # a copy even on the same device
+        # a copy even on the same device (Storage.to would give the storage itself there)
+        self.copy = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device).untyped_storage()
         self.copy.copy_(self.storage)
         self.storage.resize_(0)
 
