@@ -6,8 +6,6 @@ without an accelerator nothing needs moving, so these tests park beside the CPU 
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +17,7 @@ from torch import nn
 
 import prunespec
 from examples.tiny_transformers import tiny_gpt2, tiny_llama
-from prunespec import engine
+from prunespec import cli, engine
 from prunespec.offload import Parking
 
 LINEARS = {"names": ["re:.*(layers|\\.h)\\.\\d+\\..*(proj|attn|fc)$"]}
@@ -190,24 +188,18 @@ def test_on_its_own_device_nothing_is_parked() -> None:
     assert parking.park(torch.ones(3)) is None
 
 
-def test_the_cli_refuses_offloading_without_blocks_in_one_line(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
-    factory = tmp_path / "calib.py"
-    factory.write_text(
-        "import torch\n\n\ndef batches():\n    return [{'input_ids': torch.zeros(1, 8, dtype=torch.long)}]\n"
-    )
+def test_the_cli_refuses_offloading_without_blocks_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where examples/ is
+    data = tmp_path / "calib.py"
+    data.write_text("import torch\n\n\ndef batches():\n    return [torch.zeros(1, 8, dtype=torch.long)]\n")
     spec = tmp_path / "wanda.yaml"
     spec.write_text(
-        "version: 1\nrules:\n  - select: {types: [Linear], exclude: [lm_head]}\n    method: wanda\n    sparsity: 0.5\n"
+        "version: 1\nrules: [{select: {types: [Linear], exclude: [lm_head]}, method: wanda, amount: 0.5}]\n"
     )
-    out = tmp_path / "pruned.pt"
-    cmd = [sys.executable, "-m", "prunespec", "apply", str(spec), "--model", "examples/tiny_transformers.py:tiny_llama"]
-    done = subprocess.run(
-        [*cmd, "--data", f"{factory}:batches", "--offload-activations", "--out", str(out)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "calibration.sequential: offload_activations" in done.stderr and "--replay-blocks" in done.stderr
-    assert not out.exists()
+    model = "examples/tiny_transformers.py:tiny_llama"
+    code = cli.main(["apply", str(spec), "--model", model, "--data", f"{data}:batches", "--offload-activations"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "calibration.sequential: offload_activations" in err and "--replay-blocks" in err
