@@ -9,7 +9,7 @@ block runs from it again its bytes come back, so every reference, views included
 values (torch's FSDP frees parameters between uses the same way). Only the block's first tensor
 argument (its hidden state) is parked: attention masks and position embeddings are small, and may be
 shared with caches that other code reads meanwhile. A storage that belongs to the model (a parameter
-or buffer), or that two batches share, is never parked.
+or buffer), or that two batches share, is never parked, nor is a tensor subclass (a DTensor).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class Parking:
     def park(self, tensor: torch.Tensor | None) -> Parked | None:
         """``tensor``'s storage parked, or None where it stays (nothing to park, the model's, another
         batch's too, already on the parking device, or a storage that cannot be resized)."""
-        if tensor is None or tensor.is_meta or tensor.layout != torch.strided:
+        # a plain tensor only: a subclass (a DTensor, a quantized wrapper) may not own its bytes so
+        if tensor is None or type(tensor) is not torch.Tensor or tensor.is_meta or tensor.layout != torch.strided:
             return None
         storage = tensor.untyped_storage()
         key = _key(storage)
