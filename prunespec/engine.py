@@ -154,9 +154,19 @@ def execute(
             ends = final if finalize else None
             whole = plan.spec.calibration.sequential == "blocks"  # waits at each block's entry too
             replayed = {name: modules[name] for name in plan.blocks} if replay_blocks or whole else {}
-            offload = offload_activations and bool(replayed)
             work = _Work(
-                model, plan, modules, tensors, generators, counter, influences, ends, undo, slab, replayed, offload
+                model,
+                plan,
+                modules,
+                tensors,
+                generators,
+                counter,
+                influences,
+                ends,
+                undo,
+                slab,
+                replayed,
+                offload_activations,
             )
             tokens = _calibrated(work, later_units, batches)
         _whole_zeros(list(tensors.values()))
